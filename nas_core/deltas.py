@@ -1,0 +1,60 @@
+"""Apply and revert cumulative deltas, hash weights.
+
+A checkpoint is the base weights' hash plus the cumulative deltas D of the edited
+weights. The model is always materialised as W = W_base + D (float32 sum, cast to the
+weight's dtype), so a checkpoint rebuilds the exact same weights every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+
+def edited_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """A detached copy of the named parameters (the base weights to keep for reverts)."""
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"model has no parameters {missing}")
+    return {n: params[n].detach().clone() for n in names}
+
+
+@torch.no_grad()
+def materialise(model: nn.Module, base: dict[str, torch.Tensor], cumulative: dict[str, torch.Tensor]) -> None:
+    """Set each named weight to base + cumulative (computed in float32)."""
+    params = dict(model.named_parameters())
+    for name, b in base.items():
+        d = cumulative.get(name)
+        target = b if d is None else (b.float() + d.to(b.device, torch.float32)).to(b.dtype)
+        params[name].copy_(target)
+
+
+def accumulate(cumulative: dict[str, torch.Tensor], step: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A new dict D + step (float32), leaving both inputs untouched."""
+    out = {k: v.clone() for k, v in cumulative.items()}
+    for name, d in step.items():
+        d32 = d.to(torch.float32)
+        out[name] = out[name] + d32 if name in out else d32.clone()
+    return out
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def frobenius_norms(model: nn.Module, names: list[str]) -> dict[str, float]:
+    """||W||_F of the named parameters."""
+    params = dict(model.named_parameters())
+    return {n: float(params[n].detach().float().norm()) for n in names}

@@ -1,0 +1,74 @@
+"""AlphaEdit (arXiv 2410.02355): every update lies in the null space of preserved keys."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from nas_core.editors.base import (
+    EditResult,
+    Stopwatch,
+    compute_targets,
+    diagnostics,
+    sweep_layers,
+)
+from nas_core.linalg import nullspace_projector, projected_solve
+from nas_core.requests import EditRequest
+from nas_core.settings import AlphaEditSettings
+from nas_core.spec import spec_for
+from nas_core.state import EditState
+
+
+class AlphaEditEditor:
+    """X = (P (K K^T + S) + beta I)^-1 P K R^T, Delta_l = X^T, for each edited layer l.
+
+    Args:
+        settings: the AlphaEdit settings (NAS included).
+        cov: layer -> (d_in, d_in) second moment C; P is built from it once, in
+            :meth:`init_state`, and then travels in the state.
+    """
+
+    name = "alphaedit"
+
+    def __init__(self, settings: AlphaEditSettings, cov: dict[int, torch.Tensor]):
+        missing = [layer for layer in settings.layers if layer not in cov]
+        if missing:
+            raise ValueError(f"no covariance statistics for layers {missing}")
+        self.settings = settings
+        self.cov = cov
+
+    def init_state(self, model: nn.Module) -> EditState:
+        projectors = {
+            layer: nullspace_projector(self.cov[layer], self.settings.nullspace_threshold).float()
+            for layer in self.settings.layers
+        }
+        return EditState(layers=self.settings.layers, projectors=projectors)
+
+    def compute(
+        self, model: nn.Module, tok, requests: Sequence[EditRequest], state: EditState
+    ) -> EditResult:
+        s, spec, clock = self.settings, spec_for(model), Stopwatch()
+        if any(layer not in state.projectors for layer in s.layers):
+            raise ValueError("AlphaEdit state has no projector; build it with init_state()")
+        t = time.perf_counter()
+        tg = compute_targets(model, tok, spec, requests, s.layers[-1], s.values, s.nas,
+                             state.reference_norm)
+        t = clock.lap("values", t)
+        kept = [requests[i] for i in tg.kept]
+        if not kept:
+            return EditResult({}, replace(state, skipped_count=state.skipped_count + len(requests)),
+                              diagnostics(requests, tg), {}, clock.times)
+
+        def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+            return projected_solve(keys, resid, state.projectors[layer], s.l2,
+                                   state.key_cache.get(layer))
+
+        deltas, keys, norms = sweep_layers(model, tok, spec, kept, tg.z, s.layers,
+                                           s.values.prefixes, solve)
+        clock.lap("solve", t)
+        new_state = state.with_keys(keys, edited=len(kept), skipped=len(requests) - len(kept))
+        return EditResult(deltas, new_state, diagnostics(requests, tg), norms, clock.times)

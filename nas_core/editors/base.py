@@ -1,0 +1,180 @@
+"""The Editor protocol and the pieces every editor shares: targets and the layer sweep."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from nas_core.anchor import AnchorResult, targets
+from nas_core.keys import read_at_subject
+from nas_core.requests import EditRequest
+from nas_core.settings import NASSettings, ValueSettings
+from nas_core.spec import ModelSpec, proj_weight, to_storage_layout
+from nas_core.state import EditState
+from nas_core.values import ValueResult, optimise_values
+
+
+@dataclass(frozen=True)
+class RequestDiagnostics:
+    """Per-request numbers of one edit call."""
+
+    case_id: str
+    v_norm_before: float
+    v_norm_after: float
+    outlier: bool
+    skipped: bool
+    nll_start: float
+    nll_end: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """What an editor did.
+
+    Attributes:
+        deltas: edited weight name -> the update just written, in the parameter's storage
+            layout and float32 (the model already holds W + delta).
+        state: the state after this batch.
+        requests: diagnostics in request order.
+        layer_delta_norms: layer -> ||delta W||_F.
+        timings: seconds per phase ("values", "solve").
+    """
+
+    deltas: dict[str, torch.Tensor]
+    state: EditState
+    requests: tuple[RequestDiagnostics, ...]
+    layer_delta_norms: dict[int, float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def edited_ids(self) -> tuple[str, ...]:
+        return tuple(r.case_id for r in self.requests if not r.skipped)
+
+
+class Editor(Protocol):
+    """A locate-and-edit method. NAS is a setting of every editor."""
+
+    name: str
+
+    def init_state(self, model: nn.Module) -> EditState:
+        """The state before the first edit (reference norm filled in by the caller)."""
+        ...
+
+    def compute(
+        self, model: nn.Module, tok, requests: Sequence[EditRequest], state: EditState
+    ) -> EditResult:
+        """Edit ``model`` in place for ``requests`` and return what was done."""
+        ...
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Targets Z for the requests that survived NAS's outlier rule."""
+
+    z: torch.Tensor  # (m, d_model)
+    kept: tuple[int, ...]  # indices into the request list
+    values: ValueResult
+    anchored: AnchorResult | None
+
+
+def compute_targets(
+    model: nn.Module,
+    tok,
+    spec: ModelSpec,
+    requests: Sequence[EditRequest],
+    layer: int,
+    values: ValueSettings,
+    nas: NASSettings,
+    reference_norm: float | None,
+) -> Targets:
+    """Optimise v* after ``layer`` and turn it into residual targets, NAS applied."""
+    vr = optimise_values(model, tok, spec, requests, layer, values)
+    z, anchored = targets(vr.hidden, vr.v0, vr.delta, reference_norm, nas)
+    skipped = anchored.skipped if anchored is not None else torch.zeros(len(requests), dtype=torch.bool)
+    kept = tuple(i for i in range(len(requests)) if not bool(skipped[i]))
+    return Targets(z=z[list(kept)], kept=kept, values=vr, anchored=anchored)
+
+
+def diagnostics(requests: Sequence[EditRequest], t: Targets) -> tuple[RequestDiagnostics, ...]:
+    before = t.values.v_star.norm(dim=1)
+    after = t.anchored.norms_after if t.anchored is not None else before
+    out = []
+    for i, req in enumerate(requests):
+        out.append(
+            RequestDiagnostics(
+                case_id=req.case_id,
+                v_norm_before=float(before[i]),
+                v_norm_after=float(after[i]),
+                outlier=bool(t.anchored.outlier[i]) if t.anchored is not None else False,
+                skipped=i not in t.kept,
+                nll_start=float(t.values.nll_start[i]),
+                nll_end=float(t.values.nll_end[i]),
+                steps=int(t.values.steps[i]),
+            )
+        )
+    return tuple(out)
+
+
+# solve(layer, keys (d_in, m), resid (d_out, m)) -> delta (d_out, d_in) float64
+LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def add_to_weight(model: nn.Module, spec: ModelSpec, layer: int, delta_out_in: torch.Tensor) -> torch.Tensor:
+    """W_l += delta (given as (d_out, d_in)); returns the update in storage layout, float32."""
+    weight = proj_weight(model, spec, layer)
+    update = to_storage_layout(delta_out_in, spec).to(torch.float32)
+    weight.add_(update.to(weight.dtype))
+    return update
+
+
+def sweep_layers(
+    model: nn.Module,
+    tok,
+    spec: ModelSpec,
+    requests: Sequence[EditRequest],
+    z: torch.Tensor,
+    layers: Sequence[int],
+    prefixes: Sequence[str],
+    solve: LayerSolve,
+) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor], dict[int, float]]:
+    """Spread the residual Z - H over ``layers`` and write each layer's update.
+
+    For the j-th of T layers, R = (Z - H) / (T - j), where H is re-read after every earlier
+    layer of the batch was written (MEMIT's spread).
+
+    Returns:
+        deltas by weight name (storage layout, float32), keys by layer (d_in, m) as used
+        in the solves, ||delta||_F by layer.
+    """
+    last = layers[-1]
+    deltas: dict[str, torch.Tensor] = {}
+    used_keys: dict[int, torch.Tensor] = {}
+    norms: dict[int, float] = {}
+    for j, layer in enumerate(layers):
+        read = read_at_subject(model, tok, spec, requests, [layer], prefixes, readout_layer=last)
+        keys = read.keys[layer].T  # (d_in, m)
+        resid = ((z - read.hidden) / (len(layers) - j)).T  # (d_model, m)
+        delta = solve(layer, keys, resid)  # (d_out, d_in)
+        deltas[spec.weight_name(layer)] = add_to_weight(model, spec, layer, delta)
+        used_keys[layer] = keys
+        norms[layer] = float(delta.norm())
+    return deltas, used_keys, norms
+
+
+class Stopwatch:
+    """Accumulates wall time per phase."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def lap(self, name: str, start: float) -> float:
+        now = time.perf_counter()
+        self.times[name] = self.times.get(name, 0.0) + now - start
+        return now

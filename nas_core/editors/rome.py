@@ -1,0 +1,71 @@
+"""r-ROME (arXiv 2403.07175): a rank-one update of one layer with one consistent key."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from nas_core.editors.base import EditResult, Stopwatch, compute_targets, diagnostics, sweep_layers
+from nas_core.linalg import rank_one_update
+from nas_core.requests import EditRequest
+from nas_core.settings import RomeSettings
+from nas_core.spec import spec_for
+from nas_core.state import EditState
+
+
+class RomeEditor:
+    """Delta = r (C^-1 k)^T / (k^T C^-1 k), k the prefix-averaged key used everywhere.
+
+    ROME is one fact at a time: the values of a batch are optimised together against the
+    model at the start of the batch, then each request's rank-one update is written in
+    turn, its residual re-read after the previous ones.
+    """
+
+    name = "rome"
+
+    def __init__(self, settings: RomeSettings, cov: dict[int, torch.Tensor]):
+        if settings.layers[0] not in cov:
+            raise ValueError(f"no covariance statistics for layer {settings.layers[0]}")
+        self.settings = settings
+        self.cov = cov
+        self.denominators: list[float] = []
+
+    def init_state(self, model: nn.Module) -> EditState:
+        return EditState(layers=self.settings.layers)
+
+    def compute(
+        self, model: nn.Module, tok, requests: Sequence[EditRequest], state: EditState
+    ) -> EditResult:
+        s, spec, clock = self.settings, spec_for(model), Stopwatch()
+        layer = s.layers[0]
+        t = time.perf_counter()
+        tg = compute_targets(model, tok, spec, requests, layer, s.values, s.nas, state.reference_norm)
+        t = clock.lap("values", t)
+        kept = [requests[i] for i in tg.kept]
+        if not kept:
+            return EditResult({}, replace(state, skipped_count=state.skipped_count + len(requests)),
+                              diagnostics(requests, tg), {}, clock.times)
+        total: torch.Tensor | None = None
+        all_keys = []
+        self.denominators = []
+
+        def solve(_layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+            delta, denom = rank_one_update(keys[:, 0], resid[:, 0], self.cov[layer], s.cov_jitter)
+            self.denominators.append(denom)
+            return delta
+
+        for i, req in enumerate(kept):
+            deltas, keys, _ = sweep_layers(model, tok, spec, [req], tg.z[i : i + 1], [layer],
+                                           s.values.prefixes, solve)
+            all_keys.append(keys[layer])
+            (name, d), = deltas.items()
+            total = d if total is None else total + d
+        clock.lap("solve", t)
+        new_state = state.with_keys({layer: torch.cat(all_keys, dim=1)}, edited=len(kept),
+                                    skipped=len(requests) - len(kept))
+        return EditResult({name: total}, new_state, diagnostics(requests, tg),
+                          {layer: float(total.norm())}, clock.times)

@@ -1,0 +1,139 @@
+"""Scoped forward hooks. Every hook is removed in ``finally``, so none outlives its block."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def _first_tensor(output: object) -> torch.Tensor:
+    # Decoder layers return a tensor in some transformers versions and a tuple in others.
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
+
+
+def _replace_first(output: object, new: torch.Tensor) -> object:
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    return new
+
+
+@dataclass
+class Captured:
+    """What :func:`capture` recorded: one entry per forward call."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    raw_outputs: list[object] = field(default_factory=list)
+
+
+@contextmanager
+def capture(
+    module: nn.Module,
+    *,
+    inputs: bool = False,
+    outputs: bool = True,
+    raw: bool = False,
+    detach: bool = True,
+) -> Iterator[Captured]:
+    """Record the first positional input and/or the (first) output of ``module``.
+
+    ``raw=True`` also keeps the output object exactly as returned (tensor or tuple), for
+    :func:`replay_layers`.
+    """
+    record = Captured()
+
+    def hook(_mod: nn.Module, args: tuple, out: object) -> None:
+        if inputs:
+            x = args[0]
+            record.inputs.append(x.detach() if detach else x)
+        if outputs:
+            y = _first_tensor(out)
+            record.outputs.append(y.detach() if detach else y)
+        if raw:
+            record.raw_outputs.append(out)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def add_at_positions(
+    module: nn.Module, vectors: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+) -> Iterator[None]:
+    """Add ``vectors[i]`` to the module output at ``(rows[i], positions[i])``.
+
+    Args:
+        vectors: (m, d) vectors to add (may require grad).
+        rows: (m,) batch rows.
+        positions: (m,) token positions.
+    """
+
+    def hook(_mod: nn.Module, _args: tuple, out: object) -> object:
+        hidden = _first_tensor(out)
+        # index_put with accumulate keeps autograd through ``vectors``.
+        hidden = hidden.index_put((rows, positions), vectors.to(hidden.dtype), accumulate=True)
+        return _replace_first(out, hidden)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class StopForward(Exception):
+    """Raised by :func:`stop_after` to end a forward pass early."""
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """Abort the forward pass right after ``module`` ran; the caller catches nothing.
+
+    The exception is swallowed by this context manager, so code inside the ``with``
+    block simply continues after the model call.
+    """
+
+    def hook(_mod: nn.Module, _args: tuple, _out: object) -> None:
+        raise StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+def run_until(model: nn.Module, module: nn.Module, **forward_kwargs: object) -> None:
+    """Run ``model(**forward_kwargs)`` and stop once ``module`` produced its output."""
+    with stop_after(module):
+        model(**forward_kwargs)
+
+
+@contextmanager
+def replay_layers(layers: Sequence[nn.Module], outputs: Sequence[object]) -> Iterator[None]:
+    """Make each of ``layers`` return a cached output instead of computing it.
+
+    Used by the value optimisation: layers below the edit point do not depend on the
+    optimised vectors, so their outputs are computed once and replayed on every step.
+    """
+    originals = [layer.forward for layer in layers]
+    try:
+        for layer, out in zip(layers, outputs, strict=True):
+            layer.forward = (lambda cached: (lambda *a, **k: cached))(out)  # type: ignore[method-assign]
+        yield
+    finally:
+        for layer, fwd in zip(layers, originals, strict=True):
+            # Deleting the instance attribute restores the class method.
+            if "forward" in layer.__dict__:
+                del layer.__dict__["forward"]
+            if layer.forward != fwd:  # pragma: no cover - defensive
+                layer.forward = fwd  # type: ignore[method-assign]

@@ -1,0 +1,71 @@
+"""The solves of the editors, in float64, with the cast back left to the caller.
+
+Shapes: K (d_in, n) keys as columns, R (d_out, n) residuals, C (d_in, d_in) second
+moment of preserved keys, S (d_in, d_in) sum of past K K^T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float64)
+
+
+def ridge_solve(
+    keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, mom2_weight: float,
+    key_cache: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MEMIT: Delta = R K^T (lambda C + K K^T + S)^-1, returned (d_out, d_in) in float64."""
+    k, r = _f64(keys), _f64(resid)
+    a = mom2_weight * _f64(cov) + k @ k.T
+    if key_cache is not None:
+        a = a + _f64(key_cache)
+    # A is symmetric positive definite; solve A X = K, then Delta = R X^T.
+    x = torch.linalg.solve(a, k)  # (d_in, n)
+    return r @ x.T
+
+
+def nullspace_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """AlphaEdit: P = U_0 U_0^T over eigenvectors of C with eigenvalue < threshold (float64)."""
+    evals, evecs = torch.linalg.eigh(_f64(cov))
+    u0 = evecs[:, evals < threshold]
+    return u0 @ u0.T
+
+
+def projected_solve(
+    keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor, l2: float,
+    key_cache: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AlphaEdit: X = (P (K K^T + S) + beta I)^-1 P K R^T, Delta = X^T (d_out, d_in), float64."""
+    k, r, p = _f64(keys), _f64(resid), _f64(projector)
+    kk = k @ k.T
+    if key_cache is not None:
+        kk = kk + _f64(key_cache)
+    eye = torch.eye(k.shape[0], dtype=torch.float64, device=k.device)
+    x = torch.linalg.solve(p @ kk + l2 * eye, p @ k @ r.T)  # (d_in, d_out)
+    return x.T
+
+
+def rank_one_update(
+    key: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, jitter: float = 0.0
+) -> tuple[torch.Tensor, float]:
+    """r-ROME: Delta = r (C^-1 k)^T / (k^T C^-1 k) with one consistent key k.
+
+    Args:
+        key: (d_in,) the prefix-averaged key, the same one used for W k.
+        resid: (d_out,) the change the layer's output must make at k.
+        jitter: ridge relative to C's mean diagonal, keeping C invertible.
+
+    Returns:
+        (Delta (d_out, d_in) float64, the denominator k^T C^-1 k, which must be > 0).
+    """
+    k, r, c = _f64(key), _f64(resid), _f64(cov)
+    if jitter:
+        c = c + jitter * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    cinv_k = torch.linalg.solve(c, k)
+    denom = float(k @ cinv_k)
+    if not denom > 0:
+        raise ArithmeticError(f"r-ROME denominator k^T C^-1 k = {denom} is not positive")
+    return torch.outer(r, cinv_k) / denom, denom

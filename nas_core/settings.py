@@ -1,0 +1,157 @@
+"""Every knob of the engine: frozen dataclasses with documented, validated defaults.
+
+``flows/config.py`` builds these from params.yaml; unknown keys are rejected there.
+Defaults follow the MEMIT/AlphaEdit/NAS papers unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nas_core.prompts import DEFAULT_CONTEXT_PREFIXES
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class ValueSettings:
+    """The v* optimisation (MEMIT's ``compute_z``), shared by every editor.
+
+    Attributes:
+        steps: maximum Adam steps per request.
+        lr: Adam learning rate on the residual shift delta.
+        kl_factor: weight of KL(current || initial) on ``kl_prompt`` (keeps the subject's
+            other attributes).
+        weight_decay: weight of ||delta|| / ||h||^2.
+        clamp_norm_factor: ||delta|| is clamped to this times ||h|| after every step.
+        early_stop_nll: a request stops optimising once its mean target NLL is below this.
+        kl_prompt: template for the KL anchor prompt.
+        prefixes: context prefixes; the first must be "" (the bare prompt). Keys use the
+            same list, so key and value agree (prefix-consistent editing).
+    """
+
+    steps: int = 25
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    early_stop_nll: float = 0.05
+    kl_prompt: str = "{} is a"
+    prefixes: tuple[str, ...] = DEFAULT_CONTEXT_PREFIXES
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "values.steps must be >= 1")
+        _check(self.lr > 0, "values.lr must be > 0")
+        _check(self.kl_factor >= 0, "values.kl_factor must be >= 0")
+        _check(self.weight_decay >= 0, "values.weight_decay must be >= 0")
+        _check(self.clamp_norm_factor > 0, "values.clamp_norm_factor must be > 0")
+        _check(self.early_stop_nll >= 0, "values.early_stop_nll must be >= 0")
+        _check(self.kl_prompt.count("{}") == 1, "values.kl_prompt needs exactly one '{}'")
+        _check(bool(self.prefixes) and self.prefixes[0] == "", "values.prefixes must start with ''")
+
+
+@dataclass(frozen=True)
+class NASSettings:
+    """Norm-Anchor Scaling (arXiv 2602.02543).
+
+    Attributes:
+        enabled: rescale every v* to the reference norm a.
+        outlier_factor: a v* with ||v*|| > outlier_factor * a is an outlier.
+        outlier_policy: "skip" drops the request (reported); "clip" keeps it, rescaled to a
+            like every other v*, and flags it.
+        pilots: number of pilot requests for calibrating a on the unedited model.
+        drop_top_fraction: share of the largest pilot norms dropped before averaging.
+        seed: seed of the pilot sample.
+        pilot_batch_size: pilots optimised together in one batched forward/backward.
+    """
+
+    enabled: bool = True
+    outlier_factor: float = 2.0
+    outlier_policy: str = "skip"
+    pilots: int = 1000
+    drop_top_fraction: float = 0.05
+    seed: int = 0
+    pilot_batch_size: int = 25
+
+    def __post_init__(self) -> None:
+        _check(self.outlier_factor > 1, "nas.outlier_factor must be > 1")
+        _check(self.outlier_policy in ("skip", "clip"), "nas.outlier_policy must be 'skip' or 'clip'")
+        _check(self.pilots >= 1, "nas.pilots must be >= 1")
+        _check(0 <= self.drop_top_fraction < 1, "nas.drop_top_fraction must be in [0, 1)")
+        _check(self.pilot_batch_size >= 1, "nas.pilot_batch_size must be >= 1")
+
+
+def _check_layers(layers: tuple[int, ...], what: str) -> None:
+    _check(len(layers) >= 1, f"{what}.layers must not be empty")
+    _check(all(x >= 0 for x in layers), f"{what}.layers must be >= 0")
+    _check(list(layers) == sorted(set(layers)), f"{what}.layers must be strictly increasing")
+
+
+@dataclass(frozen=True)
+class MemitSettings:
+    """MEMIT (arXiv 2210.07229) in sequential mode.
+
+    Attributes:
+        layers: edited layers l_1 < ... < l_T; v* is optimised after l_T.
+        mom2_weight: lambda, the weight of the preserved-key covariance C in the solve.
+        use_key_cache: add S = sum of past K K^T to the solve (sequential editing).
+    """
+
+    layers: tuple[int, ...] = (3, 4, 5, 6, 7)
+    mom2_weight: float = 15000.0
+    use_key_cache: bool = True
+    nas: NASSettings = field(default_factory=NASSettings)
+    values: ValueSettings = field(default_factory=ValueSettings)
+
+    def __post_init__(self) -> None:
+        _check_layers(self.layers, "memit")
+        _check(self.mom2_weight > 0, "memit.mom2_weight must be > 0")
+
+
+@dataclass(frozen=True)
+class AlphaEditSettings:
+    """AlphaEdit (arXiv 2410.02355): null-space projected MEMIT.
+
+    Attributes:
+        layers: edited layers.
+        nullspace_threshold: eigenvalues of C below this span the null space P projects on.
+        l2: beta, the ridge on the projected solve.
+    """
+
+    layers: tuple[int, ...] = (3, 4, 5, 6, 7)
+    nullspace_threshold: float = 0.02
+    l2: float = 10.0
+    nas: NASSettings = field(default_factory=NASSettings)
+    values: ValueSettings = field(default_factory=ValueSettings)
+
+    def __post_init__(self) -> None:
+        _check_layers(self.layers, "alphaedit")
+        _check(self.nullspace_threshold > 0, "alphaedit.nullspace_threshold must be > 0")
+        _check(self.l2 > 0, "alphaedit.l2 must be > 0")
+
+
+@dataclass(frozen=True)
+class RomeSettings:
+    """r-ROME (arXiv 2403.07175): rank-one update of one layer with consistent keys.
+
+    Attributes:
+        layers: exactly one edited layer.
+        cov_jitter: ridge added to C (relative to its mean diagonal) before C^-1 k, so a
+            rank-deficient C from a small corpus stays invertible.
+    """
+
+    layers: tuple[int, ...] = (5,)
+    cov_jitter: float = 1e-4
+    nas: NASSettings = field(default_factory=NASSettings)
+    values: ValueSettings = field(default_factory=ValueSettings)
+
+    def __post_init__(self) -> None:
+        _check_layers(self.layers, "rome")
+        _check(len(self.layers) == 1, "rome edits exactly one layer")
+        _check(self.cov_jitter >= 0, "rome.cov_jitter must be >= 0")
+
+
+EditorSettings = MemitSettings | AlphaEditSettings | RomeSettings

@@ -1,0 +1,290 @@
+"""Unit tests of the pure engine on tiny in-process models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from nas_core.anchor import anchor, reference_norm_from, targets
+from nas_core.deltas import accumulate, edited_weights, materialise, weights_hash
+from nas_core.editors import AlphaEditEditor, MemitEditor, RomeEditor
+from nas_core.hooks import add_at_positions, capture, stop_after
+from nas_core.keys import read_at_subject
+from nas_core.linalg import nullspace_projector, projected_solve, rank_one_update, ridge_solve
+from nas_core.prompts import subject_last_token, target_ids, tokenise
+from nas_core.requests import EditRequest
+from nas_core.settings import (
+    AlphaEditSettings,
+    MemitSettings,
+    NASSettings,
+    RomeSettings,
+    ValueSettings,
+)
+from nas_core.spec import KNOWN_MODEL_TYPES, UnknownArchitectureError, get_module, spec_for, spec_for_model_type
+from nas_core.state import EditState
+from nas_core.stats import second_moment, token_batches
+from nas_core.values import logits_at, optimise_values
+
+REQ = EditRequest("1", "The capital of {} is", "France", "Rome", "Paris")
+# The tiny random model needs room to move: no clamp, no decay (the defaults are for real models).
+VALUES = ValueSettings(steps=20, kl_factor=0.0, clamp_norm_factor=50.0, weight_decay=0.0)
+
+
+# --- specs -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gemma3_text", "gpt2", "gptj"])
+def test_every_template_resolves_on_a_tiny_model(model_type):
+    model = tiny_model(model_type)
+    spec = spec_for(model)
+    for layer in range(2):
+        for name in (spec.layer_name(layer), spec.mlp_name(layer), spec.proj_name(layer)):
+            get_module(model, name)
+        w = get_module(model, spec.proj_name(layer)).weight
+        d_in, d_out = (w.shape[0], w.shape[1]) if spec.transposed else (w.shape[1], w.shape[0])
+        assert d_out == 32 and d_in > 32
+    get_module(model, spec.final_norm)
+    get_module(model, spec.lm_head)
+
+
+def test_unknown_model_type_names_the_known_ones():
+    with pytest.raises(UnknownArchitectureError) as err:
+        spec_for_model_type("mamba")
+    for known in KNOWN_MODEL_TYPES:
+        assert known in str(err.value)
+
+
+# --- prompts and hooks -----------------------------------------------------------------------
+
+def test_subject_last_token_with_bos(tok):
+    text = "The capital of France is"
+    idx = subject_last_token(tok, text, text.index("France") + len("France"))
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids[: idx + 1]).endswith("France")
+    assert not tok.decode(ids[: idx]).endswith("France")
+
+
+def test_tokenise_appends_target_minus_last(tok):
+    tgt = target_ids(tok, "Paris")
+    p = tokenise(tok, "", REQ.prompt, REQ.subject, tgt)
+    assert list(p.ids[p.target_start :]) == tgt[:-1]
+
+
+def test_hooks_are_removed_after_an_exception(llama, tok):
+    layer = get_module(llama, "model.layers.0")
+    ids = torch.tensor([tok("The capital")["input_ids"]])
+    with pytest.raises(RuntimeError), capture(layer), add_at_positions(
+        layer, torch.zeros(1, 32), torch.tensor([0]), torch.tensor([0])
+    ):
+        raise RuntimeError("boom")
+    assert not layer._forward_hooks
+    with stop_after(layer):
+        llama(input_ids=ids)
+    assert not layer._forward_hooks
+
+
+# --- NAS -------------------------------------------------------------------------------------
+
+def test_anchored_norm_equals_reference_and_keeps_direction():
+    v = torch.tensor([[3.0, 4.0], [0.3, 0.4], [6.0, 8.0]])  # norms 5, 0.5, 10
+    res = anchor(v, reference_norm=6.0, settings=NASSettings(outlier_factor=2.0))
+    assert torch.allclose(res.norms_after, torch.full((3,), 6.0))
+    cos = torch.nn.functional.cosine_similarity(res.v_star, v, dim=1)
+    assert torch.allclose(cos, torch.ones(3))
+    assert not res.skipped.any()
+
+
+def test_outlier_rule_skip_and_clip():
+    v = torch.tensor([[30.0, 40.0], [3.0, 4.0]])  # 50 > 2 * 6
+    skip = anchor(v, 6.0, NASSettings(outlier_policy="skip"))
+    assert skip.outlier.tolist() == [True, False] and skip.skipped.tolist() == [True, False]
+    assert torch.equal(skip.v_star[0], v[0])
+    clip = anchor(v, 6.0, NASSettings(outlier_policy="clip"))
+    assert clip.outlier.tolist() == [True, False] and not clip.skipped.any()
+    assert torch.allclose(clip.norms_after, torch.full((2,), 6.0))
+
+
+def test_reference_norm_drops_the_top_fraction():
+    norms = torch.tensor([1.0] * 19 + [100.0])
+    cal = reference_norm_from(norms, 0.05)
+    assert cal.dropped == 1 and cal.reference_norm == pytest.approx(1.0)
+
+
+def test_targets_with_and_without_nas():
+    h, v0, d = torch.ones(1, 2), torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0]])
+    z_off, _ = targets(h, v0, d, None, NASSettings(enabled=False))
+    assert torch.equal(z_off, h + d)
+    z_on, res = targets(h, v0, d, 1.5, NASSettings())
+    assert torch.allclose(z_on, h - v0 + torch.tensor([[1.5, 0.0]]))
+    with pytest.raises(ValueError, match="reference norm"):
+        targets(h, v0, d, None, NASSettings())
+
+
+# --- linear algebra --------------------------------------------------------------------------
+
+def _spd(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
+    return a @ a.T / (3 * n)
+
+
+def test_ridge_solve_equals_direct_lstsq():
+    g = torch.Generator().manual_seed(1)
+    d_in, d_out, n, lam = 8, 5, 3, 2.0
+    k = torch.randn(d_in, n, generator=g, dtype=torch.float64)
+    r = torch.randn(d_out, n, generator=g, dtype=torch.float64)
+    c = _spd(d_in)
+    delta = ridge_solve(k, r, c, lam)
+    # Same objective as a stacked least squares: min ||D K - R||^2 + lam * tr(D C D^T).
+    chol = torch.linalg.cholesky(lam * c)
+    a = torch.cat([k.T, chol.T])  # (n + d_in, d_in)
+    b = torch.cat([r.T, torch.zeros(d_in, d_out, dtype=torch.float64)])
+    direct = torch.linalg.lstsq(a, b).solution.T
+    assert torch.allclose(delta, direct, atol=1e-10)
+
+
+def test_projector_is_idempotent_and_annihilates_preserved_keys():
+    g = torch.Generator().manual_seed(2)
+    basis = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64)).Q
+    evals = torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1, 1e-4, 1e-5, 1e-6, 1e-7, 0.0], dtype=torch.float64)
+    cov = basis @ torch.diag(evals) @ basis.T
+    p = nullspace_projector(cov, threshold=0.01)
+    assert torch.allclose(p @ p, p, atol=1e-10)
+    preserved = basis[:, :5]  # eigenvectors with large eigenvalues
+    assert torch.allclose(p @ preserved, torch.zeros_like(preserved), atol=1e-10)
+    # An AlphaEdit update therefore leaves preserved keys' outputs unchanged.
+    k = torch.randn(10, 2, generator=g, dtype=torch.float64)
+    r = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    delta = projected_solve(k, r, p, l2=1.0)
+    assert torch.allclose(delta @ preserved, torch.zeros(4, 5, dtype=torch.float64), atol=1e-10)
+
+
+def test_rank_one_update_denominator_positive_and_hits_target():
+    c = _spd(6, seed=3)
+    k = torch.randn(6, dtype=torch.float64)
+    r = torch.randn(4, dtype=torch.float64)
+    delta, denom = rank_one_update(k, r, c)
+    assert denom > 0
+    assert torch.allclose(delta @ k, r)
+
+
+# --- state -----------------------------------------------------------------------------------
+
+def test_edit_state_round_trips():
+    s = EditState(layers=(1, 2), projectors={1: torch.eye(3)}, reference_norm=4.5)
+    s = s.with_keys({1: torch.ones(3, 2), 2: torch.ones(3, 1)}, edited=3, skipped=1)
+    back = EditState.from_state_dict(s.state_dict())
+    assert back.layers == (1, 2) and back.edit_count == 3 and back.skipped_count == 1
+    assert back.reference_norm == 4.5
+    assert torch.equal(back.key_cache[1], s.key_cache[1]) and torch.equal(back.projectors[1], torch.eye(3))
+    with pytest.raises(ValueError, match="unknown"):
+        EditState.from_state_dict({**s.state_dict(), "bogus": torch.zeros(1)})
+
+
+# --- statistics, keys, values ----------------------------------------------------------------
+
+def test_second_moment_matches_direct_computation(llama, tok):
+    spec = spec_for(llama)
+    ids = tok(" ".join(["The capital of France is Paris."] * 4))["input_ids"]
+    stats = second_moment(llama, spec, [0, 1], token_batches(ids, seq_len=7, batch_size=2))
+    assert stats.tokens == len(ids)
+    with capture(get_module(llama, spec.proj_name(1)), inputs=True, outputs=False) as rec:
+        for x, m in token_batches(ids, 7, 2):
+            llama(input_ids=x, attention_mask=m)
+    xs = torch.cat([i.reshape(-1, i.shape[-1]) for i in rec.inputs])
+    mask = torch.cat([m.reshape(-1) for _, m in token_batches(ids, 7, 2)]).bool()
+    xs = xs[mask].double()
+    # float32 products summed in float64: agrees with a float64 product to float32 precision.
+    assert torch.allclose(stats.cov[1], xs.T @ xs / len(xs), rtol=1e-5, atol=1e-5)
+
+
+def test_keys_are_averaged_over_prefixes(llama, tok):
+    spec = spec_for(llama)
+    one = read_at_subject(llama, tok, spec, [REQ], [0], [""])
+    two = read_at_subject(llama, tok, spec, [REQ], [0], ["", "Here is a fact. "])
+    pre = read_at_subject(llama, tok, spec, [REQ.__class__(**{**REQ.__dict__, "prompt": "Here is a fact. The capital of {} is"})], [0], [""])
+    assert torch.allclose(two.keys[0], (one.keys[0] + pre.keys[0]) / 2, atol=1e-5)
+
+
+def _target_logprob(model, tok, req):
+    p = tokenise(tok, "", req.prompt, req.subject, target_ids(tok, req.target_new))
+    ids = torch.tensor([p.ids])
+    with torch.no_grad():
+        h = model.base_model(input_ids=ids).last_hidden_state[0]
+    logp = torch.log_softmax(logits_at(model, h), -1)
+    return float(sum(logp[p.target_start - 1 + j, t] for j, t in enumerate(p.target)))
+
+
+def test_batched_values_equal_single_values(llama, tok):
+    spec = spec_for(llama)
+    other = EditRequest("2", "{} speaks", "Danielle Darrieux", "English", "French")
+    batch = optimise_values(llama, tok, spec, [REQ, other], 0, VALUES)
+    alone = optimise_values(llama, tok, spec, [other], 0, VALUES)
+    assert torch.allclose(batch.delta[1], alone.delta[0], atol=1e-4)
+    assert (batch.nll_end < batch.nll_start).all()
+
+
+def _editor(method, model, nas):
+    cov = {0: torch.eye(64, dtype=torch.float64) * 0.5}
+    n = NASSettings(enabled=nas, outlier_factor=100.0)
+    if method == "memit":
+        return MemitEditor(MemitSettings(layers=(0,), mom2_weight=1.0, nas=n, values=VALUES), cov)
+    if method == "alphaedit":
+        cov = {0: torch.diag(torch.linspace(0, 1, 64, dtype=torch.float64))}
+        return AlphaEditEditor(AlphaEditSettings(layers=(0,), nullspace_threshold=0.5, l2=1.0,
+                                                 nas=n, values=VALUES), cov)
+    return RomeEditor(RomeSettings(layers=(0,), nas=n, values=VALUES), cov)
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit", "rome"])
+@pytest.mark.parametrize("nas", [False, True])
+def test_editor_raises_target_and_touches_nothing_else(method, nas, tok):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    editor = _editor(method, model, nas)
+    state = editor.init_state(model)
+    if nas:
+        vr = optimise_values(model, tok, spec_for(model), [REQ], 0, VALUES)
+        state = state.__class__(**{**state.__dict__, "reference_norm": float(vr.v_star.norm()) * 1.1})
+    lp0 = _target_logprob(model, tok, REQ)
+    result = editor.compute(model, tok, [REQ], state)
+    assert _target_logprob(model, tok, REQ) > lp0 + 0.05
+    edited = set(result.deltas)
+    assert edited == {"model.layers.0.mlp.down_proj.weight"}
+    for name, t in model.state_dict().items():
+        if name not in edited:
+            assert torch.equal(t, before[name]), name
+    assert result.state.edit_count == 1
+    if nas:
+        assert result.requests[0].v_norm_after == pytest.approx(state.reference_norm, rel=1e-5)
+
+
+def test_memit_spreads_over_layers_and_is_deterministic(tok):
+    results = []
+    for _ in range(2):
+        model = tiny_model("llama", layers=3)
+        cov = {i: torch.eye(64, dtype=torch.float64) for i in (0, 1)}
+        ed = MemitEditor(MemitSettings(layers=(0, 1), mom2_weight=1.0,
+                                       nas=NASSettings(enabled=False), values=VALUES), cov)
+        results.append(ed.compute(model, tok, [REQ], ed.init_state(model)))
+    a, b = results
+    assert set(a.deltas) == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    for name in a.deltas:
+        assert torch.equal(a.deltas[name], b.deltas[name])
+
+
+def test_checkpoint_materialisation_is_exact(tok):
+    model = tiny_model("gpt2")
+    spec = spec_for(model)
+    names = [spec.weight_name(0)]
+    base = edited_weights(model, names)
+    h0 = weights_hash(model)
+    cum = accumulate({}, {names[0]: torch.full_like(base[names[0]], 0.01)})
+    materialise(model, base, cum)
+    h1 = weights_hash(model)
+    assert h1 != h0
+    materialise(model, base, {})
+    assert weights_hash(model) == h0
+    materialise(model, base, cum)
+    assert weights_hash(model) == h1
