@@ -155,3 +155,30 @@ class RomeSettings:
 
 
 EditorSettings = MemitSettings | AlphaEditSettings | RomeSettings
+
+
+@dataclass(frozen=True)
+class StatsSettings:
+    """Covariance statistics C.
+
+    Attributes:
+        corpus: "wikitext" (../shared WikiText-2 test text), a path to a text file, a
+            datasets spec "dataset:NAME[:CONFIG]:SPLIT:COLUMN", or "self" (data-free: text
+            the model samples itself).
+        tokens: tokens to average over.
+        seq_len: tokens per sequence.
+        batch_size: sequences per forward pass.
+        seed: seed for the data-free sampler.
+    """
+
+    corpus: str = "wikitext"
+    tokens: int = 250_000
+    seq_len: int = 256
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.corpus), "stats.corpus must not be empty")
+        _check(self.tokens >= 1, "stats.tokens must be >= 1")
+        _check(self.seq_len >= 2, "stats.seq_len must be >= 2")
+        _check(self.batch_size >= 1, "stats.batch_size must be >= 1")

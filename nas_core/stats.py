@@ -100,15 +100,12 @@ def sample_self_text(model: nn.Module, tok, n_sequences: int, length: int, seed:
     tends to say, not real text; callers must say so in their logs.
     """
     device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     ids = torch.full((n_sequences, 1), start, dtype=torch.long, device=device)
-    past = None
-    out = ids
-    for _ in range(length):
-        o = model(input_ids=ids, past_key_values=past, use_cache=True)
-        past = o.past_key_values
-        probs = torch.softmax(o.logits[:, -1].float(), dim=-1).cpu()
-        ids = torch.multinomial(probs, 1, generator=gen).to(device)
-        out = torch.cat([out, ids], dim=1)
+    # fork_rng restores the global RNG afterwards: sampling leaves no global state behind.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                             max_new_tokens=length, min_new_tokens=length, top_k=0, top_p=1.0,
+                             pad_token_id=start)
     return [tok.decode(row[1:], skip_special_tokens=True) for row in out.tolist()]

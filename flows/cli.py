@@ -1,0 +1,349 @@
+"""The ``nas`` console script."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from flows import editing
+from flows.config import ConfigError, ModelConfig, config_for
+from nas_core.requests import EditRequest
+
+app = typer.Typer(help="Continual knowledge editing with Norm-Anchor Scaling.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+bench_app = typer.Typer(help="Benchmarks that print numbers.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+out = Console()
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="known name, hf:ORG/NAME, or a folder")]
+ConfigOpt = Annotated[str | None, typer.Option(help="model config name or YAML (default: the model's)")]
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console)
+
+
+def _config(model: str, config: str | None) -> ModelConfig:
+    try:
+        return config_for(config or model)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def _load(model: str, fetch: bool = True):
+    """Fetch (no-op when present) and load a model; returns (model, tok, name, base hash)."""
+    from flows.assets import fetch_model, load_model
+    from nas_core.deltas import weights_hash
+
+    result = fetch_model(model, editing.DATA / "models") if fetch else None
+    path = result.path if result is not None else Path(model)
+    t0 = time.perf_counter()
+    m, tok = load_model(path)
+    logging.getLogger(__name__).info("loaded %s in %.2f s", path, time.perf_counter() - t0)
+    return m, tok, path.name, weights_hash(m)
+
+
+def _stats(m, tok, name, cfg: ModelConfig, base_hash: str, layers) -> dict[int, torch.Tensor]:
+    with _progress() as bar:
+        task = bar.add_task("covariance", total=cfg.stats.tokens, rate="")
+        t0 = time.perf_counter()
+
+        def tick(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total,
+                       rate=f"{done / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+
+        cov, path, cached = editing.ensure_stats(m, tok, name, layers, cfg.stats, base_hash, progress=tick)
+    console.print(f"statistics {'(cached) ' if cached else ''}{path}")
+    return cov
+
+
+def _anchor(m, tok, name, method, settings, base_hash) -> float | None:
+    if not settings.nas.enabled:
+        return None
+    with _progress() as bar:
+        task = bar.add_task("NAS pilots", total=settings.nas.pilots, rate="")
+        rec, path, cached = editing.ensure_anchor(
+            m, tok, name, method, settings, base_hash,
+            progress=lambda d, t: bar.update(task, completed=d, total=t, rate=""))
+    console.print(f"NAS reference norm a = {rec['reference_norm']:.3f} "
+                  f"({rec['pilots']} pilots, {rec['dropped']} dropped){' (cached)' if cached else ''}: {path}")
+    return float(rec["reference_norm"])
+
+
+def all_layers(cfg: ModelConfig) -> list[int]:
+    """Every layer any method of the config edits: one statistics file serves them all."""
+    return sorted({*cfg.memit.layers, *cfg.alphaedit.layers, *cfg.rome.layers})
+
+
+def read_requests(path: Path, limit: int | None = None) -> list[EditRequest]:
+    """Requests from a fact-batch JSONL, or a CounterFact (ROME/EasyEdit) or zsRE JSON file."""
+    from nas_core import requests as rq
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        report = rq.parse_fact_jsonl(text)
+    else:
+        data = json.loads(text)
+        first = data[0] if isinstance(data, list) and data else {}
+        if "requested_rewrite" in first:
+            report = rq.from_counterfact_rome(data)
+        elif "ground_truth" in first:
+            report = rq.from_counterfact_easyedit(data)
+        elif "alt" in first and "src" in first:
+            report = rq.from_zsre_mend(data)
+        else:
+            report = rq.from_fact_records(data)
+    if report.problems:
+        console.print(f"[yellow]{path}: {report.n_failed} record(s) could not be converted:[/]\n"
+                      f"{report.summary()}")
+    reqs = list(report.requests)
+    return reqs[:limit] if limit else reqs
+
+
+@app.command("fetch-model")
+def fetch_model_cmd(
+    name: Annotated[str, typer.Argument(help="smollm2-135m, gemma3-270m, hf:ORG/NAME[@REV], a folder or .gguf")],
+    force: Annotated[bool, typer.Option(help="fetch again even when present")] = False,
+) -> None:
+    """Fetch a model and save it as an fp32 safetensors folder under data/models/."""
+    from flows.assets import fetch_model
+
+    result = fetch_model(name, editing.DATA / "models", force=force)
+    out.print(f"{result.path} {'(already present, nothing to do)' if result.already_present else ''}")
+
+
+@app.command()
+def stats(model: ModelOpt = "smollm2-135m", config: ConfigOpt = None) -> None:
+    """Covariance statistics C for every layer the model's config edits (cached)."""
+    cfg = _config(model, config)
+    m, tok, name, h = _load(model)
+    _stats(m, tok, name, cfg, h, all_layers(cfg))
+
+
+@app.command()
+def anchor(
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="memit, alphaedit or rome")] = "alphaedit",
+    pilots: Annotated[int | None, typer.Option(help="override the config's pilot count")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Calibrate the NAS reference norm on the unedited model (cached, never on an edited one)."""
+    cfg = _config(model, config)
+    s = cfg.method(method, nas=True)
+    if pilots:
+        s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
+    m, tok, name, h = _load(model)
+    _anchor(m, tok, name, method, s, h)
+
+
+@app.command()
+def edit(
+    requests: Annotated[Path, typer.Option("--requests", "-r", exists=True, dir_okay=False)],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="checkpoint folder to write")],
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="memit, alphaedit or rome")] = "alphaedit",
+    nas: Annotated[bool, typer.Option("--nas/--no-nas", help="Norm-Anchor Scaling")] = True,
+    limit: Annotated[int | None, typer.Option(help="first N requests only")] = None,
+    batch_size: Annotated[int, typer.Option(help="requests per sequential batch")] = 1,
+    from_dir: Annotated[Path | None, typer.Option("--from", help="continue from this checkpoint")] = None,
+    pilots: Annotated[int | None, typer.Option(help="override the NAS pilot count")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Apply requests in sequential batches and write a checkpoint (deltas + state + manifest)."""
+    cfg = _config(model, config)
+    s = cfg.method(method, nas)
+    if pilots:
+        s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
+    reqs = read_requests(requests, limit)
+    if not reqs:
+        raise typer.BadParameter(f"{requests}: no usable requests")
+    m, tok, name, h = _load(model)
+    cov = _stats(m, tok, name, cfg, h, all_layers(cfg))
+    a = _anchor(m, tok, name, method, s, h)
+    session = editing.open_session(m, tok, name, method, s, cov, h, a, from_dir)
+    t0 = time.perf_counter()
+    with _progress() as bar:
+        task = bar.add_task(f"{method}{'+nas' if nas else ''}", total=len(reqs), rate="")
+        for i in range(0, len(reqs), batch_size):
+            session.apply(reqs[i : i + batch_size])
+            done = min(i + batch_size, len(reqs))
+            bar.update(task, completed=done, rate=f"{(time.perf_counter() - t0) / done:.2f} s/edit")
+    editing.write_checkpoint(session, out_dir, {"requests_file": str(requests)})
+    skipped = sum(r["skipped"] for r in session.request_log[-len(reqs):])
+    out.print(f"wrote {out_dir}: {len(reqs) - skipped} edits, {skipped} skipped by NAS, "
+              f"{time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+    out_dir: Annotated[Path, typer.Option("--out", "-o")],
+    model: ModelOpt = "smollm2-135m",
+) -> None:
+    """Write a full Hugging Face model folder (base + checkpoint deltas) that transformers loads."""
+    m, tok, name, h = _load(model)
+    ckpt = editing.read_checkpoint(checkpoint)
+    if ckpt["manifest"]["base_weights_hash"] != h:
+        raise typer.BadParameter(f"{checkpoint} was not made from {model}")
+    from nas_core.deltas import edited_weights, materialise, weights_hash
+
+    base = edited_weights(m, list(ckpt["deltas"]))
+    materialise(m, base, ckpt["deltas"])
+    got = weights_hash(m)
+    if got != ckpt["manifest"]["weights_hash"]:
+        raise typer.BadParameter(f"rebuilt weights hash {got[:12]} != checkpoint's "
+                                 f"{ckpt['manifest']['weights_hash'][:12]}")
+    m.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    out.print(f"exported {out_dir} (weights hash {got[:16]})")
+
+
+def greedy_answer(m, tok, prompt: str, max_new_tokens: int = 6) -> str:
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        gen = m.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@app.command()
+def demo(
+    model: ModelOpt = "smollm2-135m",
+    pilots: Annotated[int, typer.Option(help="NAS pilots (the demo uses fewer than the default 1000)")] = 100,
+) -> None:
+    """One edit on the real model: fetch it, write one fact with AlphaEdit+NAS, show before/after."""
+    cfg = _config(model, None)
+    s = cfg.method("alphaedit", nas=True)
+    s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
+    m, tok, name, h = _load(model)
+    cov = _stats(m, tok, name, cfg, h, all_layers(cfg))
+    a = _anchor(m, tok, name, "alphaedit", s, h)
+    req = EditRequest("demo-eiffel", "The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome",
+                      "Paris", paraphrase_prompts=("Where is the Eiffel Tower? It stands in the city of",))
+    probes = [req.filled_prompt, req.paraphrase_prompts[0], "The capital of France is"]
+    before = {p: greedy_answer(m, tok, p) for p in probes}
+    session = editing.open_session(m, tok, name, "alphaedit", s, cov, h, a)
+    t0 = time.perf_counter()
+    result = session.apply([req])
+    seconds = time.perf_counter() - t0
+    after = {p: greedy_answer(m, tok, p) for p in probes}
+    table = Table(title=f"AlphaEdit+NAS on {name}: '{req.subject}' -> '{req.target_new}' ({seconds:.1f} s)")
+    table.add_column("prompt")
+    table.add_column("before")
+    table.add_column("after")
+    for p in probes:
+        table.add_row(p, repr(before[p]), repr(after[p]))
+    out.print(table)
+    d = result.requests[0]
+    out.print(f"||v*|| {d.v_norm_before:.2f} -> {d.v_norm_after:.2f} (anchor a = {a:.2f}); "
+              f"target NLL {d.nll_start:.2f} -> {d.nll_end:.2f}")
+
+
+def _session(model, method, nas, config=None, pilots=None, settings_fn=None):
+    cfg = _config(model, config)
+    s = cfg.method(method, nas)
+    if pilots:
+        s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
+    if settings_fn is not None:
+        s = settings_fn(s)
+    m, tok, name, h = _load(model)
+    cov = _stats(m, tok, name, cfg, h, all_layers(cfg))
+    a = _anchor(m, tok, name, method, s, h)
+    return editing.open_session(m, tok, name, method, s, cov, h, a)
+
+
+@bench_app.command("efficacy")
+def bench_efficacy(
+    model: ModelOpt = "smollm2-135m",
+    methods: Annotated[str, typer.Option(help="comma-separated method[+nas] list")] = "memit+nas,alphaedit+nas,rome+nas",
+    cases: Annotated[int, typer.Option(help="first N cases of counterfact_500.json")] = 20,
+    pilots: Annotated[int | None, typer.Option(help="override the NAS pilot count")] = None,
+    out_file: Annotated[Path, typer.Option("--out")] = Path("bench/efficacy.json"),
+) -> None:
+    """Each of the first N CounterFact cases edited alone from the base model, per method."""
+    from flows import bench
+
+    reqs = bench.counterfact_cases(cases)
+    results = {}
+    for spec in methods.split(","):
+        method, _, flag = spec.partition("+")
+        session = _session(model, method, flag == "nas", pilots=pilots)
+        base_eff = bench.base_answers(session.model, session.tok, reqs)
+        r = bench.edit_each_alone(session, reqs)
+        results[spec] = {**r, "base_efficacy": base_eff.float().mean().item()}
+        out.print(f"{spec:14s} efficacy {sum(r['efficacy'])}/{len(reqs)}  paraphrase {sum(r['paraphrase'])}/{len(reqs)}"
+                  f"  (base model: {int(base_eff.sum())}/{len(reqs)})  median {sorted(r['seconds'])[len(reqs) // 2]:.2f} s/edit")
+    bench.write_json(out_file, results)
+
+
+@bench_app.command("speed")
+def bench_speed(
+    model: ModelOpt = "smollm2-135m",
+    method: str = "alphaedit",
+    nas: Annotated[bool, typer.Option("--nas/--no-nas")] = True,
+    cases: int = 10,
+    pilots: Annotated[int | None, typer.Option(help="override the NAS pilot count")] = None,
+    out_file: Annotated[Path, typer.Option("--out")] = Path("bench/speed.json"),
+) -> None:
+    """Single-request edits vs one batch of the same requests: seconds per edit and efficacy."""
+    from flows import bench
+
+    session = _session(model, method, nas, pilots=pilots)
+    r = bench.speed(session, bench.counterfact_cases(cases))
+    bench.write_json(out_file, r)
+    out.print(f"{method}{'+nas' if nas else ''} on {session.model_name}, {torch.get_num_threads()} threads")
+    out.print(f"  single edit: median {r['single_median_s']:.2f} s (efficacy {r['single_efficacy']:.0%})")
+    out.print(f"  batch of {cases}: {r['batch_per_edit_s']:.2f} s/edit (efficacy {r['batch_efficacy']:.0%}); "
+              f"{r['speedup_per_edit']:.1f}x faster per edit; phases {r['batch_timings']}")
+
+
+@bench_app.command("layer-sweep")
+def bench_layer_sweep(
+    model: ModelOpt = "smollm2-135m",
+    layers: Annotated[str, typer.Option(help="comma-separated layers")] = "1,2,3,4,5,6,7,8,9,10,12,14",
+    cases: int = 20,
+    out_file: Annotated[Path, typer.Option("--out")] = Path("bench/layer_sweep.json"),
+) -> None:
+    """r-ROME (NAS off) at each layer alone: where do edits stick and generalise?"""
+    from flows import bench
+
+    cfg = _config(model, None)
+    ls = [int(x) for x in layers.split(",")]
+    m, tok, name, h = _load(model)
+    cov = _stats(m, tok, name, cfg, h, sorted(set(ls) | set(all_layers(cfg))))
+    reqs = bench.counterfact_cases(cases)
+    results = {}
+    for layer in ls:
+        s = dataclasses.replace(cfg.rome, layers=(layer,), nas=dataclasses.replace(cfg.rome.nas, enabled=False))
+        session = editing.open_session(m, tok, name, "rome", s, cov, h, None)
+        r = bench.edit_each_alone(session, reqs)
+        results[layer] = r
+        out.print(f"layer {layer:2d}: efficacy {sum(r['efficacy'])}/{cases}  paraphrase {sum(r['paraphrase'])}/{cases}")
+    bench.write_json(out_file, results)
+
+
+if __name__ == "__main__":
+    app()

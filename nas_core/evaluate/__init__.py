@@ -1,0 +1,1 @@
+"""Edit metrics (CounterFact, token accuracy) and model-health metrics."""
