@@ -9,6 +9,7 @@ the answer.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nas_core.hooks import add_at_positions, capture, replay_layers
-from nas_core.prompts import TokenisedPrompt, pad_batch, pad_token_id, target_ids, tokenise
+from nas_core.prompts import TokenisedPrompt, pad_token_id, target_ids, tokenise
 from nas_core.requests import EditRequest
 from nas_core.settings import ValueSettings
 from nas_core.spec import ModelSpec, get_module
@@ -55,12 +56,19 @@ class ValueResult:
 
 @dataclass(frozen=True)
 class _Batch:
-    ids: torch.Tensor  # (B, T)
-    mask: torch.Tensor  # (B, T)
+    """All rows of a batch, left-padded so every row's subject token sits in column ``split``.
+
+    Nothing left of the subject depends on the shift, so the optimisation only recomputes
+    the columns from ``split`` on (the *tail*) and reuses the cached keys/values of the head.
+    """
+
+    ids: torch.Tensor  # (B, W) aligned token ids
+    mask: torch.Tensor  # (B, W) 1 on real tokens
+    positions: torch.Tensor  # (B, W) real position of each column (0 on padding)
+    split: int  # the subject column, the same in every row
     subject_rows: torch.Tensor  # (B,) request index of each row
-    subject_pos: torch.Tensor  # (B,) subject's last token in each row
     tgt_rows: torch.Tensor  # (P,) row of each predicted target token
-    tgt_pos: torch.Tensor  # (P,) position whose logits predict it
+    tgt_cols: torch.Tensor  # (P,) tail column whose logits predict it
     tgt_ids: torch.Tensor  # (P,) the target token
     tgt_owner: torch.Tensor  # (P,) request index
     tgt_weight: torch.Tensor  # (P,) 1 / (tokens in its row * rows of its request)
@@ -72,7 +80,7 @@ def _build_batch(tok, requests: Sequence[EditRequest], settings: ValueSettings, 
     rows: list[TokenisedPrompt] = []
     owners: list[int] = []
     bare_rows: list[int] = []
-    tr, tp, ti, to, tw = [], [], [], [], []
+    targets: list[tuple[int, int, int, float]] = []  # (row, position, token, weight)
     n_ctx = len(settings.prefixes)
     for i, req in enumerate(requests):
         tgt = target_ids(tok, req.target_new)
@@ -81,11 +89,7 @@ def _build_batch(tok, requests: Sequence[EditRequest], settings: ValueSettings, 
                 bare_rows.append(len(rows))
             p = tokenise(tok, prefix, req.prompt, req.subject, tgt)
             for k, t in enumerate(tgt):
-                tr.append(len(rows))
-                tp.append(p.target_start - 1 + k)
-                ti.append(t)
-                to.append(i)
-                tw.append(1.0 / (len(tgt) * n_ctx))
+                targets.append((len(rows), p.target_start - 1 + k, t, 1.0 / (len(tgt) * n_ctx)))
             rows.append(p)
             owners.append(i)
     kl_rows = []
@@ -93,21 +97,32 @@ def _build_batch(tok, requests: Sequence[EditRequest], settings: ValueSettings, 
         kl_rows.append(len(rows))
         rows.append(tokenise(tok, "", settings.kl_prompt, req.subject))
         owners.append(i)
-    ids, mask = pad_batch(rows, pad_token_id(tok), device)
+
+    split = max(r.subject_pos for r in rows)
+    shift = [split - r.subject_pos for r in rows]
+    width = split + max(len(r.ids) - r.subject_pos for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id(tok), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (r, sh) in enumerate(zip(rows, shift, strict=True)):
+        ids[row, sh : sh + len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+        mask[row, sh : sh + len(r.ids)] = 1
+        positions[row, sh : sh + len(r.ids)] = torch.arange(len(r.ids))
 
     def t(x, dtype=torch.long):
         return torch.tensor(x, dtype=dtype, device=device)
 
     return _Batch(
-        ids=ids,
-        mask=mask,
+        ids=ids.to(device),
+        mask=mask.to(device),
+        positions=positions.to(device),
+        split=split,
         subject_rows=t(owners),
-        subject_pos=t([r.subject_pos for r in rows]),
-        tgt_rows=t(tr),
-        tgt_pos=t(tp),
-        tgt_ids=t(ti),
-        tgt_owner=t(to),
-        tgt_weight=t(tw, torch.float32),
+        tgt_rows=t([r for r, _, _, _ in targets]),
+        tgt_cols=t([p + shift[r] - split for r, p, _, _ in targets]),
+        tgt_ids=t([tk for _, _, tk, _ in targets]),
+        tgt_owner=t([owners[r] for r, _, _, _ in targets]),
+        tgt_weight=t([w for _, _, _, w in targets], torch.float32),
         kl_rows=t(kl_rows),
         bare_rows=t(bare_rows),
     )
@@ -120,6 +135,23 @@ def logits_at(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def _has_sliding_window(config) -> bool:
+    window = getattr(config, "sliding_window", None)
+    return bool(window) and getattr(config, "use_sliding_window", True) is not False
+
+
+def _cache_kwarg(base: nn.Module) -> str:
+    """transformers renamed ``past_key_values`` to ``cache``; use whichever this version takes."""
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _tail(output: object, split: int) -> object:
+    """The columns from ``split`` on of a block's output (tensor or tuple of tensors)."""
+    if isinstance(output, tuple):
+        return (output[0][:, split:], *output[1:])
+    return output[:, split:]
 
 
 def _decoder_layers(model: nn.Module, spec: ModelSpec, upto: int) -> list[nn.Module]:
@@ -145,20 +177,31 @@ def optimise_values(
     layer_mod = get_module(model, spec.layer_name(layer))
     mlp_mod = get_module(model, spec.mlp_name(layer))
     base = model.base_model
-    all_rows = torch.arange(b.ids.shape[0], device=device)
+    n_rows = b.ids.shape[0]
+    all_rows = torch.arange(n_rows, device=device)
+    # Sliding-window attention masks depend on the whole sequence, so those models recompute
+    # every column; all others recompute only the tail, right of the subject.
+    start = 0 if _has_sliding_window(model.config) else b.split
+    subject_col = torch.full((n_rows,), b.split - start, dtype=torch.long, device=device)
 
-    # One clean pass: h, v0 at the bare prompt, the KL reference, and the outputs of the
-    # blocks up to ``layer``, which the shift cannot change and are replayed below.
+    # One clean pass over the whole rows: h and v0 at the bare prompt, the KL reference, the
+    # head's keys/values (cache), and the tail outputs of the blocks up to ``layer``, which
+    # the shift cannot change and are replayed on every step.
     lower = _decoder_layers(model, spec, layer)
     with torch.no_grad(), ExitStack() as stack:
         cap_h = stack.enter_context(capture(layer_mod))
         cap_v = stack.enter_context(capture(mlp_mod))
         lower_caps = [stack.enter_context(capture(m, outputs=False, raw=True)) for m in lower]
-        final = base(input_ids=b.ids, attention_mask=b.mask, use_cache=False).last_hidden_state
-        hidden = cap_h.outputs[0][b.bare_rows, b.subject_pos[b.bare_rows]].float()  # (n, d)
-        v0 = cap_v.outputs[0][b.bare_rows, b.subject_pos[b.bare_rows]].float()  # (n, d)
-        kl_ref = F.log_softmax(logits_at(model, final[b.kl_rows, b.subject_pos[b.kl_rows]]), -1)
-    cached_outputs = [c.raw_outputs[0] for c in lower_caps]
+        clean = base(input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions, use_cache=start > 0)
+        hidden = cap_h.outputs[0][b.bare_rows, b.split].float()  # (n, d)
+        v0 = cap_v.outputs[0][b.bare_rows, b.split].float()  # (n, d)
+        kl_ref = F.log_softmax(logits_at(model, clean.last_hidden_state[b.kl_rows, b.split]), -1)
+    cache = clean.past_key_values if start > 0 else None
+    head = [(lay.keys[..., :start, :], lay.values[..., :start, :]) for lay in cache.layers] if cache else []
+    cache_kw = {_cache_kwarg(base): cache} if cache is not None else {}
+    tail_outputs = [_tail(c.raw_outputs[0], start) for c in lower_caps]
+    tail_ids, tail_pos = b.ids[:, start:], b.positions[:, start:]
+    tgt_cols = b.tgt_cols + (b.split - start)
 
     delta = torch.zeros((n, hidden.shape[1]), dtype=torch.float32, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=settings.lr)
@@ -169,14 +212,18 @@ def optimise_values(
     nll_start = torch.zeros(n, device=device)
     nll_last = torch.zeros(n, device=device)
 
-    with replay_layers(lower, cached_outputs):
+    with replay_layers(lower, tail_outputs):
         for step in range(settings.steps):
-            with add_at_positions(layer_mod, delta[b.subject_rows], all_rows, b.subject_pos):
-                final = base(input_ids=b.ids, attention_mask=b.mask, use_cache=False).last_hidden_state
-            logp = F.log_softmax(logits_at(model, final[b.tgt_rows, b.tgt_pos]), -1)  # (P, V)
+            if cache is not None:
+                for lay, (k, v) in zip(cache.layers, head, strict=True):
+                    lay.keys, lay.values = k, v  # drop the previous step's tail keys/values
+            with add_at_positions(layer_mod, delta[b.subject_rows], all_rows, subject_col):
+                final = base(input_ids=tail_ids, attention_mask=b.mask, position_ids=tail_pos,
+                             use_cache=cache is not None, **cache_kw).last_hidden_state  # (B, W - start, d)
+            logp = F.log_softmax(logits_at(model, final[b.tgt_rows, tgt_cols]), -1)  # (P, V)
             tok_nll = -logp.gather(1, b.tgt_ids[:, None]).squeeze(1) * b.tgt_weight  # (P,)
             nll = torch.zeros(n, device=device).index_add(0, b.tgt_owner, tok_nll)  # (n,)
-            kl_cur = F.log_softmax(logits_at(model, final[b.kl_rows, b.subject_pos[b.kl_rows]]), -1)
+            kl_cur = F.log_softmax(logits_at(model, final[b.kl_rows, b.split - start]), -1)
             kl = (kl_cur.exp() * (kl_cur - kl_ref)).sum(-1)  # (n,) KL(current || initial)
             decay = settings.weight_decay * delta.norm(dim=1) / h_norm**2
             loss = nll + settings.kl_factor * kl + decay

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny import tiny_model
@@ -203,7 +205,8 @@ def test_keys_are_averaged_over_prefixes(llama, tok):
     spec = spec_for(llama)
     one = read_at_subject(llama, tok, spec, [REQ], [0], [""])
     two = read_at_subject(llama, tok, spec, [REQ], [0], ["", "Here is a fact. "])
-    pre = read_at_subject(llama, tok, spec, [REQ.__class__(**{**REQ.__dict__, "prompt": "Here is a fact. The capital of {} is"})], [0], [""])
+    prefixed = EditRequest("1", "Here is a fact. The capital of {} is", "France", "Rome", "Paris")
+    pre = read_at_subject(llama, tok, spec, [prefixed], [0], [""])
     assert torch.allclose(two.keys[0], (one.keys[0] + pre.keys[0]) / 2, atol=1e-5)
 
 
@@ -288,3 +291,20 @@ def test_checkpoint_materialisation_is_exact(tok):
     assert weights_hash(model) == h0
     materialise(model, base, cum)
     assert weights_hash(model) == h1
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gemma3_text", "gpt2", "gptj"])
+def test_tail_only_optimisation_scores_like_a_full_forward(model_type, tok):
+    """The optimisation recomputes only the columns right of the subject; at step 0 its loss
+    must equal an independent full-sequence score, and a few steps must lower it."""
+    from nas_core.evaluate.scoring import target_nll
+
+    model = tiny_model(model_type)
+    settings = dataclasses.replace(VALUES, steps=3)
+    reqs = [REQ, EditRequest("2", "{} speaks", "Danielle Darrieux", "English", "French")]
+    vr = optimise_values(model, tok, spec_for(model), reqs, 0, settings)
+    for i, r in enumerate(reqs):
+        prompts = [p + r.filled_prompt for p in settings.prefixes]
+        full = target_nll(model, tok, prompts, [r.target_new] * len(prompts)).mean()
+        assert float(vr.nll_start[i]) == pytest.approx(float(full), rel=1e-4, abs=1e-4)
+    assert (vr.nll_end < vr.nll_start).all()
