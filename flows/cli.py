@@ -275,10 +275,13 @@ def _session(model, method, nas, config=None, pilots=None, settings_fn=None):
     return editing.open_session(m, tok, name, method, s, cov, h, a)
 
 
+DEFAULT_EFFICACY_METHODS = "memit+nas,alphaedit+nas,rome+nas"
+
+
 @bench_app.command("efficacy")
 def bench_efficacy(
     model: ModelOpt = "smollm2-135m",
-    methods: Annotated[str, typer.Option(help="comma-separated method[+nas] list")] = "memit+nas,alphaedit+nas,rome+nas",
+    methods: Annotated[str, typer.Option(help="comma-separated method[+nas] list")] = DEFAULT_EFFICACY_METHODS,
     cases: Annotated[int, typer.Option(help="first N cases of counterfact_500.json")] = 20,
     pilots: Annotated[int | None, typer.Option(help="override the NAS pilot count")] = None,
     out_file: Annotated[Path, typer.Option("--out")] = Path("bench/efficacy.json"),
@@ -294,8 +297,9 @@ def bench_efficacy(
         base_eff = bench.base_answers(session.model, session.tok, reqs)
         r = bench.edit_each_alone(session, reqs)
         results[spec] = {**r, "base_efficacy": base_eff.float().mean().item()}
-        out.print(f"{spec:14s} efficacy {sum(r['efficacy'])}/{len(reqs)}  paraphrase {sum(r['paraphrase'])}/{len(reqs)}"
-                  f"  (base model: {int(base_eff.sum())}/{len(reqs)})  median {sorted(r['seconds'])[len(reqs) // 2]:.2f} s/edit")
+        n = len(reqs)
+        out.print(f"{spec:14s} efficacy {sum(r['efficacy'])}/{n}  paraphrase {sum(r['paraphrase'])}/{n}"
+                  f"  (base model: {int(base_eff.sum())}/{n})  median {sorted(r['seconds'])[n // 2]:.2f} s/edit")
     bench.write_json(out_file, results)
 
 
