@@ -69,3 +69,29 @@ def rank_one_update(
     if not denom > 0:
         raise ArithmeticError(f"r-ROME denominator k^T C^-1 k = {denom} is not positive")
     return torch.outer(r, cinv_k) / denom, denom
+
+
+def woodbury_solve(
+    inverse: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rhs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve (A0 + U V^T) X = B given M = A0^-1, in O(d^2 n) instead of O(d^3).
+
+    Sequential editing adds a rank-n term to the same d x d system every batch, so the
+    editors keep M = A0^-1 in their state and update it here (Sherman-Morrison-Woodbury):
+    (A0 + U V^T)^-1 = M - M U (I + V^T M U)^-1 V^T M.
+
+    Args:
+        inverse: (d, d) float64 M.
+        u, v: (d, n) the rank-n update.
+        rhs: (d, m) right-hand side B.
+
+    Returns:
+        (X (d, m), the new inverse (A0 + U V^T)^-1 (d, d)), both float64.
+    """
+    m = _f64(inverse)
+    u, v, b = _f64(u), _f64(v), _f64(rhs)
+    mu = m @ u  # (d, n)
+    vtm = v.T @ m  # (n, d)
+    small = torch.eye(u.shape[1], dtype=torch.float64, device=m.device) + v.T @ mu  # (n, n)
+    new_inverse = m - mu @ torch.linalg.solve(small, vtm)
+    return new_inverse @ b, new_inverse

@@ -15,6 +15,9 @@ class EditState:
         layers: edited layers.
         key_cache: layer -> (d_in, d_in) float64 S = sum of K K^T over all past edits.
         projectors: layer -> (d_in, d_in) AlphaEdit null-space projector P (empty otherwise).
+        inverses: layer -> (d_in, d_in) float64 inverse of the solve's system without the
+            current batch (MEMIT: (lambda C + S)^-1; AlphaEdit: (P S + beta I)^-1), kept up to
+            date by Woodbury updates so each batch costs O(d^2 n), not O(d^3).
         edit_count: requests written so far.
         skipped_count: requests NAS skipped as outliers so far.
         reference_norm: NAS reference norm a (None when NAS is off).
@@ -23,11 +26,18 @@ class EditState:
     layers: tuple[int, ...]
     key_cache: dict[int, torch.Tensor] = field(default_factory=dict)
     projectors: dict[int, torch.Tensor] = field(default_factory=dict)
+    inverses: dict[int, torch.Tensor] = field(default_factory=dict)
     edit_count: int = 0
     skipped_count: int = 0
     reference_norm: float | None = None
 
-    def with_keys(self, keys: dict[int, torch.Tensor], edited: int, skipped: int) -> EditState:
+    def with_keys(
+        self,
+        keys: dict[int, torch.Tensor],
+        edited: int,
+        skipped: int,
+        inverses: dict[int, torch.Tensor] | None = None,
+    ) -> EditState:
         """A new state with ``keys[layer]`` (d_in, n) added to the key cache."""
         cache = dict(self.key_cache)
         for layer, k in keys.items():
@@ -36,6 +46,7 @@ class EditState:
         return replace(
             self,
             key_cache=cache,
+            inverses={**self.inverses, **(inverses or {})},
             edit_count=self.edit_count + edited,
             skipped_count=self.skipped_count + skipped,
         )
@@ -53,18 +64,21 @@ class EditState:
             out[f"key_cache.{layer}"] = t.contiguous()
         for layer, t in self.projectors.items():
             out[f"projector.{layer}"] = t.contiguous()
+        for layer, t in self.inverses.items():
+            out[f"inverse.{layer}"] = t.contiguous()
         return out
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> EditState:
         known = {"layers", "edit_count", "skipped_count", "reference_norm"}
-        unknown = [k for k in sd if k not in known and not k.startswith(("key_cache.", "projector."))]
+        unknown = [k for k in sd if k not in known and not k.startswith(("key_cache.", "projector.", "inverse."))]
         if unknown:
             raise ValueError(f"unknown EditState entries: {unknown}")
         return cls(
             layers=tuple(int(x) for x in sd["layers"].tolist()),
             key_cache={int(k.split(".")[1]): v for k, v in sd.items() if k.startswith("key_cache.")},
             projectors={int(k.split(".")[1]): v for k, v in sd.items() if k.startswith("projector.")},
+            inverses={int(k.split(".")[1]): v for k, v in sd.items() if k.startswith("inverse.")},
             edit_count=int(sd["edit_count"]),
             skipped_count=int(sd["skipped_count"]),
             reference_norm=float(sd["reference_norm"]) if "reference_norm" in sd else None,

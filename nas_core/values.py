@@ -154,6 +154,13 @@ def _tail(output: object, split: int) -> object:
     return output[:, split:]
 
 
+def _rows(output: object, rows: torch.Tensor) -> object:
+    """Select batch rows of a block's output (tensor or tuple of tensors)."""
+    if isinstance(output, tuple):
+        return (output[0][rows], *output[1:])
+    return output[rows]
+
+
 def _decoder_layers(model: nn.Module, spec: ModelSpec, upto: int) -> list[nn.Module]:
     return [get_module(model, spec.layer_name(i)) for i in range(upto + 1)]
 
@@ -178,7 +185,6 @@ def optimise_values(
     mlp_mod = get_module(model, spec.mlp_name(layer))
     base = model.base_model
     n_rows = b.ids.shape[0]
-    all_rows = torch.arange(n_rows, device=device)
     # Sliding-window attention masks depend on the whole sequence, so those models recompute
     # every column; all others recompute only the tail, right of the subject.
     start = 0 if _has_sliding_window(model.config) else b.split
@@ -212,40 +218,48 @@ def optimise_values(
     nll_start = torch.zeros(n, device=device)
     nll_last = torch.zeros(n, device=device)
 
-    with replay_layers(lower, tail_outputs):
-        for step in range(settings.steps):
-            if cache is not None:
-                for lay, (k, v) in zip(cache.layers, head, strict=True):
-                    lay.keys, lay.values = k, v  # drop the previous step's tail keys/values
-            with add_at_positions(layer_mod, delta[b.subject_rows], all_rows, subject_col):
-                final = base(input_ids=tail_ids, attention_mask=b.mask, position_ids=tail_pos,
-                             use_cache=cache is not None, **cache_kw).last_hidden_state  # (B, W - start, d)
-            logp = F.log_softmax(logits_at(model, final[b.tgt_rows, tgt_cols]), -1)  # (P, V)
-            tok_nll = -logp.gather(1, b.tgt_ids[:, None]).squeeze(1) * b.tgt_weight  # (P,)
-            nll = torch.zeros(n, device=device).index_add(0, b.tgt_owner, tok_nll)  # (n,)
-            kl_cur = F.log_softmax(logits_at(model, final[b.kl_rows, b.split - start]), -1)
-            kl = (kl_cur.exp() * (kl_cur - kl_ref)).sum(-1)  # (n,) KL(current || initial)
-            decay = settings.weight_decay * delta.norm(dim=1) / h_norm**2
-            loss = nll + settings.kl_factor * kl + decay
+    for step in range(settings.steps):
+        # Only rows of requests still optimising are computed: a finished request costs nothing.
+        rows = active[b.subject_rows].nonzero().squeeze(1)  # (B',)
+        remap = torch.full((b.ids.shape[0],), -1, dtype=torch.long, device=device)
+        remap[rows] = torch.arange(rows.numel(), device=device)
+        live_tgt = active[b.tgt_owner]
+        live = active.nonzero().squeeze(1)  # (n',)
+        if cache is not None:
+            for lay, (k, v) in zip(cache.layers, head, strict=True):
+                lay.keys, lay.values = k[rows], v[rows]  # the head only: drop last step's tail
+        with replay_layers(lower, [_rows(o, rows) for o in tail_outputs]), add_at_positions(
+            layer_mod, delta[b.subject_rows[rows]], torch.arange(rows.numel(), device=device), subject_col[rows]
+        ):
+            final = base(input_ids=tail_ids[rows], attention_mask=b.mask[rows], position_ids=tail_pos[rows],
+                         use_cache=cache is not None, **cache_kw).last_hidden_state  # (B', W - start, d)
+        logp = F.log_softmax(logits_at(model, final[remap[b.tgt_rows[live_tgt]], tgt_cols[live_tgt]]), -1)
+        tok_nll = -logp.gather(1, b.tgt_ids[live_tgt, None]).squeeze(1) * b.tgt_weight[live_tgt]  # (P',)
+        nll = torch.zeros(n, device=device).index_add(0, b.tgt_owner[live_tgt], tok_nll)  # (n,)
+        kl_cur = F.log_softmax(logits_at(model, final[remap[b.kl_rows[live]], b.split - start]), -1)
+        kl_live = (kl_cur.exp() * (kl_cur - kl_ref[live])).sum(-1)  # (n',) KL(current || initial)
+        kl = torch.zeros(n, device=device).index_put((live,), kl_live)
+        decay = settings.weight_decay * delta.norm(dim=1) / h_norm**2
+        loss = nll + settings.kl_factor * kl + decay
 
-            nll_d = nll.detach()
-            if step == 0:
-                nll_start = nll_d.clone()
-            nll_last = torch.where(active, nll_d, nll_last)
-            active = active & (nll_d >= settings.early_stop_nll)
-            if not bool(active.any()):
-                break
-            frozen = delta.detach().clone()
-            opt.zero_grad(set_to_none=True)
-            (loss * active).sum().backward()
-            opt.step()
-            steps += active.long()
-            with torch.no_grad():
-                # Finished requests keep their shift; Adam momentum must not move them.
-                delta[~active] = frozen[~active]
-                norms = delta.norm(dim=1).clamp_min(1e-12)
-                scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
-                delta.mul_(scale[:, None])
+        nll_d = nll.detach()
+        if step == 0:
+            nll_start = nll_d.clone()
+        nll_last = torch.where(active, nll_d, nll_last)
+        active = active & (nll_d >= settings.early_stop_nll)
+        if not bool(active.any()):
+            break
+        frozen = delta.detach().clone()
+        opt.zero_grad(set_to_none=True)
+        (loss * active).sum().backward()
+        opt.step()
+        steps += active.long()
+        with torch.no_grad():
+            # Finished requests keep their shift; Adam momentum must not move them.
+            delta[~active] = frozen[~active]
+            norms = delta.norm(dim=1).clamp_min(1e-12)
+            scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
+            delta.mul_(scale[:, None])
     log.debug("values: %d requests, %d steps max, nll %.3f -> %.3f", n, int(steps.max()),
               float(nll_start.mean()), float(nll_last.mean()))
     return ValueResult(

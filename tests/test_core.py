@@ -308,3 +308,25 @@ def test_tail_only_optimisation_scores_like_a_full_forward(model_type, tok):
         full = target_nll(model, tok, prompts, [r.target_new] * len(prompts)).mean()
         assert float(vr.nll_start[i]) == pytest.approx(float(full), rel=1e-4, abs=1e-4)
     assert (vr.nll_end < vr.nll_start).all()
+
+
+def test_woodbury_sequence_equals_direct_solves():
+    """Three sequential batches: the maintained inverse gives MEMIT's and AlphaEdit's direct solves."""
+    from nas_core.linalg import woodbury_solve
+
+    g = torch.Generator().manual_seed(5)
+    d, d_out, lam, beta = 12, 4, 3.0, 2.0
+    c = _spd(d, seed=6)
+    p = nullspace_projector(c, threshold=float(torch.linalg.eigvalsh(c)[6]))
+    s = torch.zeros(d, d, dtype=torch.float64)
+    inv_memit = torch.linalg.inv(lam * c)
+    inv_alpha = torch.eye(d, dtype=torch.float64) / beta
+    for n in (1, 3, 2):
+        k = torch.randn(d, n, generator=g, dtype=torch.float64)
+        r = torch.randn(d_out, n, generator=g, dtype=torch.float64)
+        x, inv_memit = woodbury_solve(inv_memit, k, k, k)
+        assert torch.allclose(r @ x.T, ridge_solve(k, r, c, lam, s), atol=1e-9)
+        pk = p @ k
+        xa, inv_alpha = woodbury_solve(inv_alpha, pk, k, pk @ r.T)
+        assert torch.allclose(xa.T, projected_solve(k, r, p, beta, s), atol=1e-9)
+        s = s + k @ k.T

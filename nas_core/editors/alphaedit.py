@@ -14,9 +14,10 @@ from nas_core.editors.base import (
     Stopwatch,
     compute_targets,
     diagnostics,
+    inverse_or,
     sweep_layers,
 )
-from nas_core.linalg import nullspace_projector, projected_solve
+from nas_core.linalg import nullspace_projector, woodbury_solve
 from nas_core.requests import EditRequest
 from nas_core.settings import AlphaEditSettings
 from nas_core.spec import spec_for
@@ -25,6 +26,9 @@ from nas_core.state import EditState
 
 class AlphaEditEditor:
     """X = (P (K K^T + S) + beta I)^-1 P K R^T, Delta_l = X^T, for each edited layer l.
+
+    The inverse of P S + beta I is carried in the state and updated by Woodbury, which
+    equals :func:`nas_core.linalg.projected_solve` (tested) at a fraction of the cost.
 
     Args:
         settings: the AlphaEdit settings (NAS included).
@@ -63,12 +67,20 @@ class AlphaEditEditor:
             return EditResult({}, replace(state, skipped_count=state.skipped_count + len(requests)),
                               diagnostics(requests, tg), {}, clock.times)
 
+        inverses: dict[int, torch.Tensor] = {}
+
         def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-            return projected_solve(keys, resid, state.projectors[layer], s.l2,
-                                   state.key_cache.get(layer))
+            # (P S + beta I + (P K) K^T) X = P K R^T through the maintained (P S + beta I)^-1.
+            p = state.projectors[layer].double()
+            d = p.shape[0]
+            inv = inverse_or(state, layer, lambda: torch.eye(d, dtype=torch.float64, device=p.device) / s.l2)
+            pk = p @ keys.double()  # (d_in, n)
+            x, inverses[layer] = woodbury_solve(inv, pk, keys, pk @ resid.double().T)  # x: (d_in, d_out)
+            return x.T
 
         deltas, keys, norms = sweep_layers(model, tok, spec, kept, tg.z, s.layers,
                                            s.values.prefixes, solve)
         clock.lap("solve", t)
-        new_state = state.with_keys(keys, edited=len(kept), skipped=len(requests) - len(kept))
+        new_state = state.with_keys(keys, edited=len(kept), skipped=len(requests) - len(kept),
+                                    inverses=inverses)
         return EditResult(deltas, new_state, diagnostics(requests, tg), norms, clock.times)

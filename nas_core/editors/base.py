@@ -125,6 +125,12 @@ def diagnostics(requests: Sequence[EditRequest], t: Targets) -> tuple[RequestDia
 LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def inverse_or(state: EditState, layer: int, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The state's maintained inverse for ``layer``, or ``build()`` for the first batch."""
+    inv = state.inverses.get(layer)
+    return inv if inv is not None else build()
+
+
 @torch.no_grad()
 def add_to_weight(model: nn.Module, spec: ModelSpec, layer: int, delta_out_in: torch.Tensor) -> torch.Tensor:
     """W_l += delta (given as (d_out, d_in)); returns the update in storage layout, float32."""

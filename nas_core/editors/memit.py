@@ -14,9 +14,10 @@ from nas_core.editors.base import (
     Stopwatch,
     compute_targets,
     diagnostics,
+    inverse_or,
     sweep_layers,
 )
-from nas_core.linalg import ridge_solve
+from nas_core.linalg import woodbury_solve
 from nas_core.requests import EditRequest
 from nas_core.settings import MemitSettings
 from nas_core.spec import spec_for
@@ -25,6 +26,9 @@ from nas_core.state import EditState
 
 class MemitEditor:
     """Delta_l = R K^T (lambda C + K K^T + S)^-1 for each edited layer l.
+
+    The inverse of lambda C + S is carried in the state and updated by Woodbury, which
+    equals :func:`nas_core.linalg.ridge_solve` (tested) at a fraction of the cost.
 
     Args:
         settings: the MEMIT settings (NAS included).
@@ -56,12 +60,19 @@ class MemitEditor:
             return EditResult({}, replace(state, skipped_count=state.skipped_count + len(requests)),
                               diagnostics(requests, tg), {}, clock.times)
 
+        inverses: dict[int, torch.Tensor] = {}
+
         def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-            cache = state.key_cache.get(layer) if s.use_key_cache else None
-            return ridge_solve(keys, resid, self.cov[layer], s.mom2_weight, cache)
+            # (lambda C + S + K K^T) X = K through the maintained (lambda C + S)^-1.
+            inv = inverse_or(state, layer, lambda: torch.linalg.inv(s.mom2_weight * self.cov[layer].double()))
+            x, new_inv = woodbury_solve(inv, keys, keys, keys)  # x: (d_in, n)
+            if s.use_key_cache:
+                inverses[layer] = new_inv
+            return resid.double() @ x.T
 
         deltas, keys, norms = sweep_layers(model, tok, spec, kept, tg.z, s.layers,
                                            s.values.prefixes, solve)
         clock.lap("solve", t)
-        new_state = state.with_keys(keys, edited=len(kept), skipped=len(requests) - len(kept))
+        new_state = state.with_keys(keys, edited=len(kept), skipped=len(requests) - len(kept),
+                                    inverses=inverses)
         return EditResult(deltas, new_state, diagnostics(requests, tg), norms, clock.times)
