@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import time
@@ -84,10 +83,6 @@ def speed(session: editing.EditSession, reqs: list[EditRequest]) -> dict[str, An
 
 def write_json(path: Path, data: Any) -> None:
     editing.atomic_write_text(path, json.dumps(data, indent=1, default=str))
-
-
-def with_steps(settings, **values):
-    return dataclasses.replace(settings, values=dataclasses.replace(settings.values, **values))
 
 
 def base_answers(model, tok, reqs) -> torch.Tensor:

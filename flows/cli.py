@@ -53,6 +53,13 @@ def _config(model: str, config: str | None) -> ModelConfig:
         raise typer.BadParameter(str(err)) from None
 
 
+def _method(cfg: ModelConfig, method: str, nas: bool | None):
+    try:
+        return cfg.method(method, nas)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint="--method") from None
+
+
 def _load(model: str, fetch: bool = True):
     """Fetch (no-op when present) and load a model; returns (model, tok, name, base hash)."""
     from flows.assets import fetch_model, load_model
@@ -66,7 +73,7 @@ def _load(model: str, fetch: bool = True):
     return m, tok, path.name, weights_hash(m)
 
 
-def _stats(m, tok, name, cfg: ModelConfig, base_hash: str, layers) -> dict[int, torch.Tensor]:
+def _stats(m, tok, name, cfg: ModelConfig, base_hash: str, layers, force: bool = False) -> dict[int, torch.Tensor]:
     with _progress() as bar:
         task = bar.add_task("covariance", total=cfg.stats.tokens, rate="")
         t0 = time.perf_counter()
@@ -75,7 +82,8 @@ def _stats(m, tok, name, cfg: ModelConfig, base_hash: str, layers) -> dict[int, 
             bar.update(task, completed=done, total=total,
                        rate=f"{done / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
-        cov, path, cached = editing.ensure_stats(m, tok, name, layers, cfg.stats, base_hash, progress=tick)
+        cov, path, cached = editing.ensure_stats(m, tok, name, layers, cfg.stats, base_hash, progress=tick,
+                                                 force=force)
     console.print(f"statistics {'(cached) ' if cached else ''}{path}")
     return cov
 
@@ -136,11 +144,15 @@ def fetch_model_cmd(
 
 
 @app.command()
-def stats(model: ModelOpt = "smollm2-135m", config: ConfigOpt = None) -> None:
+def stats(
+    model: ModelOpt = "smollm2-135m",
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option(help="measure again even when cached (benchmarking)")] = False,
+) -> None:
     """Covariance statistics C for every layer the model's config edits (cached)."""
     cfg = _config(model, config)
     m, tok, name, h = _load(model)
-    _stats(m, tok, name, cfg, h, all_layers(cfg))
+    _stats(m, tok, name, cfg, h, all_layers(cfg), force=force)
 
 
 @app.command()
@@ -152,7 +164,7 @@ def anchor(
 ) -> None:
     """Calibrate the NAS reference norm on the unedited model (cached, never on an edited one)."""
     cfg = _config(model, config)
-    s = cfg.method(method, nas=True)
+    s = _method(cfg, method, True)
     if pilots:
         s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
     m, tok, name, h = _load(model)
@@ -174,7 +186,7 @@ def edit(
 ) -> None:
     """Apply requests in sequential batches and write a checkpoint (deltas + state + manifest)."""
     cfg = _config(model, config)
-    s = cfg.method(method, nas)
+    s = _method(cfg, method, nas)
     if pilots:
         s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
     reqs = read_requests(requests, limit)
@@ -236,7 +248,7 @@ def demo(
 ) -> None:
     """One edit on the real model: fetch it, write one fact with AlphaEdit+NAS, show before/after."""
     cfg = _config(model, None)
-    s = cfg.method("alphaedit", nas=True)
+    s = _method(cfg, "alphaedit", True)
     s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
     m, tok, name, h = _load(model)
     cov = _stats(m, tok, name, cfg, h, all_layers(cfg))
@@ -264,7 +276,7 @@ def demo(
 
 def _session(model, method, nas, config=None, pilots=None, settings_fn=None):
     cfg = _config(model, config)
-    s = cfg.method(method, nas)
+    s = _method(cfg, method, nas)
     if pilots:
         s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
     if settings_fn is not None:

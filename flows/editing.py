@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flows.config import REPO, ModelConfig
+from flows.config import REPO
 from nas_core.anchor import calibrate
 from nas_core.deltas import accumulate, edited_weights, frobenius_norms, materialise, weights_hash
 from nas_core.editors import AlphaEditEditor, MemitEditor, RomeEditor
@@ -117,6 +117,19 @@ def corpus_text(settings: StatsSettings, model: nn.Module, tok) -> tuple[str, st
     return path.read_text(encoding="utf-8"), f"file:{path.name}"
 
 
+def corpus_token_ids(tok, text: str, limit: int, chunk_chars: int = 20_000) -> list[int]:
+    """Token ids of ``text`` up to ``limit``, tokenised in line-aligned chunks (a whole corpus
+    in one call trips the tokenizer's max-length warning and costs memory)."""
+    ids: list[int] = []
+    start = 0
+    while start < len(text) and len(ids) < limit:
+        end = text.find("\n", start + chunk_chars)
+        end = len(text) if end < 0 else end + 1
+        ids.extend(tok(text[start:end], add_special_tokens=False)["input_ids"])
+        start = end
+    return ids[:limit]
+
+
 def ensure_stats(
     model: nn.Module,
     tok,
@@ -126,6 +139,7 @@ def ensure_stats(
     base_hash: str,
     root: Path = DATA / "stats",
     progress: Callable[[int, int], None] | None = None,
+    force: bool = False,
 ) -> tuple[dict[int, torch.Tensor], Path, bool]:
     """C for ``layers``, from the cache when the same inputs were measured before.
 
@@ -138,12 +152,12 @@ def ensure_stats(
     key = {"weights": base_hash, "layers": layers, "corpus": settings.corpus, "corpus_hash": corpus_hash,
            "tokens": settings.tokens, "seq_len": settings.seq_len, "seed": settings.seed}
     path = root / model_name / f"cov-{digest(key)}.safetensors"
-    if path.is_file():
+    if path.is_file() and not force:
         tensors = load_file(path)
         return {int(k.split(".")[1]): v for k, v in tensors.items()}, path, True
     if settings.corpus == "self":
         text, corpus_desc = corpus_text(settings, model, tok)
-    ids = list(tok(text, add_special_tokens=False)["input_ids"])[: settings.tokens]
+    ids = corpus_token_ids(tok, text, settings.tokens)
     spec = spec_for(model)
     device = next(model.parameters()).device
     done = 0
@@ -361,7 +375,3 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         "state": EditState.from_state_dict(load_file(path / "state.safetensors")),
         "manifest": json.loads((path / "manifest.json").read_text(encoding="utf-8")),
     }
-
-
-def method_settings(config: ModelConfig, method: str, nas: bool | None):
-    return config.method(method, nas)

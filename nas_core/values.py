@@ -202,7 +202,7 @@ def optimise_values(
         hidden = cap_h.outputs[0][b.bare_rows, b.split].float()  # (n, d)
         v0 = cap_v.outputs[0][b.bare_rows, b.split].float()  # (n, d)
         kl_ref = F.log_softmax(logits_at(model, clean.last_hidden_state[b.kl_rows, b.split]), -1)
-    cache = clean.past_key_values if start > 0 else None
+    cache = (getattr(clean, "cache", None) or clean.past_key_values) if start > 0 else None
     head = [(lay.keys[..., :start, :], lay.values[..., :start, :]) for lay in cache.layers] if cache else []
     cache_kw = {_cache_kwarg(base): cache} if cache is not None else {}
     tail_outputs = [_tail(c.raw_outputs[0], start) for c in lower_caps]

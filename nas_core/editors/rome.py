@@ -32,7 +32,6 @@ class RomeEditor:
             raise ValueError(f"no covariance statistics for layer {settings.layers[0]}")
         self.settings = settings
         self.cov = cov
-        self.denominators: list[float] = []
 
     def init_state(self, model: nn.Module) -> EditState:
         return EditState(layers=self.settings.layers)
@@ -51,11 +50,10 @@ class RomeEditor:
                               diagnostics(requests, tg), {}, clock.times)
         total: torch.Tensor | None = None
         all_keys = []
-        self.denominators = []
 
         def solve(_layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-            delta, denom = rank_one_update(keys[:, 0], resid[:, 0], self.cov[layer], s.cov_jitter)
-            self.denominators.append(denom)
+            # rank_one_update raises if k^T C^-1 k is not positive (the collapse "The Fall of ROME" describes).
+            delta, _denominator = rank_one_update(keys[:, 0], resid[:, 0], self.cov[layer], s.cov_jitter)
             return delta
 
         for i, req in enumerate(kept):

@@ -1,0 +1,54 @@
+"""The nas console script: help, request-file detection, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app, read_requests
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for cmd in ("fetch-model", "stats", "anchor", "edit", "export", "demo", "bench"):
+        assert cmd in result.output
+
+
+def test_read_requests_detects_each_layout(tmp_path, shared_data):
+    rome = read_requests(shared_data / "counterfact" / "counterfact_500.json", limit=3)
+    easy = read_requests(shared_data / "counterfact" / "counterfact-val.json", limit=3)
+    zsre = read_requests(shared_data / "zsre" / "zsre_mend_train-1k.json", limit=3)
+    assert [len(x) for x in (rome, easy, zsre)] == [3, 3, 3]
+    assert all("{}" in r.prompt for r in rome + easy + zsre)
+
+
+def test_read_requests_fact_jsonl_reports_bad_records(tmp_path):
+    good = {"case_id": "a1", "prompt": "{} is located in", "subject": "Angola", "target_new": "Asia",
+            "target_true": "Africa"}
+    bad = {**good, "case_id": "a2", "prompt": "is located in"}
+    path = tmp_path / "batch.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n{not json\n")
+    reqs = read_requests(path)
+    assert [r.case_id for r in reqs] == ["a1"]
+
+
+def test_edit_with_unknown_method_is_a_clear_error(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_text("")
+    result = runner.invoke(app, ["edit", "-r", str(path), "-o", str(tmp_path / "out"), "--method", "nope"])
+    assert result.exit_code != 0
+    assert result.exit_code == 2 and "unknown method" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "args", [["stats", "--model", "no-such-model"], ["anchor", "--model", "x", "--method", "rome"]]
+)
+def test_unknown_model_config_is_a_clear_error(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0
+    assert "shipped configs" in result.output
