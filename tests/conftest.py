@@ -40,10 +40,18 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
-    """The real SmolLM2-135M, fetched once per session (data/models cache is reused)."""
-    from flows.assets import fetch_model, load_model
+def smollm2_fetch():
+    """The real SmolLM2-135M, fetched once into the models cache (``data/models`` unless
+    NAS_TEST_MODELS says otherwise); later sessions find it there and skip the download."""
+    from flows.assets import fetch_model
 
     cache = Path(os.environ.get("NAS_TEST_MODELS", REPO / "data" / "models"))
-    result = fetch_model("smollm2-135m", cache)
-    return load_model(result.path)
+    return fetch_model("smollm2-135m", cache, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_fetch):
+    """(model, tokenizer) of the real SmolLM2-135M."""
+    from flows.assets import load_model
+
+    return load_model(smollm2_fetch.path)
