@@ -244,10 +244,16 @@ def greedy_answer(m, tok, prompt: str, max_new_tokens: int = 6) -> str:
 @app.command()
 def demo(
     model: ModelOpt = "smollm2-135m",
-    pilots: Annotated[int, typer.Option(help="NAS pilots (the demo uses fewer than the default 1000)")] = 100,
+    pilots: Annotated[int, typer.Option(help="NAS pilots (the demo uses fewer than the default 1000)")] = 20,
+    stats_tokens: Annotated[int, typer.Option(help="corpus tokens for C (the config's default is 250k)")] = 100_000,
 ) -> None:
-    """One edit on the real model: fetch it, write one fact with AlphaEdit+NAS, show before/after."""
+    """One edit on the real model: fetch it, write one fact with AlphaEdit+NAS, show before/after.
+
+    To be quick on a CPU the demo measures C on 100k tokens and calibrates NAS on 20 pilots;
+    `nas stats` / `nas anchor` compute the full-size versions.
+    """
     cfg = _config(model, None)
+    cfg = dataclasses.replace(cfg, stats=dataclasses.replace(cfg.stats, tokens=stats_tokens))
     s = _method(cfg, "alphaedit", True)
     s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
     m, tok, name, h = _load(model)

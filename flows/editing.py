@@ -29,7 +29,7 @@ from nas_core.anchor import calibrate
 from nas_core.deltas import accumulate, edited_weights, frobenius_norms, materialise, weights_hash
 from nas_core.editors import AlphaEditEditor, MemitEditor, RomeEditor
 from nas_core.editors.base import Editor, EditResult
-from nas_core.requests import EditRequest, from_counterfact_easyedit
+from nas_core.requests import EditRequest, from_counterfact_easyedit, parse_fact_jsonl
 from nas_core.settings import AlphaEditSettings, MemitSettings, RomeSettings, StatsSettings
 from nas_core.spec import spec_for
 from nas_core.state import EditState
@@ -41,6 +41,8 @@ DATA = REPO / "data"
 SHARED_DATA = REPO.parent / "shared" / "data"
 WIKITEXT = SHARED_DATA / "text" / "wikitext-2-raw-wiki.test.raw"
 PILOT_SOURCE = SHARED_DATA / "counterfact" / "counterfact-train.json"
+# Shipped with the project: pilots for machines without ../shared (a demo-sized anchor).
+FALLBACK_PILOTS = DATA / "demo" / "pilot_facts.jsonl"
 
 
 def now() -> str:
@@ -147,6 +149,10 @@ def ensure_stats(
     corpus and its hash, token budget, sequence length and seed.
     """
     layers = sorted(set(layers))
+    if settings.corpus == "wikitext" and not WIKITEXT.is_file():
+        log.warning("no corpus: %s is absent, so C is measured data-free on text the model samples "
+                    "itself (set stats.corpus to a real text file for better statistics)", WIKITEXT)
+        settings = dataclasses.replace(settings, corpus="self")
     text, corpus_desc = corpus_text(settings, model, tok) if settings.corpus != "self" else ("", "self")
     corpus_hash = hashlib.sha256(text.encode()).hexdigest()[:16] if text else f"self-{settings.seed}"
     key = {"weights": base_hash, "layers": layers, "corpus": settings.corpus, "corpus_hash": corpus_hash,
@@ -183,11 +189,16 @@ def ensure_stats(
 # --- NAS anchors -----------------------------------------------------------------------------
 
 def pilot_requests(n: int, seed: int, source: Path = PILOT_SOURCE) -> list[EditRequest]:
-    """A seeded sample of ``n`` CounterFact requests (the training split, never the eval one)."""
-    if not source.is_file():
-        raise FileNotFoundError(f"NAS pilots come from {source}, which is absent")
-    report = from_counterfact_easyedit(json.loads(source.read_text(encoding="utf-8")))
-    reqs = list(report.requests)
+    """A seeded sample of ``n`` CounterFact requests (the training split, never the eval one).
+
+    Without ../shared the project's own 20 pilot facts are used instead, with a warning.
+    """
+    if source.is_file():
+        reqs = list(from_counterfact_easyedit(json.loads(source.read_text(encoding="utf-8"))).requests)
+    else:
+        log.warning("NAS pilots: %s is absent; using the %s shipped pilot facts instead", source,
+                    FALLBACK_PILOTS.name)
+        reqs = list(parse_fact_jsonl(FALLBACK_PILOTS.read_text(encoding="utf-8")).requests)
     rng = random.Random(seed)
     return rng.sample(reqs, min(n, len(reqs)))
 
@@ -209,7 +220,8 @@ def ensure_anchor(
     """
     layer = settings.layers[-1]
     key = {"weights": base_hash, "layer": layer, "values": dataclasses.asdict(settings.values),
-           "pilots": settings.nas.pilots, "drop": settings.nas.drop_top_fraction, "seed": settings.nas.seed}
+           "pilots": settings.nas.pilots, "drop": settings.nas.drop_top_fraction, "seed": settings.nas.seed,
+           "pilot_source": PILOT_SOURCE.name if PILOT_SOURCE.is_file() else FALLBACK_PILOTS.name}
     path = root / model_name / f"anchor-L{layer}-{digest(key)}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8")), path, True
@@ -224,7 +236,7 @@ def ensure_anchor(
         "pilots": cal.pilots,
         "dropped": cal.dropped,
         "seed": settings.nas.seed,
-        "pilot_source": PILOT_SOURCE.name,
+        "pilot_source": PILOT_SOURCE.name if PILOT_SOURCE.is_file() else FALLBACK_PILOTS.name,
         "settings": {"values": dataclasses.asdict(settings.values), "nas": dataclasses.asdict(settings.nas)},
         "base_weights_hash": base_hash,
         "method_hint": method,

@@ -24,19 +24,15 @@ pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 def test_alphaedit_nas_changes_the_target_and_keeps_paris(smollm2, tmp_path):
     model, tok = smollm2
     cfg = config_for("smollm2-135m")
-    corpus = "wikitext" if editing.WIKITEXT.is_file() else "self"
-    stats = dataclasses.replace(cfg.stats, corpus=corpus, tokens=20_000)
+    # wikitext when ../shared is there, else data-free (ensure_stats falls back and says so).
+    stats = dataclasses.replace(cfg.stats, tokens=20_000)
     h = weights_hash(model)
     cov, _, _ = editing.ensure_stats(model, tok, "smollm2-135m", cfg.alphaedit.layers, stats, h,
                                      root=tmp_path / "stats")
     s = cfg.method("alphaedit", nas=True)
     s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=8, pilot_batch_size=8))
-    if editing.PILOT_SOURCE.is_file():
-        rec, _, _ = editing.ensure_anchor(model, tok, "smollm2-135m", "alphaedit", s, h, root=tmp_path / "a")
-        a = rec["reference_norm"]
-    else:
-        a = None
-        s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, enabled=False))
+    rec, _, _ = editing.ensure_anchor(model, tok, "smollm2-135m", "alphaedit", s, h, root=tmp_path / "a")
+    a = rec["reference_norm"]
 
     req = EditRequest("smoke", "The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris")
     unrelated = ("The capital of France is", "Paris")
