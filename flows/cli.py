@@ -259,7 +259,7 @@ def demo(
     m, tok, name, h = _load(model)
     cov = _stats(m, tok, name, cfg, h, all_layers(cfg))
     a = _anchor(m, tok, name, "alphaedit", s, h)
-    req = EditRequest("demo-eiffel", "The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome",
+    req = EditRequest("demo-eiffel", "The {} is located in the city of", "Eiffel Tower", "Rome",
                       "Paris", paraphrase_prompts=("Where is the Eiffel Tower? It stands in the city of",))
     probes = [req.filled_prompt, req.paraphrase_prompts[0], "The capital of France is"]
     before = {p: greedy_answer(m, tok, p) for p in probes}

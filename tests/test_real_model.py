@@ -25,16 +25,16 @@ def test_alphaedit_nas_changes_the_target_and_keeps_paris(smollm2, tmp_path):
     model, tok = smollm2
     cfg = config_for("smollm2-135m")
     # wikitext when ../shared is there, else data-free (ensure_stats falls back and says so).
-    stats = dataclasses.replace(cfg.stats, tokens=20_000)
+    stats = dataclasses.replace(cfg.stats, tokens=8_000)
     h = weights_hash(model)
     cov, _, _ = editing.ensure_stats(model, tok, "smollm2-135m", cfg.alphaedit.layers, stats, h,
                                      root=tmp_path / "stats")
     s = cfg.method("alphaedit", nas=True)
-    s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=8, pilot_batch_size=8))
+    s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=4, pilot_batch_size=4))
     rec, _, _ = editing.ensure_anchor(model, tok, "smollm2-135m", "alphaedit", s, h, root=tmp_path / "a")
     a = rec["reference_norm"]
 
-    req = EditRequest("smoke", "The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris")
+    req = EditRequest("smoke", "The {} is located in the city of", "Eiffel Tower", "Rome", "Paris")
     unrelated = ("The capital of France is", "Paris")
 
     def nlls():
