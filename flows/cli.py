@@ -53,11 +53,15 @@ def _config(model: str, config: str | None) -> ModelConfig:
         raise typer.BadParameter(str(err)) from None
 
 
-def _method(cfg: ModelConfig, method: str, nas: bool | None):
+def _method(cfg: ModelConfig, method: str, nas: bool | None, pilots: int | None = None):
+    """The method's settings, NAS switched by ``nas`` and the pilot count overridden by ``pilots``."""
     try:
-        return cfg.method(method, nas)
+        s = cfg.method(method, nas)
     except ConfigError as err:
         raise typer.BadParameter(str(err), param_hint="--method") from None
+    if pilots:
+        s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
+    return s
 
 
 def _load(model: str, fetch: bool = True):
@@ -164,9 +168,7 @@ def anchor(
 ) -> None:
     """Calibrate the NAS reference norm on the unedited model (cached, never on an edited one)."""
     cfg = _config(model, config)
-    s = _method(cfg, method, True)
-    if pilots:
-        s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
+    s = _method(cfg, method, True, pilots)
     m, tok, name, h = _load(model)
     _anchor(m, tok, name, method, s, h)
 
@@ -186,9 +188,7 @@ def edit(
 ) -> None:
     """Apply requests in sequential batches and write a checkpoint (deltas + state + manifest)."""
     cfg = _config(model, config)
-    s = _method(cfg, method, nas)
-    if pilots:
-        s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
+    s = _method(cfg, method, nas, pilots)
     reqs = read_requests(requests, limit)
     if not reqs:
         raise typer.BadParameter(f"{requests}: no usable requests")
@@ -254,8 +254,7 @@ def demo(
     """
     cfg = _config(model, None)
     cfg = dataclasses.replace(cfg, stats=dataclasses.replace(cfg.stats, tokens=stats_tokens))
-    s = _method(cfg, "alphaedit", True)
-    s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
+    s = _method(cfg, "alphaedit", True, pilots)
     m, tok, name, h = _load(model)
     cov = _stats(m, tok, name, cfg, h, all_layers(cfg))
     a = _anchor(m, tok, name, "alphaedit", s, h)
@@ -282,9 +281,7 @@ def demo(
 
 def _session(model, method, nas, config=None, pilots=None, settings_fn=None):
     cfg = _config(model, config)
-    s = _method(cfg, method, nas)
-    if pilots:
-        s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
+    s = _method(cfg, method, nas, pilots)
     if settings_fn is not None:
         s = settings_fn(s)
     m, tok, name, h = _load(model)
