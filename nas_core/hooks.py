@@ -112,12 +112,6 @@ def stop_after(module: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-def run_until(model: nn.Module, module: nn.Module, **forward_kwargs: object) -> None:
-    """Run ``model(**forward_kwargs)`` and stop once ``module`` produced its output."""
-    with stop_after(module):
-        model(**forward_kwargs)
-
-
 @contextmanager
 def replay_layers(layers: Sequence[nn.Module], outputs: Sequence[object]) -> Iterator[None]:
     """Make each of ``layers`` return a cached output instead of computing it.
@@ -125,15 +119,15 @@ def replay_layers(layers: Sequence[nn.Module], outputs: Sequence[object]) -> Ite
     Used by the value optimisation: layers below the edit point do not depend on the
     optimised vectors, so their outputs are computed once and replayed on every step.
     """
-    originals = [layer.forward for layer in layers]
+    # An instance may already carry its own ``forward`` (e.g. an accelerate hook): keep it.
+    own = [layer.__dict__.get("forward") for layer in layers]
     try:
         for layer, out in zip(layers, outputs, strict=True):
             layer.forward = (lambda cached: (lambda *a, **k: cached))(out)  # type: ignore[method-assign]
         yield
     finally:
-        for layer, fwd in zip(layers, originals, strict=True):
-            # Deleting the instance attribute restores the class method.
-            if "forward" in layer.__dict__:
-                del layer.__dict__["forward"]
-            if layer.forward != fwd:  # pragma: no cover - defensive
+        for layer, fwd in zip(layers, own, strict=True):
+            if fwd is None:
+                layer.__dict__.pop("forward", None)  # the class method shows through again
+            else:
                 layer.forward = fwd  # type: ignore[method-assign]

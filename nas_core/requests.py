@@ -64,10 +64,6 @@ class EditRequest:
         """The prompt with the subject in place."""
         return self.prompt.replace("{}", self.subject)
 
-    def with_target_new(self, target_new: str) -> EditRequest:
-        """A copy with another target (used by tests and by conflict handling)."""
-        return EditRequest(**{**self.__dict__, "target_new": target_new})
-
 
 # --------------------------------------------------------------------------------------
 # Limits and rules

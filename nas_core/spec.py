@@ -121,20 +121,9 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
         raise UnknownArchitectureError(f"module {name!r} not found in {type(model).__name__}") from err
 
 
-def num_layers(model: nn.Module) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
-
-
 def proj_weight(model: nn.Module, spec: ModelSpec, layer: int) -> nn.Parameter:
     """The edited parameter of ``layer`` as stored (possibly transposed)."""
     return get_module(model, spec.proj_name(layer)).weight
-
-
-def weight_out_in(model: nn.Module, spec: ModelSpec, layer: int) -> torch.Tensor:
-    """The edited weight as a (d_out, d_in) view, whatever the storage layout."""
-    w = proj_weight(model, spec, layer)
-    return w.T if spec.transposed else w
 
 
 def to_storage_layout(delta_out_in: torch.Tensor, spec: ModelSpec) -> torch.Tensor:

@@ -11,7 +11,7 @@ from tiny import tiny_model
 from nas_core.anchor import anchor, reference_norm_from, targets
 from nas_core.deltas import accumulate, edited_weights, materialise, weights_hash
 from nas_core.editors import AlphaEditEditor, MemitEditor, RomeEditor
-from nas_core.hooks import add_at_positions, capture, stop_after
+from nas_core.hooks import add_at_positions, capture, replay_layers, stop_after
 from nas_core.keys import read_at_subject
 from nas_core.linalg import nullspace_projector, projected_solve, rank_one_update, ridge_solve
 from nas_core.prompts import subject_last_token, target_ids, tokenise
@@ -84,6 +84,11 @@ def test_hooks_are_removed_after_an_exception(llama, tok):
     with stop_after(layer):
         llama(input_ids=ids)
     assert not layer._forward_hooks
+    with pytest.raises(RuntimeError), replay_layers([layer], [torch.zeros(1)]):
+        assert layer(torch.ones(1)).sum() == 0  # replayed, not computed
+        raise RuntimeError("boom")
+    assert "forward" not in layer.__dict__
+    llama(input_ids=ids)  # computes again
 
 
 # --- NAS -------------------------------------------------------------------------------------
