@@ -217,20 +217,63 @@ def export(
 ) -> None:
     """Write a full Hugging Face model folder (base + checkpoint deltas) that transformers loads."""
     m, tok, name, h = _load(model)
-    ckpt = editing.read_checkpoint(checkpoint)
-    if ckpt["manifest"]["base_weights_hash"] != h:
-        raise typer.BadParameter(f"{checkpoint} was not made from {model}")
-    from nas_core.deltas import edited_weights, materialise, weights_hash
+    from nas_core.deltas import weights_hash
 
-    base = edited_weights(m, list(ckpt["deltas"]))
-    materialise(m, base, ckpt["deltas"])
+    try:
+        manifest = editing.load_checkpoint_into(m, h, checkpoint)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     got = weights_hash(m)
-    if got != ckpt["manifest"]["weights_hash"]:
-        raise typer.BadParameter(f"rebuilt weights hash {got[:12]} != checkpoint's "
-                                 f"{ckpt['manifest']['weights_hash'][:12]}")
+    if got != manifest["weights_hash"]:
+        raise typer.BadParameter(f"rebuilt weights hash {got[:12]} != checkpoint's {manifest['weights_hash'][:12]}")
     m.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     out.print(f"exported {out_dir} (weights hash {got[:16]})")
+
+
+@app.command("eval")
+def eval_cmd(
+    requests: Annotated[Path, typer.Option("--requests", "-r", exists=True, dir_okay=False)],
+    model: ModelOpt = "smollm2-135m",
+    checkpoint: Annotated[Path | None, typer.Option(exists=True, file_okay=False,
+                                                   help="checkpoint to evaluate (default: the base model)")] = None,
+    limit: Annotated[int | None, typer.Option(help="first N requests only")] = None,
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="where to write metrics.json")] = Path("metrics.json"),
+    no_health: Annotated[bool, typer.Option("--no-health", help="skip canary perplexity and general tasks")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Edit metrics, model health and the collapse verdict of a checkpoint (or the base model)."""
+    from flows import evaluation
+    from nas_core.collapse import norm_ratios
+    from nas_core.deltas import frobenius_norms
+
+    cfg = _config(model, config)
+    reqs = read_requests(requests, limit)
+    m, tok, name, h = _load(model)
+    base = None if no_health else evaluation.base_reference(m, tok, name, h, cfg.eval)
+    ratios, edits, manifest = None, 0, {}
+    if checkpoint is not None:
+        try:
+            manifest = editing.load_checkpoint_into(m, h, checkpoint)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+        names = manifest["edited_weights"]
+        ratios = norm_ratios(frobenius_norms(m, names), {n: manifest["norms"][n]["before"] for n in names})
+        edits = int(manifest["edit_count"])
+    t0 = time.perf_counter()
+    metrics, verdict = evaluation.evaluate(m, tok, reqs, cfg.eval, base, ratios, edits, cfg.collapse,
+                                           health=not no_health)
+    evaluation.write_metrics(out_file, metrics, verdict, {
+        "model": name, "base_weights_hash": h, "checkpoint": str(checkpoint) if checkpoint else None,
+        "weights_hash": manifest.get("weights_hash", h), "requests_file": str(requests),
+        "edits_so_far": edits, "seconds": round(time.perf_counter() - t0, 2)})
+    table = Table("metric", "value", "base", title=f"{name}{f' @ {checkpoint}' if checkpoint else ' (base)'}")
+    base_metrics = base["metrics"] if base else {}
+    for key, value in metrics.items():
+        ref = base_metrics.get(key)
+        table.add_row(key, "-" if value is None else f"{value:.4g}", "" if ref is None else f"{ref:.4g}")
+    out.print(table)
+    out.print(f"verdict: {verdict.summary()}\nwrote {out_file}")
 
 
 def greedy_answer(m, tok, prompt: str, max_new_tokens: int = 6) -> str:

@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from nas_core.collapse import CollapseSettings
 from nas_core.settings import (
     AlphaEditSettings,
+    EvalSettings,
     MemitSettings,
     NASSettings,
     RomeSettings,
@@ -100,6 +102,8 @@ class ModelConfig:
         values: defaults for the v* optimisation, used by every method below unless the
             method's section overrides them.
         nas: NAS defaults, likewise.
+        eval: what the evaluation scores (general tasks, canary, fluency).
+        collapse: the collapse verdict's thresholds.
     """
 
     model: str
@@ -108,6 +112,8 @@ class ModelConfig:
     memit: MemitSettings
     alphaedit: AlphaEditSettings
     rome: RomeSettings
+    eval: EvalSettings = EvalSettings()
+    collapse: CollapseSettings = CollapseSettings()
 
     def method(self, name: str, nas: bool | None = None) -> MemitSettings | AlphaEditSettings | RomeSettings:
         """The settings of method ``name``, with NAS switched on/off when ``nas`` is given."""
@@ -124,7 +130,7 @@ def load_model_config(path: Path) -> ModelConfig:
     raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    allowed = {"model", "layers_note", "stats", "values", "nas", "memit", "alphaedit", "rome"}
+    allowed = {"model", "layers_note", "stats", "values", "nas", "memit", "alphaedit", "rome", "eval", "collapse"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown}; allowed: {sorted(allowed)}")
@@ -140,6 +146,8 @@ def load_model_config(path: Path) -> ModelConfig:
             model=_coerce(raw.get("model"), str, f"{Path(path).name}:model"),
             layers_note=_coerce(raw.get("layers_note", ""), str, f"{Path(path).name}:layers_note"),
             stats=build(StatsSettings, raw.get("stats") or {}, f"{Path(path).name}:stats"),
+            eval=build(EvalSettings, raw.get("eval") or {}, f"{Path(path).name}:eval"),
+            collapse=build(CollapseSettings, raw.get("collapse") or {}, f"{Path(path).name}:collapse"),
             **sections,
         )
     except ConfigError as err:

@@ -387,3 +387,17 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         "state": EditState.from_state_dict(load_file(path / "state.safetensors")),
         "manifest": json.loads((path / "manifest.json").read_text(encoding="utf-8")),
     }
+
+
+def load_checkpoint_into(model: nn.Module, base_hash: str, path: Path) -> dict[str, Any]:
+    """Set the unedited ``model``'s edited weights to base + the checkpoint's deltas; returns its manifest.
+
+    Refuses a checkpoint made from other base weights (compared by ``weights_hash``).
+    """
+    ckpt = read_checkpoint(path)
+    man = ckpt["manifest"]
+    if man["base_weights_hash"] != base_hash:
+        raise ValueError(f"checkpoint {path} was made from base weights {man['base_weights_hash'][:12]}, "
+                         f"not the loaded model's {base_hash[:12]}")
+    materialise(model, edited_weights(model, list(ckpt["deltas"])), ckpt["deltas"])
+    return man

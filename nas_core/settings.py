@@ -182,3 +182,33 @@ class StatsSettings:
         _check(self.tokens >= 1, "stats.tokens must be >= 1")
         _check(self.seq_len >= 2, "stats.seq_len must be >= 2")
         _check(self.batch_size >= 1, "stats.batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What the health evaluation runs (params.yaml ``eval``).
+
+    Attributes:
+        general_tasks: zero-shot tasks from ../shared/data/general (skipped where absent).
+        general_items: items per task, the first N of each file (the files are already
+            random subsets, so the first N are a fixed, unbiased sample).
+        canary_tokens: tokens of the canary text scored for perplexity.
+        canary_window: tokens per perplexity window.
+        fluency_prompts: at most this many generation prompts (from the requests).
+        fluency_new_tokens: greedy tokens generated per fluency prompt.
+        batch_size: rows per scoring forward pass.
+    """
+
+    general_tasks: tuple[str, ...] = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
+    general_items: int = 100
+    canary_tokens: int = 4096
+    canary_window: int = 256
+    fluency_prompts: int = 10
+    fluency_new_tokens: int = 40
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.general_items < 0 or self.canary_tokens < 2 or self.canary_window < 2:
+            raise ValueError("eval: general_items >= 0, canary_tokens >= 2 and canary_window >= 2 are required")
+        if self.fluency_prompts < 0 or self.fluency_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("eval: fluency_prompts >= 0, fluency_new_tokens >= 1, batch_size >= 1 are required")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,43 +13,64 @@ from nas_core.prompts import pad_batch, pad_token_id, target_ids, tokenise_fille
 from nas_core.values import logits_at
 
 
+@dataclass(frozen=True)
+class TargetScores:
+    """Teacher-forced scores of N (prompt, target) pairs.
+
+    Attributes:
+        nll: (N,) float32 mean negative log-probability over the target's tokens (MEMIT's
+            CounterFact score; ``exp(-nll)`` is the geometric-mean token probability).
+        token_accuracy: (N,) float32 share of target tokens that are the model's top-1
+            prediction given the prompt and the target's earlier tokens (EasyEdit / zsRE).
+        total_nll: (N,) float32 summed NLL (the log-likelihood of the whole target, used to
+            rank answer options).
+    """
+
+    nll: torch.Tensor
+    token_accuracy: torch.Tensor
+    total_nll: torch.Tensor
+
+
 @torch.no_grad()
+def target_scores(
+    model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64
+) -> TargetScores:
+    """Score each target continuing its filled prompt, in batches of ``batch_size`` rows.
+
+    A leading space is added to each target by tokenisation (``prompts.target_ids``); the
+    sequence is ``prompt ids + target ids`` so scoring sees the tokens an edit wrote.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    device = next(model.parameters()).device
+    nll_out, acc_out, total_out = (torch.empty(len(prompts)) for _ in range(3))
+    for start in range(0, len(prompts), batch_size):
+        chunk = zip(prompts[start : start + batch_size], targets[start : start + batch_size], strict=True)
+        rows = [tokenise_filled(tok, p, target_ids(tok, t)) for p, t in chunk]
+        ids, mask = pad_batch(rows, pad_token_id(tok), device)
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        r_idx = [i for i, r in enumerate(rows) for _ in r.target]
+        p_idx = [r.target_start - 1 + j for r in rows for j in range(len(r.target))]
+        t_ids = torch.tensor([t for r in rows for t in r.target], device=device)
+        owner = torch.tensor(r_idx, device=device)
+        lengths = torch.tensor([len(r.target) for r in rows], device=device, dtype=torch.float32)
+        logp = F.log_softmax(logits_at(model, hidden[r_idx, p_idx]).float(), -1)  # (P, V)
+        tok_nll = -logp[torch.arange(len(t_ids), device=device), t_ids]
+        hit = (logp.argmax(-1) == t_ids).float()
+        total = torch.zeros(len(rows), device=device).index_add(0, owner, tok_nll)
+        hits = torch.zeros(len(rows), device=device).index_add(0, owner, hit)
+        end = start + len(rows)
+        total_out[start:end] = total.cpu()
+        nll_out[start:end] = (total / lengths).cpu()
+        acc_out[start:end] = (hits / lengths).cpu()
+    return TargetScores(nll=nll_out, token_accuracy=acc_out, total_nll=total_out)
+
+
 def target_nll(
     model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64
 ) -> torch.Tensor:
-    """Mean per-token NLL of each target continuing its prompt (MEMIT's CounterFact score).
-
-    Args:
-        prompts: filled prompts.
-        targets: answers, one per prompt (a leading space is added by tokenisation).
-
-    Returns:
-        (N,) float32 mean negative log-probability over the target's tokens.
-    """
-    if len(prompts) != len(targets):
-        raise ValueError("prompts and targets differ in length")
-    device = next(model.parameters()).device
-    out = torch.empty(len(prompts))
-    for start in range(0, len(prompts), batch_size):
-        rows = [tokenise_filled(tok, p, target_ids(tok, t))
-                for p, t in zip(prompts[start : start + batch_size], targets[start : start + batch_size],
-                                strict=True)]
-        ids, mask = pad_batch(rows, pad_token_id(tok), device)
-        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        r_idx, p_idx, t_ids, owner, weight = [], [], [], [], []
-        for i, r in enumerate(rows):
-            for j, t in enumerate(r.target):
-                r_idx.append(i)
-                p_idx.append(r.target_start - 1 + j)
-                t_ids.append(t)
-                owner.append(i)
-                weight.append(1.0 / len(r.target))
-        logp = F.log_softmax(logits_at(model, hidden[r_idx, p_idx]), -1)  # (P, V)
-        tok_nll = -logp[torch.arange(len(t_ids)), torch.tensor(t_ids, device=device)]
-        tok_nll = tok_nll * torch.tensor(weight, device=device)
-        nll = torch.zeros(len(rows), device=device).index_add(0, torch.tensor(owner, device=device), tok_nll)
-        out[start : start + len(rows)] = nll.cpu()
-    return out
+    """(N,) mean per-token NLL of each target continuing its prompt (see ``target_scores``)."""
+    return target_scores(model, tok, prompts, targets, batch_size).nll
 
 
 def prefers_new(model: nn.Module, tok, prompts: Sequence[str], new: Sequence[str], true: Sequence[str]) -> torch.Tensor:

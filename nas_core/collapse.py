@@ -1,0 +1,141 @@
+"""Norm tracking and the collapse verdict.
+
+``verdict`` is a pure function from the metrics of an edited model (and its base model's)
+to a pass/fail with every check it made; each threshold is a field of
+``CollapseSettings``. The refresh flow gates promotion on it and the horizon study uses
+it to find each method's collapse point.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class CollapseSettings:
+    """Thresholds of the collapse verdict.
+
+    Attributes:
+        min_editing_score: the editing score (harmonic mean of efficacy, generalisation and
+            specificity success, percent) over *every* edit applied so far must stay at or
+            above this (DESIGN.md section 6: 60).
+        max_perplexity_ratio: canary perplexity of the edited model over the base model's
+            must stay at or below this (2: "perplexity more than doubles").
+        max_general_drop: the mean general-task accuracy may fall at most this many
+            percentage points below the base model's.
+        max_norm_ratio: no edited weight's ||W_t||_F / ||W_0||_F may exceed this. On
+            SmolLM2-135M the ratio stays within 1.0-1.1 while the editing score holds and
+            grows without bound once MEMIT without NAS collapses (README, horizon study);
+            1.5 sits far from both.
+    """
+
+    min_editing_score: float = 60.0
+    max_perplexity_ratio: float = 2.0
+    max_general_drop: float = 10.0
+    max_norm_ratio: float = 1.5
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.min_editing_score <= 100, "collapse.min_editing_score must be in [0, 100]")
+        _check(self.max_perplexity_ratio >= 1, "collapse.max_perplexity_ratio must be >= 1")
+        _check(0 <= self.max_general_drop <= 100, "collapse.max_general_drop must be in [0, 100]")
+        _check(self.max_norm_ratio >= 1, "collapse.max_norm_ratio must be >= 1")
+
+
+@dataclass(frozen=True)
+class HealthSnapshot:
+    """What the verdict looks at; None means "not measured" and skips that check.
+
+    Attributes:
+        editing_score: editing score over all edits so far (percent).
+        perplexity / base_perplexity: canary perplexity of the edited and the base model.
+        general_mean / base_general_mean: mean general-task accuracy (percent).
+        norm_ratios: ||W_t||_F / ||W_0||_F per edited weight name.
+    """
+
+    editing_score: float | None = None
+    perplexity: float | None = None
+    base_perplexity: float | None = None
+    general_mean: float | None = None
+    base_general_mean: float | None = None
+    norm_ratios: Mapping[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check of the verdict: its value, the limit, and whether it passed."""
+
+    name: str
+    value: float
+    limit: float
+    passed: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The verdict: ``collapsed`` if any check failed; ``checks`` lists all that ran."""
+
+    checks: tuple[Check, ...]
+
+    @property
+    def collapsed(self) -> bool:
+        return any(not c.passed for c in self.checks)
+
+    @property
+    def failed(self) -> tuple[Check, ...]:
+        return tuple(c for c in self.checks if not c.passed)
+
+    def summary(self) -> str:
+        if not self.collapsed:
+            return f"healthy ({len(self.checks)} checks passed)"
+        return "collapse: " + "; ".join(c.message for c in self.failed)
+
+
+def _bad(x: float) -> bool:
+    # NaN or inf is what a collapsed model produces; it must fail, never compare as "fine".
+    return not math.isfinite(x)
+
+
+def verdict(snapshot: HealthSnapshot, settings: CollapseSettings = CollapseSettings()) -> Verdict:
+    """Apply every threshold of ``settings`` to ``snapshot`` (unmeasured checks are skipped)."""
+    checks: list[Check] = []
+    s = snapshot
+    if s.editing_score is not None:
+        ok = not _bad(s.editing_score) and s.editing_score >= settings.min_editing_score
+        checks.append(Check("editing_score", s.editing_score, settings.min_editing_score, ok,
+                            f"editing score {s.editing_score:.1f} < {settings.min_editing_score:g}"))
+    if s.perplexity is not None and s.base_perplexity is not None:
+        ratio = s.perplexity / s.base_perplexity
+        ok = not _bad(ratio) and ratio <= settings.max_perplexity_ratio
+        checks.append(Check("perplexity_ratio", ratio, settings.max_perplexity_ratio, ok,
+                            f"canary perplexity {ratio:.2f}x the base > {settings.max_perplexity_ratio:g}x"))
+    if s.general_mean is not None and s.base_general_mean is not None:
+        drop = s.base_general_mean - s.general_mean
+        ok = not _bad(drop) and drop <= settings.max_general_drop
+        checks.append(Check("general_drop", drop, settings.max_general_drop, ok,
+                            f"general tasks {drop:.1f} points below the base > {settings.max_general_drop:g}"))
+    if s.norm_ratios:
+        name, worst = max(s.norm_ratios.items(), key=lambda kv: (_bad(kv[1]), kv[1]))
+        ok = not _bad(worst) and worst <= settings.max_norm_ratio
+        checks.append(Check("norm_ratio", worst, settings.max_norm_ratio, ok,
+                            f"||W||/||W0|| of {name} is {worst:.3f} > {settings.max_norm_ratio:g}"))
+    return Verdict(tuple(checks))
+
+
+def norm_ratios(current: Mapping[str, float], original: Mapping[str, float]) -> dict[str, float]:
+    """||W_t||_F / ||W_0||_F per weight name (names missing from ``original`` are errors)."""
+    return {name: current[name] / original[name] for name in current}
+
+
+def norm_growth_per_edit(ratios: Mapping[str, float], edits: int) -> float:
+    """Largest (ratio - 1) per edit so far: how fast the worst weight norm grows (0 before any edit)."""
+    if edits <= 0 or not ratios:
+        return 0.0
+    return max(r - 1.0 for r in ratios.values()) / edits

@@ -1,0 +1,126 @@
+"""Model-health metrics: canary perplexity, zero-shot general tasks by option likelihood.
+
+Both are computed on the base model and on every candidate, and only their *ratio* or
+*difference* to the base matters to the collapse verdict: absolute scores of a 135M
+model on MMLU are near chance, but a collapsing edit sequence moves them anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nas_core.evaluate.scoring import target_scores
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, token_ids: Sequence[int], window: int = 256, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) of ``token_ids`` cut into non-overlapping windows.
+
+    Every window is scored on its own (the first token of each window is context only),
+    so the number depends only on the ids and the window, not on the batch size.
+
+    Args:
+        token_ids: the canary text's ids (a fixed list, so runs are comparable).
+        window: tokens per window; the tail shorter than 2 tokens is dropped.
+    """
+    device = next(model.parameters()).device
+    ids = torch.tensor(list(token_ids), dtype=torch.long, device=device)
+    chunks = [ids[i : i + window] for i in range(0, len(ids), window)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    if not chunks:
+        raise ValueError("perplexity needs at least 2 tokens")
+    total, count = 0.0, 0
+    for start in range(0, len(chunks), batch_size):
+        group = chunks[start : start + batch_size]
+        width = max(len(c) for c in group)
+        batch = torch.zeros((len(group), width), dtype=torch.long, device=device)
+        mask = torch.zeros_like(batch)
+        for row, c in enumerate(group):
+            batch[row, : len(c)] = c
+            mask[row, : len(c)] = 1
+        logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T-1)
+        valid = mask[:, 1:].bool()
+        total += float(nll[valid].double().sum())
+        count += int(valid.sum())
+    return math.exp(total / count)
+
+
+@dataclass(frozen=True)
+class OptionItem:
+    """One zero-shot item: a prompt, its answer options (continuations) and the right one."""
+
+    prompt: str
+    options: tuple[str, ...]
+    label: int
+
+
+def _yes_no(question: str) -> Callable[[Mapping[str, Any]], OptionItem]:
+    def build(r: Mapping[str, Any]) -> OptionItem:
+        return OptionItem(f"Sentence: {r['sentence']}\nQuestion: {question}\nAnswer:", ("No", "Yes"), int(r["label"]))
+
+    return build
+
+
+def _mrpc(r: Mapping[str, Any]) -> OptionItem:
+    prompt = (f"Sentence 1: {r['sentence1']}\nSentence 2: {r['sentence2']}\n"
+              "Question: Do both sentences mean the same thing?\nAnswer:")
+    return OptionItem(prompt, ("No", "Yes"), int(r["label"]))
+
+
+def _entailment(r: Mapping[str, Any]) -> OptionItem:
+    # GLUE RTE: 0 = entailment, 1 = not entailment; the NLI file spells the labels out.
+    label = r["label"]
+    index = {"entailment": 0, "not_entailment": 1}[label] if isinstance(label, str) else int(label)
+    return OptionItem(f"{r['sentence1']}\nQuestion: {r['sentence2']} True or False?\nAnswer:", ("True", "False"), index)
+
+
+def _mmlu(r: Mapping[str, Any]) -> OptionItem:
+    letters = "ABCD"[: len(r["choices"])]
+    lines = "\n".join(f"{letter}. {c}" for letter, c in zip(letters, r["choices"], strict=True))
+    subject = str(r.get("subject", "")).replace("_", " ")
+    prompt = f"The following is a multiple choice question about {subject}.\n{r['question']}\n{lines}\nAnswer:"
+    return OptionItem(prompt, tuple(letters), int(r["answer"]))
+
+
+#: How each general task's records (../shared/data/general/*.jsonl) become option items.
+GENERAL_TASKS: dict[str, Callable[[Mapping[str, Any]], OptionItem]] = {
+    "sst2": lambda r: OptionItem(f"Review: {r['sentence']}\nSentiment:", ("negative", "positive"), int(r["label"])),
+    "mrpc": _mrpc,
+    "cola": _yes_no("Is this sentence grammatically correct?"),
+    "rte": _entailment,
+    "nli": _entailment,
+    "mmlu": _mmlu,
+}
+
+
+def option_items(task: str, records: Sequence[Mapping[str, Any]]) -> list[OptionItem]:
+    """The option items of ``task`` built from its raw records."""
+    if task not in GENERAL_TASKS:
+        raise KeyError(f"unknown general task {task!r}; known: {sorted(GENERAL_TASKS)}")
+    return [GENERAL_TASKS[task](r) for r in records]
+
+
+@torch.no_grad()
+def option_accuracy(model: nn.Module, tok, items: Sequence[OptionItem], batch_size: int = 32) -> float:
+    """Percent of items whose right option has the highest log-likelihood (summed over its tokens).
+
+    Options are scored teacher-forced as continuations with a leading space; ties go to
+    the first option, so a constant model scores the majority share of label 0.
+    """
+    prompts = [it.prompt for it in items for _ in it.options]
+    options = [o for it in items for o in it.options]
+    total = target_scores(model, tok, prompts, options, batch_size).total_nll
+    correct, at = 0, 0
+    for it in items:
+        scores = total[at : at + len(it.options)]
+        correct += int(int(torch.argmin(scores)) == it.label)
+        at += len(it.options)
+    return 100.0 * correct / len(items) if items else float("nan")

@@ -1,0 +1,254 @@
+"""Edit and health metrics on a model whose logits are set by hand, and the collapse verdict's edges."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from nas_core.collapse import CollapseSettings, HealthSnapshot, norm_growth_per_edit, norm_ratios, verdict
+from nas_core.evaluate.counterfact import edit_metrics, harmonic_mean
+from nas_core.evaluate.fluency import fluency, greedy_generations, ngram_entropy
+from nas_core.evaluate.health import OptionItem, option_accuracy, option_items, perplexity
+from nas_core.evaluate.scoring import target_scores
+from nas_core.prompts import encode, target_ids
+from nas_core.requests import EditRequest, NeighbourhoodPrompt
+
+
+class BigramModel(nn.Module):
+    """logits at position t = ``table[input_ids[t]]``: the next-token distribution is set by hand.
+
+    Exposes what the scorers use: ``base_model(...)`` returning ``last_hidden_state`` (one-hot
+    of the input ids), ``get_output_embeddings()`` (a linear map to the table rows), ``config``
+    and a full forward returning ``logits``.
+    """
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(vocab, vocab, bias=False)
+        nn.init.zeros_(self.head.weight)
+        self.config = SimpleNamespace(final_logit_softcapping=None)
+        self.vocab = vocab
+
+    @property
+    def base_model(self):
+        def run(input_ids, attention_mask=None, use_cache=False):
+            return SimpleNamespace(last_hidden_state=nn.functional.one_hot(input_ids, self.vocab).float())
+
+        return run
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+    def set(self, prev: int, nxt: int, logit: float) -> None:
+        with torch.no_grad():
+            self.head.weight[nxt, prev] = logit
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return SimpleNamespace(logits=self.head(self.base_model(input_ids).last_hidden_state))
+
+    def logp(self, prev: int, nxt: int) -> float:
+        """log p(nxt | prev), computed directly from the table (the hand calculation)."""
+        return float(torch.log_softmax(self.head.weight[:, prev].detach().double(), 0)[nxt])
+
+
+def seq_prob(model: BigramModel, tok, prompt: str, target: str) -> float:
+    """exp(mean token log-prob) of ``target`` after ``prompt``, by hand."""
+    ids = encode(tok, prompt) + target_ids(tok, target)
+    n = len(target_ids(tok, target))
+    lp = [model.logp(ids[i - 1], ids[i]) for i in range(len(ids) - n, len(ids))]
+    return math.exp(sum(lp) / n)
+
+
+WORDS = ("<bos> <pad> the eiffel tower is located in where ? it city of capital france paris rome michael jordan "
+         "plays a player soccer basketball tokyo asia africa angola italy germany").split()
+
+
+@pytest.fixture(scope="module")
+def wtok():
+    """A word-level tokenizer: every word is one token, so each target is a single transition."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="removed")
+    tk.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", pad_token="<pad>")
+
+
+@pytest.fixture
+def bigram(wtok):
+    return BigramModel(len(wtok))
+
+
+def last(tok, prompt: str) -> int:
+    return encode(tok, prompt)[-1]
+
+
+def boost(model: BigramModel, tok, prompt: str, target: str, logit: float) -> None:
+    """Raise the logit of ``target``'s (single) token after ``prompt``'s last token."""
+    (t,) = target_ids(tok, target)
+    model.set(last(tok, prompt), t, logit)
+
+
+def test_target_scores_match_hand_computation(wtok, bigram):
+    tok = wtok
+    prompt, target = "The capital of France is", "Paris Rome"
+    ids = target_ids(tok, target)
+    assert len(ids) >= 2
+    bigram.set(last(tok, prompt), ids[0], 5.0)  # first target token is the argmax, the rest are not
+    s = target_scores(bigram, tok, [prompt, "Tokyo is a city in"], [target, "Asia"])
+    expected = -math.log(seq_prob(bigram, tok, prompt, target))
+    assert s.nll[0].item() == pytest.approx(expected, rel=1e-5)
+    assert s.total_nll[0].item() == pytest.approx(expected * len(ids), rel=1e-5)
+    # Only the first token is top-1 (the rest of the table is flat: argmax picks token 0, not the target).
+    assert s.token_accuracy[0].item() == pytest.approx(1 / len(ids))
+
+
+def test_edit_metrics_success_magnitude_and_score(wtok, bigram):
+    tok = wtok
+    edit_prompt = "The Eiffel Tower is located in"
+    para = "Where is the Eiffel Tower? It is in the city of"
+    neigh = "The capital of France is"
+    req = EditRequest("c1", "The {} is located in", "Eiffel Tower", "Rome", "Paris",
+                      paraphrase_prompts=(para,), neighbourhood_prompts=(NeighbourhoodPrompt(neigh, "Paris"),))
+    assert req.filled_prompt == edit_prompt
+    boost(bigram, tok, edit_prompt, "Rome", 4.0)  # edit prompt: new wins
+    boost(bigram, tok, para, "Paris", 3.0)  # paraphrase: true still wins
+    boost(bigram, tok, neigh, "Paris", 2.0)  # neighbour keeps its answer
+    m = edit_metrics(bigram, tok, [req])
+    assert m.n_requests == 1
+    assert m.efficacy_success == 100.0
+    assert m.generalisation_success == 0.0
+    assert m.specificity_success == 100.0
+    expect_em = 100 * (seq_prob(bigram, tok, edit_prompt, "Rome") - seq_prob(bigram, tok, edit_prompt, "Paris"))
+    expect_pm = 100 * (seq_prob(bigram, tok, para, "Rome") - seq_prob(bigram, tok, para, "Paris"))
+    expect_nm = 100 * (seq_prob(bigram, tok, neigh, "Paris") - seq_prob(bigram, tok, neigh, "Rome"))
+    assert m.efficacy_magnitude == pytest.approx(expect_em, rel=1e-4)
+    assert m.generalisation_magnitude == pytest.approx(expect_pm, rel=1e-4) and expect_pm < 0
+    assert m.specificity_magnitude == pytest.approx(expect_nm, rel=1e-4)
+    assert m.editing_score == 0.0  # harmonic mean with a zero
+
+
+def test_edit_metrics_macro_average_over_requests(wtok, bigram):
+    tok = wtok
+    # Request A: 2 paraphrases, one won; request B: 1 paraphrase, won -> (50 + 100) / 2 = 75, not 2/3.
+    a = EditRequest("a", "The {} is located in", "Eiffel Tower", "Rome", "Paris",
+                    paraphrase_prompts=("Eiffel Tower is in", "The Eiffel Tower is in the city of"))
+    b = EditRequest("b", "{} plays", "Michael Jordan", "soccer", "basketball",
+                    paraphrase_prompts=("Michael Jordan is a player of",))
+    boost(bigram, tok, "Eiffel Tower is in", "Rome", 3.0)
+    boost(bigram, tok, "The Eiffel Tower is in the city of", "Paris", 3.0)
+    boost(bigram, tok, "Michael Jordan is a player of", "soccer", 3.0)
+    assert last(tok, "Eiffel Tower is in") != last(tok, "The Eiffel Tower is in the city of")
+    m = edit_metrics(bigram, tok, [a, b])
+    assert m.generalisation_success == pytest.approx(75.0)
+    assert m.specificity_success is None  # no neighbourhood prompts at all
+    assert m.editing_score == pytest.approx(harmonic_mean([m.efficacy_success, 75.0]))
+
+
+def test_harmonic_mean():
+    assert harmonic_mean([100.0, 50.0, 100.0]) == pytest.approx(75.0)
+    assert harmonic_mean([80.0, None]) == 80.0
+    assert harmonic_mean([None]) is None
+    assert harmonic_mean([90.0, 0.0]) == 0.0
+
+
+def test_perplexity_of_a_flat_model_is_the_vocabulary_size(wtok, bigram):
+    tok = wtok
+    ids = encode(tok, "The Eiffel Tower is located in Paris. The capital of France is Paris.")
+    assert perplexity(bigram, ids, window=5, batch_size=2) == pytest.approx(len(tok), rel=1e-5)
+    # A confident bigram on one transition lowers it by exactly that transition's gain.
+    bigram.set(ids[0], ids[1], 6.0)
+    n = len(ids) - 1  # one window: every transition, only the first one (from <bos>) is boosted
+    got = perplexity(bigram, ids, window=len(ids), batch_size=1)
+    expected = math.exp(-(bigram.logp(ids[0], ids[1]) + (n - 1) * -math.log(len(tok))) / n)
+    assert got == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError):
+        perplexity(bigram, ids[:1])
+
+
+def test_option_accuracy_by_likelihood(wtok, bigram):
+    tok = wtok
+    items = [OptionItem("Tokyo is a city in", ("Asia", "Africa"), 0),
+             OptionItem("Angola is a", ("Asia", "Africa"), 1),
+             OptionItem("Rome is a city of", ("Italy", "Germany"), 1)]
+    boost(bigram, tok, items[0].prompt, "Asia", 4.0)
+    boost(bigram, tok, items[1].prompt, "Africa", 4.0)
+    boost(bigram, tok, items[2].prompt, "Italy", 4.0)
+    assert option_accuracy(bigram, tok, items) == pytest.approx(200 / 3)
+
+
+def test_option_items_formats_every_task():
+    recs = {
+        "sst2": {"sentence": "great film", "label": 1},
+        "mrpc": {"sentence1": "a", "sentence2": "b", "label": 0},
+        "cola": {"sentence": "Sam ate.", "label": 1},
+        "rte": {"sentence1": "a", "sentence2": "b", "label": 1},
+        "nli": {"sentence1": "a", "sentence2": "b", "label": "entailment"},
+        "mmlu": {"question": "2+2?", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1},
+    }
+    labels = {task: option_items(task, [r])[0].label for task, r in recs.items()}
+    assert labels == {"sst2": 1, "mrpc": 0, "cola": 1, "rte": 1, "nli": 0, "mmlu": 1}
+    assert option_items("mmlu", [recs["mmlu"]])[0].options == ("A", "B", "C", "D")
+    with pytest.raises(KeyError, match="unknown general task"):
+        option_items("squad", [{}])
+
+
+def test_ngram_entropy_by_hand():
+    # bigrams (a,b),(b,a),(a,b): H = h(1/3) ; trigrams (a,b,a),(b,a,b): H = 1 bit
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert ngram_entropy("paris paris paris paris paris") == 0.0
+    assert ngram_entropy("one") == 0.0
+
+
+def test_fluency_generates_from_prompts(tok, llama):
+    texts = greedy_generations(llama, tok, ["The Eiffel Tower is"], max_new_tokens=5)
+    assert len(texts) == 1 and isinstance(texts[0], str)
+    value = fluency(llama, tok, ["The Eiffel Tower is", "Tokyo is"], max_new_tokens=5)
+    assert value is not None and value >= 0
+    assert fluency(llama, tok, [], max_new_tokens=5) is None
+
+
+# ---------------------------------------------------------------- the collapse verdict
+
+
+def test_verdict_edges():
+    s = CollapseSettings(min_editing_score=60, max_perplexity_ratio=2, max_general_drop=10, max_norm_ratio=1.5)
+    at_limits = HealthSnapshot(editing_score=60.0, perplexity=20.0, base_perplexity=10.0, general_mean=40.0,
+                               base_general_mean=50.0, norm_ratios={"w3": 1.5, "w4": 1.0})
+    v = verdict(at_limits, s)
+    assert not v.collapsed and len(v.checks) == 4 and v.failed == ()
+    beyond = HealthSnapshot(editing_score=59.99, perplexity=20.01, base_perplexity=10.0, general_mean=39.9,
+                            base_general_mean=50.0, norm_ratios={"w3": 1.0, "w4": 1.51})
+    v = verdict(beyond, s)
+    assert v.collapsed
+    assert [c.name for c in v.failed] == ["editing_score", "perplexity_ratio", "general_drop", "norm_ratio"]
+    assert "w4" in v.failed[-1].message and "collapse" in v.summary()
+
+
+def test_verdict_nan_fails_and_missing_is_skipped():
+    v = verdict(HealthSnapshot(perplexity=float("nan"), base_perplexity=10.0, norm_ratios={"a": 1.1, "b": math.inf}))
+    assert {c.name for c in v.failed} == {"perplexity_ratio", "norm_ratio"}
+    assert verdict(HealthSnapshot()).checks == ()
+    assert not verdict(HealthSnapshot(editing_score=None, perplexity=5.0)).checks  # no base: skipped
+
+
+def test_collapse_settings_validate():
+    with pytest.raises(ValueError, match="min_editing_score"):
+        CollapseSettings(min_editing_score=101)
+    with pytest.raises(ValueError, match="max_norm_ratio"):
+        CollapseSettings(max_norm_ratio=0.5)
+
+
+def test_norm_ratio_helpers():
+    r = norm_ratios({"a": 2.0, "b": 3.0}, {"a": 1.0, "b": 3.0})
+    assert r == {"a": 2.0, "b": 1.0}
+    assert norm_growth_per_edit(r, 4) == pytest.approx(0.25)
+    assert norm_growth_per_edit(r, 0) == 0.0
