@@ -409,3 +409,159 @@ def bench_layer_sweep(
 
 if __name__ == "__main__":
     app()
+
+
+@bench_app.command("horizon")
+def bench_horizon(
+    model: ModelOpt = "smollm2-135m",
+    methods: Annotated[str, typer.Option(help="comma-separated method[+nas] list")] = ",".join(
+        ("memit", "memit+nas", "alphaedit", "alphaedit+nas", "rome", "rome+nas")),
+    stream_length: Annotated[int, typer.Option(help="CounterFact requests in the stream")] = 40,
+    batch_size: Annotated[int, typer.Option(help="requests per sequential edit call")] = 4,
+    eval_every: Annotated[int, typer.Option(help="edits between measurements")] = 8,
+    general_items: Annotated[int, typer.Option(help="items per general task per measurement")] = 20,
+    pilots: Annotated[int, typer.Option(help="NAS pilots for the anchors")] = 50,
+    source: Annotated[Path | None, typer.Option(help="CounterFact JSON (EasyEdit layout)")] = None,
+    out_root: Annotated[Path, typer.Option("--out", help="studies live in OUT/MODEL-KEY/")] = Path("bench/horizon"),
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite mlflow.db)")] = None,
+) -> None:
+    """The editing-horizon study (a Prefect flow): every method on the same edit stream, until collapse."""
+    from flows.horizon import DEFAULT_STREAM, HorizonSettings, horizon_study
+
+    try:
+        settings = HorizonSettings(methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                                   stream_length=stream_length, batch_size=batch_size, eval_every=eval_every,
+                                   general_items=general_items, pilots=pilots)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    t0 = time.perf_counter()
+    res = horizon_study(model, settings, source or DEFAULT_STREAM, out_root, tracking_uri)
+    table = Table("method", "collapse point", "editing score", "ES/PS/NS", "ppl ratio", "norm ratio", "s/edit",
+                  title=f"horizon study: {res['model']}, {stream_length} edits, batch {batch_size}")
+    for label, r in res["methods"].items():
+        m = r["final"]["metrics"]
+        cp = r["collapse_point"]
+
+        def f(key, fmt="{:.1f}", m=m):
+            return "-" if m.get(key) is None else fmt.format(m[key])
+
+        table.add_row(label, f"{cp} edits" if cp else f"none within {stream_length}", f("editing_score"),
+                      f"{f('efficacy_success')}/{f('generalisation_success')}/{f('specificity_success')}",
+                      f("perplexity_ratio", "{:.2f}"), f("norm_ratio_max", "{:.3f}"),
+                      f"{r['final'].get('seconds_per_edit', float('nan')):.2f}")
+    out.print(table)
+    out.print(f"wrote {res['results_path']} and {res['plot_path']} in {time.perf_counter() - t0:.0f} s")
+
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="the pipeline's params.yaml")]
+
+
+def _params(path: Path):
+    from flows.params import load_params
+
+    try:
+        return load_params(path)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint="--params") from None
+
+
+def _tracker(params):
+    from flows.config import REPO
+    from flows.tracking import Tracker, TrackingError, resolve_tracking_uri
+
+    try:
+        return Tracker(resolve_tracking_uri(params.tracking.uri or None, REPO), params.tracking.experiment)
+    except TrackingError as err:
+        console.print(f"[yellow]MLflow unavailable ({err}); the ledger is updated, the alias is not[/]")
+        return None
+
+
+@app.command()
+def refresh(
+    params_file: ParamsOpt = Path("params.yaml"),
+    demo: Annotated[bool, typer.Option("--demo", help="run the shipped demo nights, one flow run each")] = False,
+) -> None:
+    """Run the nightly refresh now (one Prefect flow run) over every batch in the inbox."""
+    from flows import operations
+    from flows.refresh import RefreshLocked, nightly_refresh
+
+    params = _params(params_file)
+    t0 = time.perf_counter()
+    nights: list[Path | None] = [None]
+    if demo:
+        nights = list(operations.demo_nights(params))
+        if not nights:
+            out.print("every demo night is already in the ledger: nothing to do (see `nas status`)")
+            return
+    outcomes = []
+    for night in nights:
+        if night is not None:
+            staged = operations.stage_demo_night(params, night)
+            console.print(f"[bold]demo night {night.stem}[/]: {staged}")
+        try:
+            outcomes += nightly_refresh(str(params_file.resolve()))
+        except RefreshLocked as err:
+            console.print(f"[red]{err}[/]")
+            raise typer.Exit(3) from None
+    table = Table("batch", "outcome", "details", title="nightly refresh")
+    for o in outcomes:
+        detail = o.get("version") or ", ".join(o.get("failed_checks", [])) or o.get("folder", "")
+        table.add_row(str(o["batch"]), o["outcome"], str(detail))
+    out.print(table)
+    out.print(f"{len(outcomes)} batch(es) in {time.perf_counter() - t0:.0f} s; ledger {params.paths.resolve('ledger')}")
+
+
+@app.command()
+def status(params_file: ParamsOpt = Path("params.yaml")) -> None:
+    """Champion version, edits so far, norm ratio, and the last nights' verdicts."""
+    from flows import operations
+
+    s = operations.status(_params(params_file))
+    champ = f"{s['champion']} (set by {s['champion_set_by']})" if s["champion"] else "the base model"
+    out.print(f"champion: {champ}")
+    out.print(f"edits so far: {s['edits_so_far']}; max ||W||/||W0||: {s['norm_ratio_max']:.4f} "
+              f"({s['norm_growth_per_edit']:.2e} per edit)")
+    if s["weights_hash"]:
+        out.print(f"weights hash: {s['weights_hash']}")
+    out.print(f"inbox: {', '.join(s['inbox']) or 'empty'}")
+    table = Table("time", "event", "batch", "version", "details", title="recent decisions")
+    for e in s["recent"]:
+        details = e.get("failed_checks") or e.get("problems") or e.get("reason") or ""
+        if e.get("from_version"):
+            details = f"from {e['from_version']}: {details}"
+        table.add_row(str(e["time"]), e["event"], str(e.get("batch_id") or ""), str(e.get("version") or ""),
+                      str(details))
+    out.print(table)
+
+
+def _move_champion(params_file: Path, version: str, event: str, reason: str) -> None:
+    from flows import operations
+    from flows.refresh import RefreshLocked
+
+    params = _params(params_file)
+    try:
+        entry = operations.move_champion(params, version, event, reason, _tracker(params))
+    except (ValueError, FileNotFoundError, RefreshLocked) as err:
+        raise typer.BadParameter(str(err), param_hint="VERSION") from None
+    out.print(f"champion: {entry['from_version'] or 'base'} -> {version} ({event}, recorded in the ledger"
+              f"{', MLflow alias moved' if entry.get('mlflow_model_version') else ''})")
+
+
+@app.command()
+def rollback(
+    version: Annotated[str, typer.Argument(help="an earlier promoted version, e.g. v0002")],
+    reason: Annotated[str, typer.Option(help="why (recorded in the ledger)")] = "manual rollback",
+    params_file: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Move the champion back to an earlier promoted checkpoint."""
+    _move_champion(params_file, version, "rollback", reason)
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="a promoted version to make champion again, e.g. v0003")],
+    reason: Annotated[str, typer.Option(help="why (recorded in the ledger)")] = "manual promotion",
+    params_file: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Manual override: make a promoted checkpoint champion (e.g. roll forward after a rollback)."""
+    _move_champion(params_file, version, "manual_promote", reason)

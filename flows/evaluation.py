@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from flows.editing import DATA, SHARED_DATA, WIKITEXT, atomic_write_text, digest, now
+from flows.editing import DATA, SHARED_DATA, WIKITEXT, atomic_write_text, corpus_token_ids, digest, now
 from nas_core.collapse import CollapseSettings, HealthSnapshot, Verdict, norm_growth_per_edit, verdict
 from nas_core.evaluate.counterfact import edit_metrics
 from nas_core.evaluate.fluency import fluency
@@ -61,8 +61,7 @@ def canary_ids(tok, settings: EvalSettings) -> tuple[list[int], str]:
     if source == OWN_CANARY:
         log.info("canary: WikiText-2 not found at %s; using the product's own canary %s", WIKITEXT, OWN_CANARY)
     text = source.read_text(encoding="utf-8")[: settings.canary_tokens * 12]  # ~4 chars/token: plenty
-    ids = list(tok(text, add_special_tokens=False)["input_ids"])[: settings.canary_tokens]
-    return ids, str(source)
+    return corpus_token_ids(tok, text, settings.canary_tokens), str(source)
 
 
 def general_records(settings: EvalSettings, root: Path = GENERAL_DIR) -> dict[str, list[dict[str, Any]]]:

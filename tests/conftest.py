@@ -55,3 +55,13 @@ def smollm2(smollm2_fetch):
     from flows.assets import load_model
 
     return load_model(smollm2_fetch.path)
+
+
+@pytest.fixture(scope="session")
+def prefect(tmp_path_factory):
+    """One Prefect test harness (a temporary API and database) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    # Generous start-up timeout: the server starts in 6-13 s on an idle 2-core CI machine, longer under load.
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -1,0 +1,267 @@
+"""The editing-horizon study: how long a stream of edits lasts, with and without NAS.
+
+``nas bench horizon`` runs this Prefect flow. Every method (memit, alphaedit, rome, each
+with and without Norm-Anchor Scaling) edits the *same* stream of CounterFact requests
+from the *same* base model, in sequential batches. Every ``eval_every`` edits it measures
+retention (edit metrics over every request sent so far), canary perplexity, general
+tasks and weight-norm ratios, and asks the collapse verdict. Results go to
+``results.json``, ``horizon.png`` and MLflow (one run per method, step = edits so far).
+
+Resumable: each method's latest checkpoint carries the points measured so far in its
+manifest (one atomic write), so an interrupted study continues from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+
+from flows import editing, evaluation
+from flows.config import ModelConfig
+from nas_core.collapse import norm_ratios
+from nas_core.deltas import edited_weights, frobenius_norms, materialise
+from nas_core.requests import EditRequest, from_counterfact_easyedit
+from nas_core.spec import spec_for
+
+METHODS = ("memit", "memit+nas", "alphaedit", "alphaedit+nas", "rome", "rome+nas")
+DEFAULT_STREAM = editing.SHARED_DATA / "counterfact" / "counterfact-edit.json"
+
+
+@dataclass(frozen=True)
+class HorizonSettings:
+    """The study's shape (params.yaml ``horizon`` or ``nas bench horizon`` options).
+
+    Attributes:
+        methods: method names, each optionally suffixed ``+nas``.
+        stream_length: requests in the stream (the first N of the source, in order).
+        batch_size: requests per sequential edit call.
+        eval_every: edits between two measurements (rounded up to whole batches).
+        general_items: items per general task at each measurement (the base model's
+            reference uses the same number).
+        pilots: NAS pilots for the anchors (1000 in the paper; fewer keeps a CPU study short).
+    """
+
+    methods: tuple[str, ...] = METHODS
+    stream_length: int = 40
+    batch_size: int = 4
+    eval_every: int = 8
+    general_items: int = 20
+    pilots: int = 50
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m.removesuffix("+nas") not in ("memit", "alphaedit", "rome")]
+        if bad or not self.methods:
+            raise ValueError(f"horizon.methods: unknown {bad}; use memit, alphaedit, rome with optional +nas")
+        if min(self.stream_length, self.batch_size, self.eval_every, self.pilots) < 1 or self.general_items < 0:
+            raise ValueError("horizon: stream_length, batch_size, eval_every and pilots must be >= 1")
+
+
+def stream_requests(source: Path, n: int) -> list[EditRequest]:
+    """The first ``n`` requests of a CounterFact file (EasyEdit layout), in file order."""
+    if not source.is_file():
+        raise FileNotFoundError(f"horizon stream {source} is absent (../shared/data/counterfact)")
+    report = from_counterfact_easyedit(json.loads(source.read_text(encoding="utf-8")))
+    return list(report.requests[:n])
+
+
+def study_dir(root: Path, model_name: str, settings: HorizonSettings, source: Path) -> Path:
+    """A folder per distinct study (same settings and stream -> same folder -> resumable)."""
+    key = editing.digest({"model": model_name, "settings": dataclasses.asdict(settings), "source": source.name})
+    return root / f"{model_name}-{key}"
+
+
+@task(cache_policy=NO_CACHE)
+def run_method(
+    label: str,
+    model,
+    tok,
+    model_name: str,
+    cfg: ModelConfig,
+    settings: HorizonSettings,
+    stream: list[EditRequest],
+    cov: dict,
+    base_hash: str,
+    base_weights: dict,
+    base_ref: dict[str, Any],
+    out: Path,
+) -> list[dict[str, Any]]:
+    """Edit ``stream`` with one method from the base model; returns its measured points."""
+    logger = get_run_logger()
+    method, nas = label.removesuffix("+nas"), label.endswith("+nas")
+    s = cfg.method(method, nas)
+    s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=settings.pilots))
+    materialise(model, base_weights, {})  # every method starts from the exact base weights
+    anchor = None
+    if nas:
+        rec, _, _ = editing.ensure_anchor(model, tok, model_name, method, s, base_hash)
+        anchor = float(rec["reference_norm"])
+    ckpt_dir = out / label / "checkpoint"
+    resume = ckpt_dir if (ckpt_dir / "manifest.json").is_file() else None
+    session = editing.open_session(model, tok, model_name, method, s, cov, base_hash, anchor, resume)
+    points: list[dict[str, Any]] = []
+    done = 0
+    if resume is not None:
+        man = json.loads((ckpt_dir / "manifest.json").read_text(encoding="utf-8"))
+        points, done = list(man["horizon_points"]), int(man["horizon_edits"])
+        logger.info("%s: resuming after %d edits (%d points)", label, done, len(points))
+    names = list(session.base)
+    original = {n: session.original_norms[n] for n in names}
+    edit_seconds = sum(p["edit_seconds"] for p in points[-1:])
+    next_eval = (done // settings.eval_every + 1) * settings.eval_every
+    while done < len(stream):
+        batch = stream[done : done + settings.batch_size]
+        t0 = time.perf_counter()
+        session.apply(batch)
+        edit_seconds += time.perf_counter() - t0
+        done += len(batch)
+        if done < next_eval and done < len(stream):
+            continue
+        next_eval = (done // settings.eval_every + 1) * settings.eval_every
+        ratios = norm_ratios(frobenius_norms(model, names), original)
+        t1 = time.perf_counter()
+        metrics, verdict = evaluation.evaluate(model, tok, stream[:done], cfg_eval(cfg, settings), base_ref, ratios,
+                                               done, cfg.collapse, with_fluency=False)
+        skipped = sum(r["skipped"] for r in session.request_log)
+        point = {"edits": done, "metrics": metrics, "collapsed": verdict.collapsed,
+                 "failed_checks": [c.name for c in verdict.failed], "skipped": skipped,
+                 "edit_seconds": round(edit_seconds, 2), "seconds_per_edit": round(edit_seconds / done, 3),
+                 "eval_seconds": round(time.perf_counter() - t1, 2)}
+        points.append(point)
+        editing.write_checkpoint(session, ckpt_dir, {"horizon_points": points, "horizon_edits": done})
+        logger.info("%s: %d edits, score %s, ppl x%.2f, norm x%.3f, %.1f s/edit%s", label, done,
+                    _fmt(metrics.get("editing_score")), metrics.get("perplexity_ratio", float("nan")),
+                    metrics.get("norm_ratio_max", float("nan")), edit_seconds / done,
+                    f", COLLAPSE ({', '.join(point['failed_checks'])})" if verdict.collapsed else "")
+    materialise(model, base_weights, {})
+    return points
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def cfg_eval(cfg: ModelConfig, settings: HorizonSettings):
+    return dataclasses.replace(cfg.eval, general_items=settings.general_items)
+
+
+def collapse_point(points: list[dict[str, Any]]) -> int | None:
+    """Edits at the first measured point whose verdict is collapse (None: never)."""
+    return next((p["edits"] for p in points if p["collapsed"]), None)
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    """horizon.png: norm ratio, editing score and perplexity ratio vs edits, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("norm_ratio_max", "max ||W_t|| / ||W_0||"), ("editing_score", "editing score (retention)"),
+              ("perplexity_ratio", "canary perplexity / base"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for label, res in results["methods"].items():
+            pts = [(0, results["base_point"].get(key))] + [(p["edits"], p["metrics"].get(key)) for p in res["points"]]
+            pts = [(x, y) for x, y in pts if y is not None]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, label=label,
+                    linestyle="-" if label.endswith("+nas") else "--")
+        ax.set_title(title)
+        ax.set_xlabel("edits so far")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Editing horizon: {results['model']} ({results['settings']['stream_length']} CounterFact edits, "
+                 f"batch {results['settings']['batch_size']})")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+@flow(name="horizon-study", log_prints=False)
+def horizon_study(
+    model_name: str = "smollm2-135m",
+    settings: HorizonSettings = HorizonSettings(),
+    source: Path = DEFAULT_STREAM,
+    out_root: Path = Path("bench/horizon"),
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Run every method over the same stream; write results.json, horizon.png and MLflow runs."""
+    from flows.assets import fetch_model, load_model
+    from flows.cli import all_layers
+    from flows.config import config_for
+    from nas_core.deltas import weights_hash
+
+    logger = get_run_logger()
+    cfg = config_for(model_name)
+    fetched = fetch_model(cfg.model, editing.DATA / "models", show_progress=False)
+    model, tok = load_model(fetched.path)
+    name = fetched.path.name
+    base_hash = weights_hash(model)
+    stream = stream_requests(source, settings.stream_length)
+    out = study_dir(Path(out_root), name, settings, source)
+    out.mkdir(parents=True, exist_ok=True)
+    logger.info("horizon study in %s: %d requests from %s, methods %s", out, len(stream), source.name,
+                ", ".join(settings.methods))
+    cov, cov_path, cached = editing.ensure_stats(model, tok, name, all_layers(cfg), cfg.stats, base_hash)
+    logger.info("statistics %s%s", cov_path, " (cached)" if cached else "")
+    spec = spec_for(model)
+    base_weights = edited_weights(model, [spec.weight_name(layer) for layer in all_layers(cfg)])
+    eval_settings = cfg_eval(cfg, settings)
+    base_ref = evaluation.base_reference(model, tok, name, base_hash, eval_settings)
+    base_point = {"editing_score": None, "perplexity_ratio": 1.0, "norm_ratio_max": 1.0,
+                  **base_ref["metrics"]}
+    results: dict[str, Any] = {"model": name, "base_weights_hash": base_hash, "source": str(source),
+                               "settings": dataclasses.asdict(settings), "collapse": dataclasses.asdict(cfg.collapse),
+                               "base_point": base_point, "methods": {}}
+    for label in settings.methods:
+        points = run_method(label, quote(model), quote(tok), name, cfg, settings, stream, quote(cov), base_hash,
+                            quote(base_weights), base_ref, out)
+        final = points[-1] if points else {"metrics": {}}
+        results["methods"][label] = {"points": points, "collapse_point": collapse_point(points),
+                                     "final": final}
+        editing.atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=True))
+    png = plot(results, out / "horizon.png")
+    log_to_mlflow(results, out / "results.json", png, tracking_uri)
+    for label, res in results["methods"].items():
+        cp = res["collapse_point"]
+        m = res["final"]["metrics"]
+        logger.info("%-14s collapse point: %-16s final score %s (ES %s / PS %s / NS %s), ppl x%.2f, norm x%.3f, "
+                    "%.2f s/edit", label, f"{cp} edits" if cp else f"none within {len(stream)}",
+                    _fmt(m.get("editing_score")), _fmt(m.get("efficacy_success")),
+                    _fmt(m.get("generalisation_success")), _fmt(m.get("specificity_success")),
+                    m.get("perplexity_ratio", float("nan")), m.get("norm_ratio_max", float("nan")),
+                    res["final"].get("seconds_per_edit", float("nan")))
+    results["results_path"] = str(out / "results.json")
+    results["plot_path"] = str(png)
+    return results
+
+
+def log_to_mlflow(results: dict[str, Any], results_path: Path, png: Path, tracking_uri: str | None) -> None:
+    """One MLflow run per method in experiment ``horizon-study``: metrics with step = edits so far."""
+    from flows.config import REPO
+    from flows.tracking import Tracker, resolve_tracking_uri
+
+    tracker = Tracker(resolve_tracking_uri(tracking_uri, REPO), experiment="horizon-study")
+    for label, res in results["methods"].items():
+        params = {"method": label, "model": results["model"], **results["settings"],
+                  "base_weights_hash": results["base_weights_hash"]}
+        run_id = tracker.start_batch_run(f"horizon-{label}", params, {"study": results_path.parent.name})
+        for p in res["points"]:
+            numeric = {k: float(v) for k, v in p["metrics"].items() if isinstance(v, int | float)}
+            numeric["seconds_per_edit"] = p["seconds_per_edit"]
+            tracker.log_metrics(run_id, numeric, step=p["edits"])
+        cp = res["collapse_point"]
+        tracker.tag_run(run_id, {"collapse_point": str(cp) if cp else "none"})
+        tracker.log_artifact(run_id, results_path)
+        tracker.log_artifact(run_id, png)
+        tracker.finish_run(run_id)

@@ -1,0 +1,162 @@
+"""params.yaml: the nightly refresh's settings, one frozen dataclass per section, strictly loaded.
+
+Unknown keys and wrong types are errors naming the key path (``flows.config.build``). The
+model's own editing settings (layers, lambda, NAS...) come from ``configs/MODEL.yaml``;
+params.yaml picks the model and method and holds everything about the pipeline itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.config import REPO, ConfigError, ModelConfig, build, config_for
+from flows.validate import ValidationSettings
+from nas_core.collapse import CollapseSettings
+from nas_core.settings import EvalSettings
+
+PARAMS = REPO / "params.yaml"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the pipeline keeps its files (relative paths are relative to the repository).
+
+    Attributes:
+        inbox: new fact batches (``*.jsonl``), processed in name order.
+        accepted: batches that were promoted, moved here untouched.
+        quarantine: batches that failed validation or the gate, one folder each with the
+            report and ``reason.json``.
+        checkpoints: promoted checkpoints ``vNNNN/``.
+        ledger: the append-only JSONL record of every night's decision.
+        reports: validation reports and evaluation results per batch.
+        demo_batches: the product's own demo nights (``nas refresh --demo`` copies them
+            into the inbox one night at a time).
+        models, stats, anchors, eval_cache: caches of fetched models, covariance
+            statistics, NAS anchors and the base model's health scores.
+    """
+
+    inbox: str = "data/inbox"
+    accepted: str = "data/accepted"
+    quarantine: str = "data/quarantine"
+    checkpoints: str = "data/checkpoints"
+    ledger: str = "data/ledger.jsonl"
+    reports: str = "data/reports"
+    demo_batches: str = "data/demo/batches"
+    models: str = "data/models"
+    stats: str = "data/stats"
+    anchors: str = "data/anchors"
+    eval_cache: str = "data/eval"
+
+    def resolve(self, name: str, root: Path = REPO) -> Path:
+        p = Path(getattr(self, name))
+        return p if p.is_absolute() else root / p
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """How a night's batch is edited.
+
+    Attributes:
+        method: memit, alphaedit or rome (NAS on/off comes from ``nas``).
+        nas: Norm-Anchor Scaling on or off (the product's point: on).
+        batch_size: requests per sequential edit call within a night's batch.
+        pilots: NAS pilots for the anchor (the model config's value when 0).
+        stats_tokens: covariance tokens (the model config's value when 0).
+    """
+
+    method: str = "alphaedit"
+    nas: bool = True
+    batch_size: int = 8
+    pilots: int = 0
+    stats_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("memit", "alphaedit", "rome"):
+            raise ValueError(f"edit.method must be memit, alphaedit or rome, not {self.method!r}")
+        if self.batch_size < 1 or self.pilots < 0 or self.stats_tokens < 0:
+            raise ValueError("edit.batch_size >= 1, edit.pilots >= 0 and edit.stats_tokens >= 0 are required")
+
+
+@dataclass(frozen=True)
+class PromotionParams:
+    """Gate thresholds on top of the collapse verdict (percent unless stated).
+
+    Attributes:
+        min_batch_efficacy: efficacy success on the new batch's edit prompts.
+        min_batch_generalisation: generalisation success on the new batch's paraphrases.
+        min_batch_specificity: specificity success on the new batch's neighbourhood prompts.
+        min_retention_efficacy: efficacy success over every accepted edit so far.
+        max_norm_growth_per_edit: largest (||W_t||/||W_0|| - 1) per edit so far.
+        max_skipped_fraction: share of the batch NAS may skip as outliers before the batch
+            is rejected (a skipped fact is not in the model).
+    """
+
+    min_batch_efficacy: float = 80.0
+    min_batch_generalisation: float = 40.0
+    min_batch_specificity: float = 60.0
+    min_retention_efficacy: float = 80.0
+    max_norm_growth_per_edit: float = 0.01
+    max_skipped_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            limit = 1.0 if f.name in ("max_norm_growth_per_edit", "max_skipped_fraction") else 100.0
+            if not 0 <= v <= limit:
+                raise ValueError(f"promotion.{f.name} must be in [0, {limit:g}], not {v}")
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    """MLflow. ``uri``: tracking URI (the MLFLOW_TRACKING_URI variable wins; empty: sqlite
+    ``mlflow.db`` in the repository). ``experiment``: the nightly runs' experiment."""
+
+    uri: str = ""
+    experiment: str = "nightly-refresh"
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole params.yaml."""
+
+    model: str = "smollm2-135m"
+    edit: EditParams = field(default_factory=EditParams)
+    paths: Paths = field(default_factory=Paths)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    promotion: PromotionParams = field(default_factory=PromotionParams)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    collapse: CollapseSettings = field(default_factory=CollapseSettings)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+
+    def model_config(self) -> ModelConfig:
+        """The model's config with this file's overrides (pilots, statistics tokens, eval, collapse)."""
+        cfg = config_for(self.model)
+        cfg = dataclasses.replace(cfg, eval=self.eval, collapse=self.collapse)
+        if self.edit.stats_tokens:
+            cfg = dataclasses.replace(cfg, stats=dataclasses.replace(cfg.stats, tokens=self.edit.stats_tokens))
+        return cfg
+
+    def method_settings(self):
+        s = self.model_config().method(self.edit.method, self.edit.nas)
+        if self.edit.pilots:
+            s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=self.edit.pilots))
+        return s
+
+
+def load_params(path: Path = PARAMS) -> Params:
+    """Read params.yaml strictly (a missing file means all defaults)."""
+    path = Path(path)
+    raw: Any = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return build(Params, raw, path.name)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,423 @@
+"""The nightly refresh: validate -> edit the champion with NAS -> evaluate -> gate -> promote or quarantine.
+
+``nas refresh`` runs :func:`nightly_refresh` once (one Prefect flow run per night) over
+every batch in the inbox, in name order. For each batch:
+
+1. **validate** (Great Expectations suite + tokenizer checks + ledger conflicts); a failing
+   batch is moved untouched to ``quarantine/BATCH/`` with its report and ``reason.json``;
+2. **edit** the champion (loaded once per night) with the configured method + NAS;
+3. **evaluate** the new batch, retention over every accepted edit, canary perplexity,
+   general tasks and weight norms;
+4. **gate** with the collapse verdict plus the promotion thresholds of params.yaml;
+5. on pass, write checkpoint ``vNNNN``, register it in MLflow and move the ``champion``
+   alias, append the ledger, move the batch to ``accepted/``; on fail, restore the
+   champion's weights in memory, quarantine the batch with the failed checks and tag the
+   MLflow run rejected.
+
+The ledger (``flows.ledger``) is the source of truth: the MLflow alias is re-synced to it
+at the start of every run, and a batch whose file hash is already in the champion's
+lineage is never applied again. Writes are atomic, and a lock file keeps two refreshes
+from editing at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+
+from flows import editing, evaluation
+from flows.config import REPO
+from flows.ledger import Ledger
+from flows.params import Params, load_params
+from flows.tracking import Tracker, norm_plot, registered_model_name, resolve_tracking_uri
+from flows.validate import BatchValidation, LedgerFact, batch_id_for, fact_key, quarantine, validate_batch, write_report
+from nas_core.collapse import Check, norm_ratios
+from nas_core.evaluate.counterfact import edit_metrics
+from nas_core.requests import EditRequest, parse_fact_jsonl
+
+
+class RefreshLocked(RuntimeError):
+    """Another refresh holds the lock."""
+
+
+@contextmanager
+def refresh_lock(path: Path) -> Iterator[None]:
+    """An exclusive, non-blocking lock on ``path`` for the whole night (released by the OS on a crash)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text(encoding="utf-8").strip() or "unknown"
+            raise RefreshLocked(f"another refresh is running (lock {path} held by {holder}); not editing") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def code_version() -> str:
+    """The git commit of the code (with ``-dirty`` for uncommitted changes), or ``unknown``."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def next_version(checkpoints: Path) -> str:
+    """``vNNNN`` one past the highest existing checkpoint folder (orphans from a crash included)."""
+    numbers = [int(p.name[1:]) for p in checkpoints.glob("v[0-9][0-9][0-9][0-9]") if p.name[1:].isdigit()]
+    return f"v{max(numbers, default=0) + 1:04d}"
+
+
+def move_unique(path: Path, folder: Path) -> Path:
+    """Move ``path`` into ``folder`` untouched, never overwriting (``name-2.jsonl`` etc.)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target, n = folder / path.name, 2
+    while target.exists():
+        target, n = folder / f"{path.stem}-{n}{path.suffix}", n + 1
+    os.replace(path, target)
+    return target
+
+
+# --- what the champion knows ------------------------------------------------------------------
+
+def lineage_requests(ledger: Ledger, version: str | None, paths) -> tuple[list[EditRequest], list[LedgerFact]]:
+    """Every request the champion holds (a later fact with the same key replaces an earlier one)."""
+    by_key: dict[tuple[str, str], tuple[EditRequest, str]] = {}
+    for entry in ledger.lineage(version) if version else []:
+        batch_file = Path(entry["accepted_path"])
+        if not batch_file.is_absolute():
+            batch_file = REPO / batch_file
+        report = parse_fact_jsonl(batch_file.read_text(encoding="utf-8-sig"))
+        applied = set(entry["request_ids"])
+        for r in report.requests:
+            if r.case_id in applied:
+                by_key[fact_key(r.subject, r.relation_id, r.prompt)] = (r, entry["batch_id"])
+    requests = [r for r, _ in by_key.values()]
+    facts = [LedgerFact.from_request(r, b) for r, b in by_key.values()]
+    return requests, facts
+
+
+# --- gate ---------------------------------------------------------------------------------------
+
+def gate(batch: dict[str, Any], retention: dict[str, Any], collapse_checks: tuple[Check, ...], skipped_fraction: float,
+         params: Params) -> tuple[Check, ...]:
+    """The collapse verdict's checks plus the promotion thresholds; the batch passes if all pass."""
+    p = params.promotion
+    checks = list(collapse_checks)
+
+    def at_least(name: str, value: float | None, limit: float, what: str) -> None:
+        if value is not None:
+            checks.append(Check(name, value, limit, value >= limit, f"{what} {value:.1f} < {limit:g}"))
+
+    at_least("batch_efficacy", batch.get("efficacy_success"), p.min_batch_efficacy, "new batch efficacy")
+    at_least("batch_generalisation", batch.get("generalisation_success"), p.min_batch_generalisation,
+             "new batch generalisation")
+    at_least("batch_specificity", batch.get("specificity_success"), p.min_batch_specificity, "new batch specificity")
+    at_least("retention_efficacy", retention.get("efficacy_success"), p.min_retention_efficacy,
+             "efficacy over all accepted edits")
+    growth = retention.get("norm_growth_per_edit")
+    if growth is not None:
+        checks.append(Check("norm_growth_per_edit", growth, p.max_norm_growth_per_edit,
+                            growth <= p.max_norm_growth_per_edit,
+                            f"norm growth {growth:.4f}/edit > {p.max_norm_growth_per_edit:g}"))
+    checks.append(Check("skipped_fraction", skipped_fraction, p.max_skipped_fraction,
+                        skipped_fraction <= p.max_skipped_fraction,
+                        f"NAS skipped {skipped_fraction:.0%} of the batch > {p.max_skipped_fraction:.0%}"))
+    return tuple(checks)
+
+
+# --- tasks --------------------------------------------------------------------------------------
+
+@task(retries=3, retry_delay_seconds=2)
+def connect_tracking(params: Params) -> Tracker:
+    """Open the MLflow store (retried: a store that is briefly down should not fail the night)."""
+    tracker = Tracker(resolve_tracking_uri(params.tracking.uri or None, REPO), params.tracking.experiment)
+    tracker.healthcheck()
+    return tracker
+
+
+@task(retries=2, retry_delay_seconds=1)
+def inbox_batches(inbox: Path) -> list[Path]:
+    inbox.mkdir(parents=True, exist_ok=True)
+    return sorted(p for p in inbox.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+@task(cache_policy=NO_CACHE)
+def load_champion(params: Params, ledger: Ledger) -> dict[str, Any]:
+    """Load the base model once, its statistics and anchor, and the champion checkpoint on top."""
+    from flows.assets import fetch_model, load_model
+    from flows.cli import all_layers
+    from nas_core.deltas import weights_hash
+
+    logger = get_run_logger()
+    cfg = params.model_config()
+    s = params.method_settings()
+    fetched = fetch_model(cfg.model, params.paths.resolve("models"), show_progress=False)
+    model, tok = load_model(fetched.path)
+    name = fetched.path.name
+    base_hash = weights_hash(model)
+    cov, cov_path, cached = editing.ensure_stats(model, tok, name, all_layers(cfg), cfg.stats, base_hash,
+                                                 root=params.paths.resolve("stats"))
+    logger.info("covariance statistics %s%s", cov_path, " (cached)" if cached else "")
+    anchor = None
+    if s.nas.enabled:
+        rec, _, cached = editing.ensure_anchor(model, tok, name, params.edit.method, s, base_hash,
+                                               root=params.paths.resolve("anchors"))
+        anchor = float(rec["reference_norm"])
+        logger.info("NAS reference norm a = %.2f from %d pilots%s", anchor, rec["pilots"],
+                    " (cached)" if cached else "")
+    base_ref = evaluation.base_reference(model, tok, name, base_hash, cfg.eval, params.paths.resolve("eval_cache"))
+    champ = ledger.champion()
+    ckpt = None
+    if champ is not None:
+        ckpt = params.paths.resolve("checkpoints") / champ["version"]
+        logger.info("champion %s (%d edits) from %s", champ["version"], champ.get("edits_so_far", 0), ckpt)
+    else:
+        logger.info("no champion yet: starting from the base model %s", name)
+    session = editing.open_session(model, tok, name, params.edit.method, s, cov, base_hash, anchor, ckpt)
+    if champ is not None and weights_hash(model) != champ["weights_hash"]:
+        raise RuntimeError(f"champion {champ['version']} rebuilt to weights {weights_hash(model)[:12]}, but the "
+                           f"ledger recorded {champ['weights_hash'][:12]}: the checkpoint folder was altered")
+    return {"session": session, "base_ref": base_ref, "champion": champ, "base_hash": base_hash, "name": name}
+
+
+@task(cache_policy=NO_CACHE)
+def validate(path: Path, tok, facts: list[LedgerFact], params: Params, report_dir: Path) -> BatchValidation:
+    result = validate_batch(path, tok, facts, params.validation)
+    write_report(result, report_dir)
+    return result
+
+
+@task(cache_policy=NO_CACHE)
+def edit(session: editing.EditSession, requests: list[EditRequest], batch_size: int) -> list[dict[str, Any]]:
+    """Apply the batch in sequential sub-batches; returns the per-request diagnostics."""
+    logger = get_run_logger()
+    start = len(session.request_log)
+    t0 = time.perf_counter()
+    for i in range(0, len(requests), batch_size):
+        result = session.apply(requests[i : i + batch_size])
+        done = min(i + batch_size, len(requests))
+        logger.info("edited %d/%d requests (%.1f s/edit); ||delta W|| per layer: %s", done, len(requests),
+                    (time.perf_counter() - t0) / done,
+                    ", ".join(f"{k}: {v:.3g}" for k, v in result.layer_delta_norms.items()))
+    return session.request_log[start:]
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate_candidate(session: editing.EditSession, new: list[EditRequest], retained: list[EditRequest],
+                       base_ref: dict[str, Any], params: Params) -> dict[str, Any]:
+    """Metrics of the edited model: the new batch alone, and retention + health over everything."""
+    cfg = params.model_config()
+    names = list(session.base)
+    ratios = norm_ratios(editing.frobenius_norms(session.model, names), session.original_norms)
+    batch = edit_metrics(session.model, session.tok, new, cfg.eval.batch_size).as_dict()
+    retention, result = evaluation.evaluate(session.model, session.tok, retained + new, cfg.eval, base_ref, ratios,
+                                            session.state.edit_count, cfg.collapse)
+    return {"batch": batch, "retention": retention, "collapse_checks": result.checks, "norm_ratios": ratios}
+
+
+# --- the flow -----------------------------------------------------------------------------------
+
+def _snapshot(session: editing.EditSession) -> tuple:
+    return session.cumulative, session.state, len(session.request_log), len(session.batch_log)
+
+
+def _restore(session: editing.EditSession, snap: tuple) -> None:
+    from nas_core.deltas import materialise
+
+    session.cumulative, session.state, n_req, n_batch = snap
+    del session.request_log[n_req:], session.batch_log[n_batch:]
+    materialise(session.model, session.base, session.cumulative)
+
+
+def _flat_metrics(outcome: dict[str, Any], diagnostics: list[dict[str, Any]]) -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for prefix in ("batch", "retention"):
+        for k, v in outcome[prefix].items():
+            if isinstance(v, int | float) and v is not None:
+                flat[f"{prefix}.{k}"] = float(v)
+    before = [d["v_norm_before"] for d in diagnostics]
+    after = [d["v_norm_after"] for d in diagnostics if not d["skipped"]]
+    flat["v_norm_before_mean"] = sum(before) / len(before) if before else 0.0
+    flat["v_norm_before_max"] = max(before, default=0.0)
+    flat["v_norm_after_mean"] = sum(after) / len(after) if after else 0.0
+    flat["skipped"] = float(sum(d["skipped"] for d in diagnostics))
+    return flat
+
+
+def _norm_history(ledger: Ledger, version: str | None, current: dict[str, float], edits: int) -> dict[str, list]:
+    history: dict[str, list] = {}
+    for entry in ledger.lineage(version) if version else []:
+        for name, r in entry.get("norm_ratios", {}).items():
+            history.setdefault(name, [(0, 1.0)]).append((entry["edits_so_far"], r))
+    for name, r in current.items():
+        history.setdefault(name, [(0, 1.0)]).append((edits, r))
+    return history
+
+
+def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, loaded: dict[str, Any]) -> dict:
+    """One batch through validate -> edit -> evaluate -> gate -> promote/quarantine."""
+    logger = get_run_logger()
+    paths = params.paths
+    session: editing.EditSession = loaded["session"]
+    champ = ledger.champion()
+    file_hash = sha256_file(path)
+    lineage = ledger.lineage(champ["version"]) if champ else []
+    if any(e["file_sha256"] == file_hash for e in lineage):
+        moved = move_unique(path, paths.resolve("accepted"))
+        logger.info("%s is already in the champion (same sha256): not applying it again; moved to %s", path.name, moved)
+        return {"batch": path.name, "outcome": "already_applied"}
+    try:
+        batch_id = batch_id_for(path)
+    except ValueError:
+        batch_id = f"invalid-name-{file_hash[:8]}"
+    report_dir = paths.resolve("reports") / f"{batch_id}-{file_hash[:8]}"
+    retained, facts = lineage_requests(ledger, champ["version"] if champ else None, paths)
+    run_id = tracker.start_batch_run(batch_id, {
+        "method": params.edit.method, "nas": dataclasses.asdict(params.method_settings().nas),
+        "batch_id": batch_id, "batch_sha256": file_hash, "base_weights_hash": loaded["base_hash"],
+        "model": loaded["name"], "code_version": code_version(), "champion": champ["version"] if champ else "base"},
+        {"batch_file": path.name})
+    logger.info("validating %s (%s)", path.name, file_hash[:12])
+    validation = validate(path, quote(session.tok), facts, params, report_dir)
+    for f in ("validation.html", "validation.json"):
+        tracker.log_artifact(run_id, report_dir / f, "validation")
+    if not validation.passed:
+        logger.warning("%s failed validation: %s", path.name, validation.summary())
+        folder = quarantine(path, validation, paths.resolve("quarantine"),
+                            {"stage": "validation", "problems": validation.problems_by_rule()})
+        ledger.append("quarantine", batch_id=batch_id, file_sha256=file_hash, stage="validation",
+                      problems=validation.problems_by_rule(), quarantine=str(folder), mlflow_run_id=run_id)
+        tracker.mark_rejected(run_id, [f"validation:{r}" for r in validation.problems_by_rule()])
+        tracker.finish_run(run_id)
+        return {"batch": batch_id, "outcome": "quarantined", "stage": "validation", "folder": str(folder)}
+
+    requests = list(validation.requests)
+    snap = _snapshot(session)
+    logger.info("%s: %d valid requests; editing %s with %s%s", batch_id, len(requests),
+                champ["version"] if champ else "the base model", params.edit.method, "+NAS" if params.edit.nas else "")
+    diagnostics = edit(quote(session), requests, params.edit.batch_size)
+    superseded = {f.key for f in validation.superseded}
+    kept = [r for r in retained if fact_key(r.subject, r.relation_id, r.prompt) not in superseded]
+    outcome = evaluate_candidate(quote(session), requests, kept, loaded["base_ref"], params)
+    skipped_fraction = sum(d["skipped"] for d in diagnostics) / len(requests)
+    checks = gate(outcome["batch"], outcome["retention"], outcome["collapse_checks"], skipped_fraction, params)
+    failed = [c for c in checks if not c.passed]
+    flat = _flat_metrics(outcome, diagnostics)
+    tracker.log_metrics(run_id, flat, step=session.state.edit_count)
+    for name, r in outcome["norm_ratios"].items():
+        tracker.log_metrics(run_id, {f"norm_ratio.{name}": r}, step=session.state.edit_count)
+    history = _norm_history(ledger, champ["version"] if champ else None, outcome["norm_ratios"],
+                            session.state.edit_count)
+    png = norm_plot(history, report_dir / "norms.png", f"{batch_id}: edited weight norms", "||W_t||_F / ||W_0||_F")
+    tracker.log_artifact(run_id, png, "plots")
+    evaluation.write_metrics(report_dir / "metrics.json", {**flat}, verdict_of(checks), {
+        "batch_id": batch_id, "batch_sha256": file_hash, "edits_so_far": session.state.edit_count})
+    tracker.log_artifact(run_id, report_dir / "metrics.json")
+    verdict_text = "pass" if not failed else "fail: " + "; ".join(c.message for c in failed)
+    logger.info("%s gate: %s", batch_id, verdict_text)
+    record = {"batch_id": batch_id, "file_sha256": file_hash, "request_ids": [d["case_id"] for d in diagnostics
+                                                                              if not d["skipped"]],
+              "skipped_ids": [d["case_id"] for d in diagnostics if d["skipped"]],
+              "metrics": flat, "checks": [dataclasses.asdict(c) for c in checks], "mlflow_run_id": run_id,
+              "edits_so_far": session.state.edit_count, "norm_ratios": outcome["norm_ratios"]}
+    if failed:
+        _restore(session, snap)
+        folder = quarantine(path, validation, paths.resolve("quarantine"),
+                            {"stage": "gate", "failed_checks": [c.message for c in failed]})
+        ledger.append("reject", **record, failed_checks=[c.name for c in failed], quarantine=str(folder))
+        tracker.mark_rejected(run_id, [c.name for c in failed])
+        tracker.finish_run(run_id)
+        return {"batch": batch_id, "outcome": "rejected", "failed_checks": [c.name for c in failed],
+                "folder": str(folder)}
+
+    version = next_version(paths.resolve("checkpoints"))
+    ckpt = editing.write_checkpoint(session, paths.resolve("checkpoints") / version,
+                                    {"version": version, "batch_id": batch_id, "batch_sha256": file_hash})
+    manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
+    model_name = registered_model_name(loaded["name"])
+    with tempfile.TemporaryDirectory() as staging:
+        # The registry holds the model (deltas + manifest); the editor state stays with the checkpoint.
+        for f in ("deltas.safetensors", "manifest.json"):
+            shutil.copy2(ckpt / f, Path(staging) / f)
+        mv = tracker.register_checkpoint(model_name, run_id, Path(staging), version,
+                                         {"batch_id": batch_id, "weights_hash": manifest["weights_hash"]})
+    accepted = move_unique(path, paths.resolve("accepted"))
+    ledger.append("promote", **record, version=version, parent=champ["version"] if champ else None,
+                  weights_hash=manifest["weights_hash"], checkpoint=str(ckpt.relative_to(REPO))
+                  if ckpt.is_relative_to(REPO) else str(ckpt),
+                  accepted_path=str(accepted.relative_to(REPO)) if accepted.is_relative_to(REPO) else str(accepted),
+                  model_version=mv)
+    tracker.set_champion(model_name, mv)
+    tracker.tag_run(run_id, {"verdict": "promoted", "version": version})
+    tracker.finish_run(run_id)
+    logger.info("%s promoted: champion is now %s (MLflow %s v%s), %d edits in all", batch_id, version, model_name, mv,
+                session.state.edit_count)
+    return {"batch": batch_id, "outcome": "promoted", "version": version, "weights_hash": manifest["weights_hash"]}
+
+
+def verdict_of(checks: tuple[Check, ...]):
+    from nas_core.collapse import Verdict
+
+    return Verdict(tuple(checks))
+
+
+def sync_champion_alias(ledger: Ledger, tracker: Tracker, model_name: str) -> None:
+    """Point MLflow's ``champion`` alias at the ledger's champion (the ledger wins after a crash)."""
+    champ = ledger.champion()
+    if champ is None:
+        return
+    mv = tracker.version_for_label(model_name, champ["version"])
+    current = tracker.champion(model_name)
+    if mv is not None and (current is None or current.version != mv):
+        tracker.set_champion(model_name, mv)
+        get_run_logger().warning("MLflow champion alias re-synced to the ledger's %s (v%s)", champ["version"], mv)
+
+
+@flow(name="nightly-refresh")
+def nightly_refresh(params_file: str = str(REPO / "params.yaml")) -> list[dict[str, Any]]:
+    """One night: every inbox batch through validate -> edit -> evaluate -> gate."""
+    logger = get_run_logger()
+    params = load_params(Path(params_file))
+    paths = params.paths
+    ledger = Ledger(paths.resolve("ledger"))
+    with refresh_lock(paths.resolve("ledger").with_name(".refresh.lock")):
+        batches = inbox_batches(paths.resolve("inbox"))
+        if not batches:
+            logger.info("inbox %s is empty: nothing to do tonight", paths.resolve("inbox"))
+            return []
+        logger.info("%d batch(es) in the inbox: %s", len(batches), ", ".join(p.name for p in batches))
+        tracker = connect_tracking(params)
+        loaded = load_champion(params, ledger)
+        sync_champion_alias(ledger, tracker, registered_model_name(loaded["name"]))
+        results = []
+        for path in batches:
+            results.append(process_batch(path, params, ledger, tracker, loaded))
+        return results
