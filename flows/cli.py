@@ -565,3 +565,27 @@ def promote(
 ) -> None:
     """Manual override: make a promoted checkpoint champion (e.g. roll forward after a rollback)."""
     _move_champion(params_file, version, "manual_promote", reason)
+
+
+@app.command()
+def serve(
+    cron: Annotated[str, typer.Option(help="when to run, a 5-field cron expression")] = "0 2 * * *",
+    timezone: Annotated[str, typer.Option(help="IANA timezone of the cron schedule")] = "UTC",
+    name: Annotated[str, typer.Option(help="deployment name")] = "nightly",
+    retries: Annotated[int, typer.Option(help="flow-run retries after a failure")] = 2,
+    retry_delay: Annotated[int, typer.Option(help="seconds between retries")] = 600,
+    params_file: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Register the nightly refresh as a scheduled deployment on a running Prefect server and serve it.
+
+    Needs `prefect server start` and PREFECT_API_URL (README: "Scheduling"). No two runs overlap.
+    """
+    from flows.serve import ServeError
+    from flows.serve import serve as serve_flow
+
+    try:
+        serve_flow(params_file.resolve(), cron=cron, timezone=timezone, name=name, retries=retries,
+                   retry_delay_seconds=retry_delay)
+    except ServeError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(2) from None
