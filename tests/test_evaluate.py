@@ -252,3 +252,13 @@ def test_norm_ratio_helpers():
     assert r == {"a": 2.0, "b": 1.0}
     assert norm_growth_per_edit(r, 4) == pytest.approx(0.25)
     assert norm_growth_per_edit(r, 0) == 0.0
+
+
+def test_option_accuracy_with_multi_token_options_scores_whole_options(wtok, bigram):
+    tok = wtok
+    # "italy germany" is two tokens: the teacher-forced path sums both tokens' log-probs.
+    item = OptionItem("Rome is a city of", ("italy germany", "germany"), 0)
+    boost(bigram, tok, item.prompt, "italy", 4.0)
+    assert option_accuracy(bigram, tok, [item]) == 100.0  # log p(italy) + log p(germany|italy) > log p(germany)
+    bigram.set(last(tok, "italy"), target_ids(tok, "germany")[0], -20.0)
+    assert option_accuracy(bigram, tok, [item]) == 0.0

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas_core.evaluate.scoring import target_scores
+from nas_core.evaluate.scoring import next_token_logprobs, target_scores
+from nas_core.prompts import target_ids
 
 
 @torch.no_grad()
@@ -112,15 +113,23 @@ def option_items(task: str, records: Sequence[Mapping[str, Any]]) -> list[Option
 def option_accuracy(model: nn.Module, tok, items: Sequence[OptionItem], batch_size: int = 32) -> float:
     """Percent of items whose right option has the highest log-likelihood (summed over its tokens).
 
-    Options are scored teacher-forced as continuations with a leading space; ties go to
-    the first option, so a constant model scores the majority share of label 0.
+    Options are scored as continuations with a leading space. When every option is a
+    single token (all shipped tasks on common tokenizers: " A", " Yes", " True"...) one
+    forward pass per item scores all its options at once; otherwise each option is scored
+    teacher-forced. Ties go to the first option.
     """
-    prompts = [it.prompt for it in items for _ in it.options]
-    options = [o for it in items for o in it.options]
-    total = target_scores(model, tok, prompts, options, batch_size).total_nll
-    correct, at = 0, 0
-    for it in items:
-        scores = total[at : at + len(it.options)]
-        correct += int(int(torch.argmin(scores)) == it.label)
-        at += len(it.options)
-    return 100.0 * correct / len(items) if items else float("nan")
+    if not items:
+        return float("nan")
+    option_ids = [[target_ids(tok, o) for o in it.options] for it in items]
+    if all(len(ids) == 1 for opts in option_ids for ids in opts):
+        logps = next_token_logprobs(model, tok, [it.prompt for it in items],
+                                    [[ids[0] for ids in opts] for opts in option_ids], batch_size)
+        scores = [-lp for lp in logps]
+    else:
+        prompts = [it.prompt for it in items for _ in it.options]
+        options = [o for it in items for o in it.options]
+        total = target_scores(model, tok, prompts, options, batch_size).total_nll
+        bounds = torch.tensor([0] + [len(it.options) for it in items]).cumsum(0).tolist()
+        scores = [total[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    correct = sum(int(torch.argmin(sc)) == it.label for sc, it in zip(scores, items, strict=True))
+    return 100.0 * correct / len(items)

@@ -66,6 +66,34 @@ def target_scores(
     return TargetScores(nll=nll_out, token_accuracy=acc_out, total_nll=total_out)
 
 
+@torch.no_grad()
+def next_token_logprobs(
+    model: nn.Module, tok, prompts: Sequence[str], candidates: Sequence[Sequence[int]], batch_size: int = 32
+) -> list[torch.Tensor]:
+    """log p(candidate token | prompt) for each prompt's candidate ids: one forward row per prompt.
+
+    Prompts are batched in order of length (less padding); results come back in input order.
+
+    Returns:
+        one (len(candidates[i]),) float32 tensor per prompt.
+    """
+    if len(prompts) != len(candidates):
+        raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
+    device = next(model.parameters()).device
+    rows = [tokenise_filled(tok, p) for p in prompts]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = pad_batch([rows[i] for i in idx], pad_token_id(tok), device)
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        last = torch.tensor([len(rows[i].ids) - 1 for i in idx], device=device)
+        logp = F.log_softmax(logits_at(model, hidden[torch.arange(len(idx), device=device), last]).float(), -1)
+        for j, i in enumerate(idx):
+            out[i] = logp[j, torch.tensor(list(candidates[i]), device=device)].cpu()
+    return out
+
+
 def target_nll(
     model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64
 ) -> torch.Tensor:
