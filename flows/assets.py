@@ -616,7 +616,7 @@ def _convert_hf_dir(src_dir: Path, out_dir: Path, *, dtype: torch.dtype, progres
     with progress.status(f"load {src_dir.name}"), _quiet_transformers():
         try:
             tok = AutoTokenizer.from_pretrained(src_dir, **common)
-            model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=dtype, **common)
+            model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=dtype, use_safetensors=True, **common)
         except Exception as exc:
             raise ModelFetchError(
                 f"cannot load {src_dir} as a causal LM with transformers: {type(exc).__name__}: {exc}"

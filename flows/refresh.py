@@ -95,12 +95,18 @@ def next_version(checkpoints: Path) -> str:
     return f"v{max(numbers, default=0) + 1:04d}"
 
 
-def move_unique(path: Path, folder: Path) -> Path:
-    """Move ``path`` into ``folder`` untouched, never overwriting (``name-2.jsonl`` etc.)."""
+def free_target(path: Path, folder: Path) -> Path:
+    """Where ``path`` would go in ``folder`` without overwriting anything (``name-2.jsonl`` etc.)."""
     folder.mkdir(parents=True, exist_ok=True)
     target, n = folder / path.name, 2
     while target.exists():
         target, n = folder / f"{path.stem}-{n}{path.suffix}", n + 1
+    return target
+
+
+def move_unique(path: Path, folder: Path) -> Path:
+    """Move ``path`` into ``folder`` untouched, never overwriting."""
+    target = free_target(path, folder)
     os.replace(path, target)
     return target
 
@@ -290,9 +296,19 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
     champ = ledger.champion()
     file_hash = sha256_file(path)
     lineage = ledger.lineage(champ["version"]) if champ else []
-    if any(e["file_sha256"] == file_hash for e in lineage):
-        moved = move_unique(path, paths.resolve("accepted"))
-        logger.info("%s is already in the champion (same sha256): not applying it again; moved to %s", path.name, moved)
+    done = next((e for e in lineage if e["file_sha256"] == file_hash), None)
+    if done is not None:
+        recorded = Path(done["accepted_path"])
+        recorded = recorded if recorded.is_absolute() else REPO / recorded
+        if not recorded.exists():
+            # A crash after the ledger's promote line but before the move: finish that promotion.
+            recorded.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, recorded)
+            moved = recorded
+        else:
+            moved = move_unique(path, paths.resolve("accepted"))
+        logger.info("%r is already in the champion (same sha256): not applying it again; moved to %s",
+                    path.name, moved)
         return {"batch": path.name, "outcome": "already_applied"}
     try:
         batch_id = batch_id_for(path)
@@ -305,12 +321,12 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
         "batch_id": batch_id, "batch_sha256": file_hash, "base_weights_hash": loaded["base_hash"],
         "model": loaded["name"], "code_version": code_version(), "champion": champ["version"] if champ else "base"},
         {"batch_file": path.name})
-    logger.info("validating %s (%s)", path.name, file_hash[:12])
+    logger.info("validating %r (%s)", path.name, file_hash[:12])
     validation = validate(path, quote(session.tok), facts, params, report_dir)
     for f in ("validation.html", "validation.json"):
         tracker.log_artifact(run_id, report_dir / f, "validation")
     if not validation.passed:
-        logger.warning("%s failed validation: %s", path.name, validation.summary())
+        logger.warning("%r failed validation: %s", path.name, validation.summary())
         folder = quarantine(path, validation, paths.resolve("quarantine"),
                             {"stage": "validation", "problems": validation.problems_by_rule()})
         ledger.append("quarantine", batch_id=batch_id, file_sha256=file_hash, stage="validation",
@@ -369,12 +385,15 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
             shutil.copy2(ckpt / f, Path(staging) / f)
         mv = tracker.register_checkpoint(model_name, run_id, Path(staging), version,
                                          {"batch_id": batch_id, "weights_hash": manifest["weights_hash"]})
-    accepted = move_unique(path, paths.resolve("accepted"))
+    # Ledger first, then the move: a crash in between leaves the batch in the inbox, and the next
+    # night recognises it by its hash and finishes the move (a move first would lose it).
+    accepted = free_target(path, paths.resolve("accepted"))
     ledger.append("promote", **record, version=version, parent=champ["version"] if champ else None,
                   weights_hash=manifest["weights_hash"], checkpoint=str(ckpt.relative_to(REPO))
                   if ckpt.is_relative_to(REPO) else str(ckpt),
                   accepted_path=str(accepted.relative_to(REPO)) if accepted.is_relative_to(REPO) else str(accepted),
                   model_version=mv)
+    os.replace(path, accepted)
     tracker.set_champion(model_name, mv)
     tracker.tag_run(run_id, {"verdict": "promoted", "version": version})
     tracker.finish_run(run_id)
@@ -413,7 +432,7 @@ def nightly_refresh(params_file: str = str(REPO / "params.yaml")) -> list[dict[s
         if not batches:
             logger.info("inbox %s is empty: nothing to do tonight", paths.resolve("inbox"))
             return []
-        logger.info("%d batch(es) in the inbox: %s", len(batches), ", ".join(p.name for p in batches))
+        logger.info("%d batch(es) in the inbox: %s", len(batches), ", ".join(repr(p.name) for p in batches))
         tracker = connect_tracking(params)
         loaded = load_champion(params, ledger)
         sync_champion_alias(ledger, tracker, registered_model_name(loaded["name"]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -226,11 +227,15 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+# Bidirectional embeddings/overrides/isolates: "\u202eacirfA" displays as "Africa" but is another text.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def _bad_character(text: str) -> tuple[int, str] | None:
-    """First control character (Unicode category Cc, or a line/paragraph separator)."""
+    """First control character (Unicode category Cc, a line/paragraph separator, or a bidi control)."""
     for index, char in enumerate(text):
         code = ord(char)
-        if code < 0x20 or 0x7F <= code <= 0x9F or char in _LINE_SEPARATORS:
+        if code < 0x20 or 0x7F <= code <= 0x9F or char in _LINE_SEPARATORS or char in _BIDI_CONTROLS:
             return index, char
     return None
 
@@ -284,7 +289,8 @@ class _Checker:
                     f"{path} contains control character U+{ord(char):04X} at index {index}",
                 )
         stripped = value.strip()
-        if not stripped:
+        # Only format characters (zero-width space/joiner...) is as empty as no text at all.
+        if not stripped or all(unicodedata.category(ch) == "Cf" for ch in stripped):
             self.add("empty_field", path, f"{path} is empty")
             return None
         return stripped
