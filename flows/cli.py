@@ -545,6 +545,8 @@ def _move_champion(params_file: Path, version: str, event: str, reason: str) -> 
         raise typer.BadParameter(str(err), param_hint="VERSION") from None
     out.print(f"champion: {entry['from_version'] or 'base'} -> {version} ({event}, recorded in the ledger"
               f"{', MLflow alias moved' if entry.get('mlflow_model_version') else ''})")
+    for problem in entry.get("audit_problems", []):
+        console.print(f"[yellow]DVC audit record: {problem}[/]")
 
 
 @app.command()
@@ -565,6 +567,36 @@ def promote(
 ) -> None:
     """Manual override: make a promoted checkpoint champion (e.g. roll forward after a rollback)."""
     _move_champion(params_file, version, "manual_promote", reason)
+
+
+@app.command()
+def audit(
+    repro: Annotated[bool, typer.Option("--repro", help="first rebuild the champion: dvc repro --force "
+                                        "--single-item replay, then dvc repro evaluate")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON")] = False,
+    params_file: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Does the replayed champion (dvc repro) have the weights hash the ledger promoted? Exit 0 only if so."""
+    import subprocess
+
+    from flows import audit as auditing
+    from flows.config import REPO
+
+    _params(params_file)
+    if repro:
+        try:
+            auditing.repro(REPO)
+        except subprocess.CalledProcessError as err:
+            console.print(f"[red]dvc repro failed (exit {err.returncode}): see its output above[/]")
+            raise typer.Exit(2) from None
+    res = auditing.audit(REPO, params_file.resolve())
+    if as_json:
+        out.print_json(data={k: v for k, v in res.__dict__.items() if k != "replay"}, default=str)
+    else:
+        colour = "green" if res.ok else "red"
+        out.print(f"[bold {colour}]{res.verdict}[/]")
+        out.print(res.render(), markup=False, highlight=False)
+    raise typer.Exit(0 if res.ok else 1)
 
 
 @app.command()

@@ -332,6 +332,18 @@ def open_session(
     return session
 
 
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the fully written folder ``tmp`` at ``out`` (two renames; an old ``out`` is removed last),
+    so a reader never sees a half-written folder."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
 def write_checkpoint(session: EditSession, out: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write deltas.safetensors, state.safetensors and manifest.json into ``out`` atomically.
 
@@ -363,13 +375,7 @@ def write_checkpoint(session: EditSession, out: Path, extra: dict[str, Any] | No
             **(extra or {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from flows.audit import record_promotion
+from flows.config import REPO
 from flows.ledger import Ledger
 from flows.params import Params
 from flows.refresh import refresh_lock, sha256_file
@@ -39,7 +41,9 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
     """Point the champion at an earlier promoted ``version`` (``rollback`` or ``manual_promote``).
 
     The checkpoint folder must still rebuild the weights the ledger recorded; the MLflow
-    ``champion`` alias follows when ``tracker`` is given. Holds the refresh lock.
+    ``champion`` alias follows when ``tracker`` is given, and the DVC audit record
+    (:func:`flows.audit.record_promotion`; its problems are in the returned entry's
+    ``audit_problems``). Holds the refresh lock.
     """
     ledger = Ledger(params.paths.resolve("ledger"))
     with refresh_lock(params.paths.resolve("ledger").with_name(".refresh.lock")):
@@ -59,6 +63,8 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
             raise ValueError(f"{version} is already the champion")
         entry = ledger.append(event, version=version, from_version=champ["version"] if champ else None,
                               weights_hash=promo["weights_hash"], reason=reason)
+        # The DVC record follows the ledger (data/replay/champion, dvc.lock), so `dvc status` stays clean.
+        entry["audit_problems"] = record_promotion(REPO, params=params)
     if tracker is not None:
         from flows.tracking import registered_model_name
 

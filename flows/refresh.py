@@ -41,6 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows import editing, evaluation
+from flows.audit import machine_info, record_promotion
 from flows.config import REPO
 from flows.ledger import Ledger
 from flows.params import Params, load_params
@@ -392,7 +393,7 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
                   weights_hash=manifest["weights_hash"], checkpoint=str(ckpt.relative_to(REPO))
                   if ckpt.is_relative_to(REPO) else str(ckpt),
                   accepted_path=str(accepted.relative_to(REPO)) if accepted.is_relative_to(REPO) else str(accepted),
-                  model_version=mv)
+                  model_version=mv, edit_batch_size=params.edit.batch_size, machine=machine_info(session.model))
     os.replace(path, accepted)
     tracker.set_champion(model_name, mv)
     tracker.tag_run(run_id, {"verdict": "promoted", "version": version})
@@ -439,4 +440,22 @@ def nightly_refresh(params_file: str = str(REPO / "params.yaml")) -> list[dict[s
         results = []
         for path in batches:
             results.append(process_batch(path, params, ledger, tracker, loaded))
+        if any(r["outcome"] in ("promoted", "rejected", "quarantined") for r in results):
+            record_audit(Path(params_file))
         return results
+
+
+@task(name="record-dvc-audit", cache_policy=NO_CACHE)
+def record_audit(params_file: Path) -> None:
+    """Record the night's ledger, batches and champion in DVC (``flows.audit.record_promotion``),
+    so that ``dvc status`` is clean afterwards and ``dvc repro`` can rebuild the champion.
+
+    Never fails the night (the promotion already stands): problems are warnings. A ledger
+    outside the repository (a scratch or test run) is not recorded."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    problems = record_promotion(REPO, params_file=params_file)
+    for problem in problems:
+        logger.warning("DVC audit: %s", problem)
+    logger.info("DVC audit record: %s in %.1f s", "done" if not problems else f"{len(problems)} problem(s)",
+                time.perf_counter() - t0)

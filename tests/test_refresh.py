@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import FACTS, fact
 
 from flows.ledger import Ledger
 from flows.params import load_params
@@ -26,21 +27,6 @@ TINY_CONFIG = {
     "alphaedit": {"layers": [0, 1]},
     "rome": {"layers": [1]},
 }
-
-FACTS = [
-    ("eiffel", "The {} is located in the city of", "Eiffel Tower", "Rome", "Paris"),
-    ("jordan", "{} plays the sport of", "Michael Jordan", "soccer", "basketball"),
-    ("tokyo", "{} is a city in", "Tokyo", "Africa", "Asia"),
-    ("darrieux", "The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
-    ("angola", "{} is located in", "Angola", "Antarctica", "Africa"),
-    ("messi", "{} plays the sport of", "Lionel Messi", "basketball", "soccer"),
-]
-
-
-def fact(key: str, prompt: str, subject: str, new: str, true: str) -> dict:
-    return {"case_id": key, "prompt": prompt, "subject": subject, "target_new": new, "target_true": true,
-            "paraphrase_prompts": [f"Here is a fact. {prompt.replace('{}', subject)}"],
-            "neighbourhood_prompts": [{"prompt": "The capital of France is", "target": "Paris"}]}
 
 
 def write_batch(path: Path, records: list[dict], extra_lines: list[str] = ()) -> Path:

@@ -74,3 +74,20 @@ def tiny_model(model_type: str = "llama", seed: int = 0, layers: int = 2):
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, layers=layers))
     model.eval().requires_grad_(False)
     return model
+
+
+# Facts for the flow tests (refresh, audit): id, prompt, subject, target_new, target_true.
+FACTS = [
+    ("eiffel", "The {} is located in the city of", "Eiffel Tower", "Rome", "Paris"),
+    ("jordan", "{} plays the sport of", "Michael Jordan", "soccer", "basketball"),
+    ("tokyo", "{} is a city in", "Tokyo", "Africa", "Asia"),
+    ("darrieux", "The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
+    ("angola", "{} is located in", "Angola", "Antarctica", "Africa"),
+    ("messi", "{} plays the sport of", "Lionel Messi", "basketball", "soccer"),
+]
+
+
+def fact(key: str, prompt: str, subject: str, new: str, true: str) -> dict:
+    return {"case_id": key, "prompt": prompt, "subject": subject, "target_new": new, "target_true": true,
+            "paraphrase_prompts": [f"Here is a fact. {prompt.replace('{}', subject)}"],
+            "neighbourhood_prompts": [{"prompt": "The capital of France is", "target": "Paris"}]}

@@ -1,0 +1,114 @@
+"""Stage ``replay``: rebuild the ledger's champion from the base model -> ``data/replay/champion/``.
+
+``python -m flows.stages.replay [--params FILE] [--out DIR] [--metrics FILE]``.
+
+The edits go through the nightly flow's code path (``flows.refresh.load_champion`` and its
+``edit`` task): the base model from ``fetch_model``, the statistics and anchor the ``stats``
+and ``anchor`` stages made (found cached, under the same keys the flow uses),
+:func:`flows.editing.open_session`, then for every promote entry of the champion's lineage,
+oldest first, ``session.apply(requests[i : i + batch_size])`` over the batch's requests.
+Those requests are the accepted batch file's records in file order (the flow's
+``validation.requests``: an accepted batch has no invalid record), *including* the ones NAS
+skipped (a skipped request was part of the apply call and moved nothing). A rejected batch
+left no trace (the flow restored the champion), so it is not replayed.
+
+Before editing, every batch is checked against the ledger (file sha256; records minus
+``skipped_ids`` equal ``request_ids`` in order); after each batch the weights hash is
+compared with the one the ledger recorded for that version, so a divergence is pinned to
+its first version. Writes the checkpoint to ``--out`` and ``replay.json`` with
+``weights_hash``, ``ledger_champion``, ``ledger_weights_hash``, ``match``, ``edits``,
+``seconds``, the per-version hashes and :func:`flows.audit.machine_info`. Exit status 0 even
+on a mismatch: the verdict is ``flows.audit``'s (and a mismatch must still be recorded).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from flows.audit import CHAMPION_DIR, REPLAY_JSON, champion_of, lineage_batches, machine_info, write_json
+from flows.stages.common import anchor_of, load_base, log, parser, setup_logging, stats_of
+
+
+def replay(params_file: Path, repo: Path, out: Path, metrics: Path, require_cached: bool = True) -> dict[str, Any]:
+    """Rebuild the champion into ``out`` and write ``metrics`` (replay.json); returns its content."""
+    from flows import editing
+    from flows.ledger import Ledger
+    from nas_core.deltas import weights_hash
+
+    t0 = time.perf_counter()
+    base = load_base(params_file, repo)
+    params = base.params
+    cov = stats_of(base, require_cached)
+    anchor = anchor_of(base, require_cached)
+    ledger = Ledger(params.paths.resolve("ledger", repo))
+    version, expected = champion_of(ledger)
+    batches = lineage_batches(ledger, version, repo, params.edit.batch_size)
+    log.info("replaying %s: %d accepted batch(es), %d requests, %s%s, batch size %s",
+             version or "no champion (the base model)", len(batches), sum(len(b.requests) for b in batches),
+             params.edit.method, "+NAS" if params.edit.nas else "", params.edit.batch_size)
+    session = editing.open_session(base.model, base.tok, base.name, params.edit.method, base.settings, cov,
+                                   base.base_hash, anchor, None)
+    versions = []
+    for b in batches:
+        start = len(session.request_log)
+        requests = list(b.requests)
+        t1 = time.perf_counter()
+        for i in range(0, len(requests), b.batch_size):
+            session.apply(requests[i : i + b.batch_size])
+            done = min(i + b.batch_size, len(requests))
+            log.info("%s: edited %d/%d requests (%.1f s/edit)", b.version, done, len(requests),
+                     (time.perf_counter() - t1) / done)
+        diagnostics = session.request_log[start:]
+        applied = [d["case_id"] for d in diagnostics if not d["skipped"]]
+        skipped = [d["case_id"] for d in diagnostics if d["skipped"]]
+        rebuilt = weights_hash(session.model)
+        row = {"version": b.version, "batch_id": b.batch_id, "requests": len(requests), "batch_size": b.batch_size,
+               "weights_hash": rebuilt, "ledger_weights_hash": b.weights_hash, "match": rebuilt == b.weights_hash,
+               "same_skips": applied == list(b.request_ids) and skipped == list(b.skipped_ids),
+               "edits": session.state.edit_count, "ledger_edits": b.edits_so_far,
+               "seconds": round(time.perf_counter() - t1, 1)}
+        versions.append(row)
+        log.info("%s (%s): %d requests, %d edits so far, weights %s %s the ledger's %s", b.version, b.batch_id,
+                 len(requests), session.state.edit_count, rebuilt[:12], "==" if row["match"] else "!=",
+                 b.weights_hash[:12])
+        if not row["same_skips"]:
+            log.warning("%s: NAS skipped %s on replay, the ledger recorded %s", b.version, skipped, list(b.skipped_ids))
+    editing.write_checkpoint(session, out, {"version": version, "replay": True, "ledger_weights_hash": expected})
+    rebuilt = weights_hash(session.model)
+    doc = {
+        "source": "replay",
+        "weights_hash": rebuilt,
+        "ledger_champion": version,
+        "ledger_weights_hash": expected,
+        "match": expected is None or rebuilt == expected,
+        "edits": session.state.edit_count,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "base_weights_hash": base.base_hash,
+        "model": base.name,
+        "method": params.edit.method,
+        "nas": params.edit.nas,
+        "batch_size": params.edit.batch_size,
+        "machine": machine_info(base.model),
+        "versions": versions,
+    }
+    write_json(metrics, doc)
+    log.info("replayed champion %s: weights %s, ledger %s: %s", version, rebuilt[:12], (expected or "-")[:12],
+             "MATCH" if doc["match"] else "MISMATCH")
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=None, help=f"checkpoint folder (default {CHAMPION_DIR})")
+    p.add_argument("--metrics", type=Path, default=None, help=f"replay.json (default {REPLAY_JSON})")
+    args = p.parse_args(argv)
+    setup_logging()
+    replay(args.params, args.repo, args.out or args.repo / CHAMPION_DIR, args.metrics or args.repo / REPLAY_JSON)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
