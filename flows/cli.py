@@ -414,13 +414,14 @@ if __name__ == "__main__":
 @bench_app.command("horizon")
 def bench_horizon(
     model: ModelOpt = "smollm2-135m",
-    methods: Annotated[str, typer.Option(help="comma-separated method[+nas] list")] = ",".join(
-        ("memit", "memit+nas", "alphaedit", "alphaedit+nas", "rome", "rome+nas")),
-    stream_length: Annotated[int, typer.Option(help="CounterFact requests in the stream")] = 40,
-    batch_size: Annotated[int, typer.Option(help="requests per sequential edit call")] = 4,
-    eval_every: Annotated[int, typer.Option(help="edits between measurements")] = 8,
-    general_items: Annotated[int, typer.Option(help="items per general task per measurement")] = 20,
-    pilots: Annotated[int, typer.Option(help="NAS pilots for the anchors")] = 50,
+    methods: Annotated[str | None, typer.Option(help="comma-separated method[+nas] list [default: all six]")] = None,
+    stream_length: Annotated[int | None, typer.Option(help="CounterFact requests in the stream [default: 40]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="requests per sequential edit call [default: 5]")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="edits between measurements [default: 10]")] = None,
+    general_items: Annotated[int | None, typer.Option(help="items per general task per measurement [default: 10]")]
+    = None,
+    canary_tokens: Annotated[int | None, typer.Option(help="canary tokens per measurement [default: 1024]")] = None,
+    pilots: Annotated[int | None, typer.Option(help="NAS pilots for the anchors [default: 50]")] = None,
     source: Annotated[Path | None, typer.Option(help="CounterFact JSON (EasyEdit layout)")] = None,
     out_root: Annotated[Path, typer.Option("--out", help="studies live in OUT/MODEL-KEY/")] = Path("bench/horizon"),
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite mlflow.db)")] = None,
@@ -429,15 +430,17 @@ def bench_horizon(
     from flows.horizon import DEFAULT_STREAM, HorizonSettings, horizon_study
 
     try:
-        settings = HorizonSettings(methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                                   stream_length=stream_length, batch_size=batch_size, eval_every=eval_every,
-                                   general_items=general_items, pilots=pilots)
+        given = {"stream_length": stream_length, "batch_size": batch_size, "eval_every": eval_every,
+                 "general_items": general_items, "canary_tokens": canary_tokens, "pilots": pilots}
+        if methods is not None:
+            given["methods"] = tuple(m.strip() for m in methods.split(",") if m.strip())
+        settings = HorizonSettings(**{k: v for k, v in given.items() if v is not None})
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     t0 = time.perf_counter()
     res = horizon_study(model, settings, source or DEFAULT_STREAM, out_root, tracking_uri)
     table = Table("method", "collapse point", "editing score", "ES/PS/NS", "ppl ratio", "norm ratio", "s/edit",
-                  title=f"horizon study: {res['model']}, {stream_length} edits, batch {batch_size}")
+                  title=f"horizon study: {res['model']}, {settings.stream_length} edits, batch {settings.batch_size}")
     for label, r in res["methods"].items():
         m = r["final"]["metrics"]
         cp = r["collapse_point"]

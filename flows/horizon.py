@@ -46,14 +46,20 @@ class HorizonSettings:
         eval_every: edits between two measurements (rounded up to whole batches).
         general_items: items per general task at each measurement (the base model's
             reference uses the same number).
+        canary_tokens: canary tokens scored for perplexity at each measurement.
         pilots: NAS pilots for the anchors (1000 in the paper; fewer keeps a CPU study short).
+
+    The defaults fit the 60-minute budget of a 2-core CPU with SmolLM2-135M: a measurement
+    costs about 2 forward TFLOP (canary + general tasks + retention), about as much as 5
+    edits, so 4 measurements per method and 1024 canary tokens / 10 items per task.
     """
 
     methods: tuple[str, ...] = METHODS
     stream_length: int = 40
-    batch_size: int = 4
-    eval_every: int = 8
-    general_items: int = 20
+    batch_size: int = 5
+    eval_every: int = 10
+    general_items: int = 10
+    canary_tokens: int = 1024
     pilots: int = 50
 
     def __post_init__(self) -> None:
@@ -62,6 +68,8 @@ class HorizonSettings:
             raise ValueError(f"horizon.methods: unknown {bad}; use memit, alphaedit, rome with optional +nas")
         if min(self.stream_length, self.batch_size, self.eval_every, self.pilots) < 1 or self.general_items < 0:
             raise ValueError("horizon: stream_length, batch_size, eval_every and pilots must be >= 1")
+        if self.canary_tokens < 2:
+            raise ValueError("horizon: canary_tokens must be >= 2")
 
 
 def stream_requests(source: Path, n: int) -> list[EditRequest]:
@@ -149,7 +157,8 @@ def _fmt(x: float | None) -> str:
 
 
 def cfg_eval(cfg: ModelConfig, settings: HorizonSettings):
-    return dataclasses.replace(cfg.eval, general_items=settings.general_items)
+    return dataclasses.replace(cfg.eval, general_items=settings.general_items,
+                               canary_tokens=settings.canary_tokens)
 
 
 def collapse_point(points: list[dict[str, Any]]) -> int | None:

@@ -13,6 +13,17 @@ def test_settings_reject_unknown_methods_and_bad_sizes():
         HorizonSettings(methods=("ft",))
     with pytest.raises(ValueError, match=">= 1"):
         HorizonSettings(batch_size=0)
+    with pytest.raises(ValueError, match="canary_tokens"):
+        HorizonSettings(canary_tokens=1)
+
+
+def test_measurements_use_the_studys_health_sizes():
+    from flows.config import config_for
+    from flows.horizon import cfg_eval
+
+    s = HorizonSettings(general_items=7, canary_tokens=512)
+    ev = cfg_eval(config_for("smollm2-135m"), s)
+    assert (ev.general_items, ev.canary_tokens) == (7, 512)
 
 
 def test_collapse_point_is_the_first_collapsed_measurement():
