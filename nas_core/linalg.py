@@ -27,10 +27,22 @@ def ridge_solve(
     return r @ x.T
 
 
-def nullspace_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
-    """AlphaEdit: P = U_0 U_0^T over eigenvectors of C with eigenvalue < threshold (float64)."""
+def nullspace_projector(cov: torch.Tensor, threshold: float, relative: float | None = None) -> torch.Tensor:
+    """AlphaEdit: P = U_0 U_0^T over eigenvectors of C with eigenvalue below the cut (float64).
+
+    Args:
+        cov: (d_in, d_in) second moment C of the preserved keys.
+        threshold: the absolute cut (AlphaEdit's 1e-2 for its models' statistics).
+        relative: when given, the cut is ``relative * lambda_max(C)`` instead, which does
+            not depend on the scale of the keys (a model whose C has no eigenvalue below
+            an absolute cut gets no null space, and AlphaEdit then edits nothing).
+
+    Returns:
+        (d_in, d_in) projector onto the span of C's small-eigenvalue directions.
+    """
     evals, evecs = torch.linalg.eigh(_f64(cov))
-    u0 = evecs[:, evals < threshold]
+    cut = threshold if relative is None else relative * float(evals[-1])
+    u0 = evecs[:, evals < cut]
     return u0 @ u0.T
 
 

@@ -118,11 +118,15 @@ class AlphaEditSettings:
     Attributes:
         layers: edited layers.
         nullspace_threshold: eigenvalues of C below this span the null space P projects on.
+        nullspace_relative_threshold: when set, the cut is this fraction of C's largest
+            eigenvalue instead (scale-free: the right choice for models whose key scale
+            differs from the ones AlphaEdit's absolute 1e-2 was tuned on).
         l2: beta, the ridge on the projected solve.
     """
 
     layers: tuple[int, ...] = (3, 4, 5, 6, 7)
     nullspace_threshold: float = 0.02
+    nullspace_relative_threshold: float | None = None
     l2: float = 10.0
     nas: NASSettings = field(default_factory=NASSettings)
     values: ValueSettings = field(default_factory=ValueSettings)
@@ -130,6 +134,8 @@ class AlphaEditSettings:
     def __post_init__(self) -> None:
         _check_layers(self.layers, "alphaedit")
         _check(self.nullspace_threshold > 0, "alphaedit.nullspace_threshold must be > 0")
+        _check(self.nullspace_relative_threshold is None or 0 < self.nullspace_relative_threshold < 1,
+               "alphaedit.nullspace_relative_threshold must be in (0, 1)")
         _check(self.l2 > 0, "alphaedit.l2 must be > 0")
 
 

@@ -167,6 +167,23 @@ def test_projector_is_idempotent_and_annihilates_preserved_keys():
     assert torch.allclose(delta @ preserved, torch.zeros(4, 5, dtype=torch.float64), atol=1e-10)
 
 
+def test_relative_nullspace_cut_does_not_depend_on_the_key_scale():
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64)).Q
+    evals = torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1, 1e-4, 1e-5, 1e-6, 1e-7, 0.0], dtype=torch.float64)
+    cov = basis @ torch.diag(evals) @ basis.T
+    # An absolute cut sees a different null space when the keys are ~170x larger (C 3e4x) ...
+    assert round(float(torch.trace(nullspace_projector(cov, threshold=0.01)))) == 5
+    assert round(float(torch.trace(nullspace_projector(cov * 3e4, threshold=0.01)))) == 2
+    # ... a relative cut (fraction of lambda_max) does not.
+    for scale in (1.0, 3e4, 1e-6):
+        p = nullspace_projector(cov * scale, threshold=0.01, relative=1e-3)
+        assert round(float(torch.trace(p))) == 5
+        assert torch.allclose(p, nullspace_projector(cov, threshold=0.01), atol=1e-8)
+    with pytest.raises(ValueError, match="nullspace_relative_threshold"):
+        AlphaEditSettings(nullspace_relative_threshold=1.5)
+
+
 def test_rank_one_update_denominator_positive_and_hits_target():
     c = _spd(6, seed=3)
     k = torch.randn(6, dtype=torch.float64)
@@ -335,3 +352,30 @@ def test_woodbury_sequence_equals_direct_solves():
         xa, inv_alpha = woodbury_solve(inv_alpha, pk, k, pk @ r.T)
         assert torch.allclose(xa.T, projected_solve(k, r, p, beta, s), atol=1e-9)
         s = s + k @ k.T
+
+
+def test_alphaedit_relative_cut_edits_a_model_whose_spectrum_has_no_small_eigenvalues(tok):
+    # The tiny model's C is well conditioned (smallest eigenvalue ~0.15): AlphaEdit's absolute
+    # cut 0.02 leaves no free direction and the update is zero; a relative cut finds one.
+    from tiny import CORPUS
+
+    from nas_core.stats import second_moment, token_batches
+
+    model = tiny_model("llama")
+    ids = [i for t in CORPUS * 30 for i in tok(t).input_ids]
+    cov = second_moment(model, spec_for(model), [0], token_batches(ids, 32, 8)).cov
+    lp0 = _target_logprob(model, tok, REQ)
+    nas = NASSettings(enabled=False)
+    absolute = AlphaEditEditor(AlphaEditSettings(layers=(0,), nas=nas, values=VALUES, l2=1.0), cov)
+    state = absolute.init_state(model)
+    assert float(torch.trace(state.projectors[0])) < 0.5
+    result = absolute.compute(model, tok, [REQ], state)
+    assert all(float(d.abs().max()) == 0.0 for d in result.deltas.values())
+    for name, delta in result.deltas.items():  # undo (nothing) and start again with the relative cut
+        model.get_parameter(name).data -= delta.to(model.get_parameter(name).dtype)
+    relative = AlphaEditEditor(AlphaEditSettings(layers=(0,), nullspace_relative_threshold=0.2, nas=nas,
+                                                 values=VALUES, l2=1.0), cov)
+    state = relative.init_state(model)
+    assert 10 < float(torch.trace(state.projectors[0])) < 64
+    relative.compute(model, tok, [REQ], state)
+    assert _target_logprob(model, tok, REQ) > lp0 + 0.05

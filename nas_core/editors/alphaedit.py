@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -22,6 +23,8 @@ from nas_core.requests import EditRequest
 from nas_core.settings import AlphaEditSettings
 from nas_core.spec import spec_for
 from nas_core.state import EditState
+
+log = logging.getLogger(__name__)
 
 
 class AlphaEditEditor:
@@ -46,10 +49,18 @@ class AlphaEditEditor:
         self.cov = cov
 
     def init_state(self, model: nn.Module) -> EditState:
+        s = self.settings
         projectors = {
-            layer: nullspace_projector(self.cov[layer], self.settings.nullspace_threshold).float()
-            for layer in self.settings.layers
+            layer: nullspace_projector(self.cov[layer], s.nullspace_threshold, s.nullspace_relative_threshold).float()
+            for layer in s.layers
         }
+        # The null space's dimension is the number of free directions: 0 means no edit can land.
+        dims = {layer: round(float(torch.trace(p))) for layer, p in projectors.items()}
+        log.info("AlphaEdit null-space dimension per layer: %s", dims)
+        if any(d == 0 for d in dims.values()):
+            log.warning("AlphaEdit: layers %s have an empty null space (every eigenvalue of C is above the cut): "
+                        "their updates will be zero; use nullspace_relative_threshold", [k for k, d in dims.items()
+                                                                                          if d == 0])
         return EditState(layers=self.settings.layers, projectors=projectors)
 
     def compute(
