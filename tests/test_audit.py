@@ -357,7 +357,9 @@ TINY_CONFIG = {
     # A low outlier factor makes NAS skip some requests: the replay must pass them to apply() too.
     "nas": {"pilots": 4, "pilot_batch_size": 4, "outlier_factor": 1.05},
     "memit": {"layers": [0, 1], "mom2_weight": 10.0},
-    "alphaedit": {"layers": [0, 1]},
+    # The tiny model's C has no eigenvalue below AlphaEdit's absolute 0.02: a relative cut gives it
+    # a null space, so the replayed edits really move the weights.
+    "alphaedit": {"layers": [0, 1], "nullspace_relative_threshold": 0.2},
     "rome": {"layers": [1]},
 }
 
@@ -417,6 +419,9 @@ def test_replay_rebuilds_the_flows_champion_bit_for_bit(prefect, tmp_path, tok, 
     assert any(e["skipped_ids"] for e in ledger.promotions()), "no request skipped: the test lost its point"
 
     doc = replay(params_file, tmp_path, tmp_path / A.CHAMPION_DIR, tmp_path / A.REPLAY_JSON)
+    assert doc["base_weights_hash"] not in {e["weights_hash"] for e in ledger.promotions()}, "no edit moved weights"
+    # (a batch whose every request NAS skipped keeps its parent's weights: at least two distinct)
+    assert len({e["weights_hash"] for e in ledger.promotions()}) >= 2
     assert doc["match"] and doc["weights_hash"] == champ["weights_hash"], doc["versions"]
     assert [v["version"] for v in doc["versions"]] == ["v0001", "v0002", "v0003"]
     assert all(v["match"] and v["same_skips"] for v in doc["versions"])
