@@ -435,6 +435,9 @@ def nightly_refresh(params_file: str = str(REPO / "params.yaml")) -> list[dict[s
             return []
         logger.info("%d batch(es) in the inbox: %s", len(batches), ", ".join(repr(p.name) for p in batches))
         tracker = connect_tracking(params)
+        # Under the lock no other night is writing: a RUNNING run is a killed night's leftover.
+        for run_id in tracker.close_orphaned_runs("its night's process died before the run was closed"):
+            logger.warning("MLflow run %s was left RUNNING by a killed night: marked KILLED", run_id)
         loaded = load_champion(params, ledger)
         sync_champion_alias(ledger, tracker, registered_model_name(loaded["name"]))
         results = []

@@ -418,6 +418,26 @@ class Tracker:
         with self._guard(f"finish run {run_id}"):
             self.client.set_terminated(run_id, status=status)
 
+    def close_orphaned_runs(self, reason: str) -> list[str]:
+        """Mark every RUNNING run of the experiment KILLED, tagged ``orphaned=<reason>``.
+
+        Only safe while no other writer can have a run open (the nightly flow calls it under
+        the refresh lock): a RUNNING run then belongs to a night whose process died.
+        Returns the closed run ids.
+        """
+        from mlflow.entities import ViewType
+
+        with self._guard("list running runs"):
+            runs = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                           run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+        closed = []
+        for run in runs:
+            with self._guard(f"close orphaned run {run.info.run_id}"):
+                self.client.set_tag(run.info.run_id, "orphaned", reason[:MAX_TAG_VAL_LENGTH])
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+        return closed
+
     def _terminate_quietly(self, run_id: str) -> None:
         try:
             self.client.set_terminated(run_id, status="FAILED")

@@ -121,7 +121,7 @@ def wait_for(log: Path, marker: str, child: subprocess.Popen, timeout: float) ->
 
 
 @pytest.mark.slow
-def test_sigkill_mid_edit_loses_nothing_and_the_next_night_promotes(night, tmp_path):
+def test_sigkill_mid_edit_loses_nothing_and_the_next_night_promotes(night, tmp_path, tracking_uri):
     from prefect.settings import PREFECT_API_URL
 
     champ, before = first_night(night, tmp_path)
@@ -129,6 +129,7 @@ def test_sigkill_mid_edit_loses_nothing_and_the_next_night_promotes(night, tmp_p
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
     log = tmp_path / "child.log"
+    child_started_ms = int(time.time() * 1000)
     with log.open("wb") as out:
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "params.yaml")], cwd=REPO, env=env,
                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -151,6 +152,16 @@ def test_sigkill_mid_edit_loses_nothing_and_the_next_night_promotes(night, tmp_p
     outcomes, _ = night()
     assert_promoted_after(tmp_path, outcomes, "v0002", "v0001", batch)
     assert Ledger(tmp_path / "ledger.jsonl").champion()["edits_so_far"] == 3
+    # The killed night's MLflow run was left RUNNING; the next night closed it as KILLED.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    killed = client.search_runs(exps, filter_string=f"tags.batch_id = '{batch.stem}' and "
+                                                    f"attributes.start_time >= {child_started_ms}")
+    assert sorted((r.info.status, "orphaned" in r.data.tags) for r in killed) == [("FINISHED", False),
+                                                                                  ("KILLED", True)]
+    assert not client.search_runs(exps, filter_string="attributes.status = 'RUNNING'")
 
 
 # --- crashes around write_checkpoint --------------------------------------------------------------

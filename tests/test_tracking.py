@@ -193,6 +193,17 @@ def test_mark_rejected_and_finish(tracker):
         tracker.finish_run(run_id, "DONE")
 
 
+def test_close_orphaned_runs_kills_only_running_runs(tracker):
+    done = tracker.start_batch_run("done", {})
+    tracker.finish_run(done)
+    left = tracker.start_batch_run("left-running", {})
+    assert tracker.close_orphaned_runs("test: the night died") == [left]
+    run = tracker.client.get_run(left)
+    assert run.info.status == "KILLED" and run.data.tags["orphaned"] == "test: the night died"
+    assert tracker.client.get_run(done).info.status == "FINISHED"
+    assert tracker.close_orphaned_runs("again") == []
+
+
 def test_refused_write_raises_tracking_error(tracker):
     with pytest.raises(TrackingError, match="sqlite:///"):
         tracker.log_metrics("0" * 32, {"efficacy": 1.0})
