@@ -96,6 +96,26 @@ def next_version(checkpoints: Path) -> str:
     return f"v{max(numbers, default=0) + 1:04d}"
 
 
+def tidy_checkpoints(checkpoints: Path, ledger: Ledger) -> tuple[list[str], list[str]]:
+    """Remove the half-written folders a killed checkpoint write leaves (``.vNNNN.tmp-*``,
+    ``.vNNNN.old-*``) and list orphans (complete ``vNNNN`` folders the ledger never promoted).
+
+    Call it under the refresh lock only (no write can be in flight then). Orphans stay where
+    they are: their numbers are never reused (:func:`next_version` counts them) and an
+    operator may want to look at them. Returns ``(removed, orphans)``.
+    """
+    if not checkpoints.is_dir():
+        return [], []
+    removed = []
+    for p in sorted(checkpoints.glob(".v[0-9]*")):
+        if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name):
+            shutil.rmtree(p)
+            removed.append(p.name)
+    promoted = {e["version"] for e in ledger.promotions()}
+    orphans = sorted(p.name for p in checkpoints.glob("v[0-9][0-9][0-9][0-9]") if p.is_dir() and p.name not in promoted)
+    return removed, orphans
+
+
 def free_target(path: Path, folder: Path) -> Path:
     """Where ``path`` would go in ``folder`` without overwriting anything (``name-2.jsonl`` etc.)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -434,6 +454,12 @@ def nightly_refresh(params_file: str = str(REPO / "params.yaml")) -> list[dict[s
             logger.info("inbox %s is empty: nothing to do tonight", paths.resolve("inbox"))
             return []
         logger.info("%d batch(es) in the inbox: %s", len(batches), ", ".join(repr(p.name) for p in batches))
+        removed, orphans = tidy_checkpoints(paths.resolve("checkpoints"), ledger)
+        for name in removed:
+            logger.warning("removed %r: a checkpoint write that was killed half-way", name)
+        if orphans:
+            logger.warning("checkpoints the ledger never promoted (a crash after the write; left in place, "
+                           "numbers not reused): %s", ", ".join(orphans))
         tracker = connect_tracking(params)
         # Under the lock no other night is writing: a RUNNING run is a killed night's leftover.
         for run_id in tracker.close_orphaned_runs("its night's process died before the run was closed"):
