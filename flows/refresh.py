@@ -225,6 +225,9 @@ def load_champion(params: Params, ledger: Ledger) -> dict[str, Any]:
     ckpt = None
     if champ is not None:
         ckpt = params.paths.resolve("checkpoints") / champ["version"]
+        if not (ckpt / "manifest.json").is_file():
+            raise FileNotFoundError(f"the champion's checkpoint {ckpt} is missing: restore it with "
+                                    "`dvc pull data/checkpoints.dvc` (or rebuild it: `nas audit --repro`)")
         logger.info("champion %s (%d edits) from %s", champ["version"], champ.get("edits_so_far", 0), ckpt)
     else:
         logger.info("no champion yet: starting from the base model %s", name)
