@@ -227,7 +227,7 @@ def load_champion(params: Params, ledger: Ledger) -> dict[str, Any]:
         ckpt = params.paths.resolve("checkpoints") / champ["version"]
         if not (ckpt / "manifest.json").is_file():
             raise FileNotFoundError(f"the champion's checkpoint {ckpt} is missing: restore it with "
-                                    "`dvc pull data/checkpoints.dvc` (or rebuild it: `nas audit --repro`)")
+                                    "`dvc pull data/checkpoints.dvc`")
         logger.info("champion %s (%d edits) from %s", champ["version"], champ.get("edits_so_far", 0), ckpt)
     else:
         logger.info("no champion yet: starting from the base model %s", name)
