@@ -194,6 +194,10 @@ def test_mark_rejected_and_finish(tracker):
 
 
 def test_close_orphaned_runs_kills_only_running_runs(tracker):
+    from flows.tracking import Tracker
+
+    # Its own experiment: other tests of the shared store leave runs open on purpose.
+    tracker = Tracker(tracker.tracking_uri, experiment="orphan-test")
     done = tracker.start_batch_run("done", {})
     tracker.finish_run(done)
     left = tracker.start_batch_run("left-running", {})
