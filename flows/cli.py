@@ -598,7 +598,7 @@ def audit(
     else:
         colour = "green" if res.ok else "red"
         out.print(f"[bold {colour}]{res.verdict}[/]")
-        out.print(res.render(), markup=False, highlight=False)
+        out.print(res.render(), markup=False, highlight=False, soft_wrap=True)  # hashes stay on one line
     raise typer.Exit(0 if res.ok else 1)
 
 
