@@ -38,6 +38,7 @@ import errno
 import hashlib
 import html
 import json
+import logging
 import os
 import re
 import shutil
@@ -576,6 +577,9 @@ def _gx_runtime() -> tuple[Any, Any]:
     Call with :data:`_GX_LOCK` held.
     """
     if not _GX_STATE:
+        # GX logs its own start-up at INFO ("Skipping registering function ...", dozens of
+        # lines per context): keep its warnings, drop that noise from the night's log.
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)
         import great_expectations as gx
         from great_expectations.data_context.data_context import context_factory
         from great_expectations.data_context.types.base import (
