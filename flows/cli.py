@@ -105,11 +105,6 @@ def _anchor(m, tok, name, method, settings, base_hash) -> float | None:
     return float(rec["reference_norm"])
 
 
-def all_layers(cfg: ModelConfig) -> list[int]:
-    """Every layer any method of the config edits: one statistics file serves them all."""
-    return sorted({*cfg.memit.layers, *cfg.alphaedit.layers, *cfg.rome.layers})
-
-
 def read_requests(path: Path, limit: int | None = None) -> list[EditRequest]:
     """Requests from a fact-batch JSONL, or a CounterFact (ROME/EasyEdit) or zsRE JSON file."""
     from nas_core import requests as rq
@@ -156,7 +151,7 @@ def stats(
     """Covariance statistics C for every layer the model's config edits (cached)."""
     cfg = _config(model, config)
     m, tok, name, h = _load(model)
-    _stats(m, tok, name, cfg, h, all_layers(cfg), force=force)
+    _stats(m, tok, name, cfg, h, cfg.all_layers(), force=force)
 
 
 @app.command()
@@ -193,7 +188,7 @@ def edit(
     if not reqs:
         raise typer.BadParameter(f"{requests}: no usable requests")
     m, tok, name, h = _load(model)
-    cov = _stats(m, tok, name, cfg, h, all_layers(cfg))
+    cov = _stats(m, tok, name, cfg, h, cfg.all_layers())
     a = _anchor(m, tok, name, method, s, h)
     session = editing.open_session(m, tok, name, method, s, cov, h, a, from_dir)
     t0 = time.perf_counter()
@@ -299,7 +294,7 @@ def demo(
     cfg = dataclasses.replace(cfg, stats=dataclasses.replace(cfg.stats, tokens=stats_tokens))
     s = _method(cfg, "alphaedit", True, pilots)
     m, tok, name, h = _load(model)
-    cov = _stats(m, tok, name, cfg, h, all_layers(cfg))
+    cov = _stats(m, tok, name, cfg, h, cfg.all_layers())
     a = _anchor(m, tok, name, "alphaedit", s, h)
     req = EditRequest("demo-eiffel", "The {} is located in the city of", "Eiffel Tower", "Rome",
                       "Paris", paraphrase_prompts=("Where is the Eiffel Tower? It stands in the city of",))
@@ -328,7 +323,7 @@ def _session(model, method, nas, config=None, pilots=None, settings_fn=None):
     if settings_fn is not None:
         s = settings_fn(s)
     m, tok, name, h = _load(model)
-    cov = _stats(m, tok, name, cfg, h, all_layers(cfg))
+    cov = _stats(m, tok, name, cfg, h, cfg.all_layers())
     a = _anchor(m, tok, name, method, s, h)
     return editing.open_session(m, tok, name, method, s, cov, h, a)
 
@@ -395,7 +390,7 @@ def bench_layer_sweep(
     cfg = _config(model, None)
     ls = [int(x) for x in layers.split(",")]
     m, tok, name, h = _load(model)
-    cov = _stats(m, tok, name, cfg, h, sorted(set(ls) | set(all_layers(cfg))))
+    cov = _stats(m, tok, name, cfg, h, sorted(set(ls) | set(cfg.all_layers())))
     reqs = bench.counterfact_cases(cases)
     results = {}
     for layer in ls:

@@ -115,6 +115,10 @@ class ModelConfig:
     eval: EvalSettings = EvalSettings()
     collapse: CollapseSettings = CollapseSettings()
 
+    def all_layers(self) -> list[int]:
+        """Every layer any method of the config edits: one statistics file serves them all."""
+        return sorted({*self.memit.layers, *self.alphaedit.layers, *self.rome.layers})
+
     def method(self, name: str, nas: bool | None = None) -> MemitSettings | AlphaEditSettings | RomeSettings:
         """The settings of method ``name``, with NAS switched on/off when ``nas`` is given."""
         if name not in METHOD_SETTINGS:

@@ -206,7 +206,6 @@ def horizon_study(
 ) -> dict[str, Any]:
     """Run every method over the same stream; write results.json, horizon.png and MLflow runs."""
     from flows.assets import fetch_model, load_model
-    from flows.cli import all_layers
     from flows.config import config_for
     from nas_core.deltas import weights_hash
 
@@ -221,10 +220,10 @@ def horizon_study(
     out.mkdir(parents=True, exist_ok=True)
     logger.info("horizon study in %s: %d requests from %s, methods %s", out, len(stream), source.name,
                 ", ".join(settings.methods))
-    cov, cov_path, cached = editing.ensure_stats(model, tok, name, all_layers(cfg), cfg.stats, base_hash)
+    cov, cov_path, cached = editing.ensure_stats(model, tok, name, cfg.all_layers(), cfg.stats, base_hash)
     logger.info("statistics %s%s", cov_path, " (cached)" if cached else "")
     spec = spec_for(model)
-    base_weights = edited_weights(model, [spec.weight_name(layer) for layer in all_layers(cfg)])
+    base_weights = edited_weights(model, [spec.weight_name(layer) for layer in cfg.all_layers()])
     eval_settings = cfg_eval(cfg, settings)
     base_ref = evaluation.base_reference(model, tok, name, base_hash, eval_settings)
     base_point = {"editing_score": None, "perplexity_ratio": 1.0, "norm_ratio_max": 1.0,

@@ -200,7 +200,6 @@ def inbox_batches(inbox: Path) -> list[Path]:
 def load_champion(params: Params, ledger: Ledger) -> dict[str, Any]:
     """Load the base model once, its statistics and anchor, and the champion checkpoint on top."""
     from flows.assets import fetch_model, load_model
-    from flows.cli import all_layers
     from nas_core.deltas import weights_hash
 
     logger = get_run_logger()
@@ -210,7 +209,7 @@ def load_champion(params: Params, ledger: Ledger) -> dict[str, Any]:
     model, tok = load_model(fetched.path)
     name = fetched.path.name
     base_hash = weights_hash(model)
-    cov, cov_path, cached = editing.ensure_stats(model, tok, name, all_layers(cfg), cfg.stats, base_hash,
+    cov, cov_path, cached = editing.ensure_stats(model, tok, name, cfg.all_layers(), cfg.stats, base_hash,
                                                  root=params.paths.resolve("stats"))
     logger.info("covariance statistics %s%s", cov_path, " (cached)" if cached else "")
     anchor = None

@@ -331,13 +331,12 @@ def test_dvc_metrics_and_plots_show_read_the_stage_outputs(repo, tmp_path_factor
     assert all(f"vegaEmbed('#{p}'" in html for p in ("retention", "data_replay_norms_csv", "data_replay_retention_csv"))
 
 
-def test_stages_measure_the_layers_the_flow_measures():
-    from flows.cli import all_layers
+def test_one_statistics_file_covers_every_method_s_layers():
     from flows.config import config_for
-    from flows.stages import common
 
-    for name in ("smollm2-135m", "gemma3-270m"):
-        assert common.all_layers(config_for(name)) == all_layers(config_for(name))
+    cfg = config_for("smollm2-135m")
+    assert cfg.all_layers() == sorted({*cfg.memit.layers, *cfg.alphaedit.layers, *cfg.rome.layers})
+    assert set(cfg.rome.layers) <= set(cfg.all_layers()) and cfg.all_layers() == sorted(set(cfg.all_layers()))
 
 
 def test_stage_modules_import_without_prefect():

@@ -30,11 +30,6 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def all_layers(cfg: ModelConfig) -> list[int]:
-    """Every layer any method of the config edits (``flows.cli.all_layers``: one statistics file serves all)."""
-    return sorted({*cfg.memit.layers, *cfg.alphaedit.layers, *cfg.rome.layers})
-
-
 @dataclass
 class Base:
     """The unedited model as ``flows.refresh.load_champion`` loads it."""
@@ -67,7 +62,7 @@ def stats_of(base: Base, require_cached: bool) -> dict[int, Any]:
     """The covariance statistics the flow uses (``ensure_stats`` over every edited layer)."""
     from flows import editing
 
-    cov, path, cached = editing.ensure_stats(base.model, base.tok, base.name, all_layers(base.cfg), base.cfg.stats,
+    cov, path, cached = editing.ensure_stats(base.model, base.tok, base.name, base.cfg.all_layers(), base.cfg.stats,
                                              base.base_hash, root=base.params.paths.resolve("stats", base.repo))
     if require_cached and not cached:
         raise RuntimeError(f"covariance statistics {path} were not made by the stats stage (dvc repro stats)")
