@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from flows.serve import ScheduleError, ServeError, check_cron, check_server, che
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 180.0  # the server and the serving process each, on a loaded 2-core machine
 RUN_TIMEOUT_S = 180.0
+RUNNER_PREFETCH_S = 10  # prefect.runner.Runner's default prefetch_seconds, which serve() keeps
 
 
 def free_port() -> int:
@@ -276,7 +278,14 @@ def test_serve_against_a_real_server(tmp_path: Path) -> None:
             assert dep.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
 
             # Two runs at once: one completes, the other is cancelled by the deployment's limit.
-            runs = [run_deployment(deployment_name(), timeout=0) for _ in range(2)]
+            # Both are scheduled for the same instant beyond the runner's 10 s prefetch window, so
+            # one poll sees both and proposes both as Pending together. Scheduled for "now", the
+            # first could finish (an empty inbox takes ~1.5 s) before the second is created, and
+            # both would complete: the limit is about overlap, not about count.
+            at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=RUNNER_PREFETCH_S + 8)
+            runs = [run_deployment(deployment_name(), scheduled_time=at, timeout=0) for _ in range(2)]
+            assert datetime.datetime.now(datetime.timezone.utc) < at - datetime.timedelta(seconds=RUNNER_PREFETCH_S), \
+                "creating the two runs took so long that the runner may have seen them apart"
 
             def finished():
                 now = [client.read_flow_run(r.id) for r in runs]
