@@ -218,3 +218,28 @@ class EvalSettings:
             raise ValueError("eval: general_items >= 0, canary_tokens >= 2 and canary_window >= 2 are required")
         if self.fluency_prompts < 0 or self.fluency_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("eval: fluency_prompts >= 0, fluency_new_tokens >= 1, batch_size >= 1 are required")
+
+
+@dataclass(frozen=True)
+class TraceSettings:
+    """Causal tracing of MLP states (``nas bench trace``), ROME's layer-location method.
+
+    Attributes:
+        samples: noise draws per request; every layer is restored under the same draws.
+        noise_factor: noise standard deviation as a multiple of the subject embeddings'
+            (ROME uses 3).
+        window: MLP outputs of this many consecutive layers, centred on the traced layer,
+            are restored together (ROME uses 10 of GPT-2 XL's 48 layers; one layer alone
+            carries too little of the effect in a small model to stand above the noise).
+        seed: seed of the noise.
+    """
+
+    samples: int = 5
+    noise_factor: float = 3.0
+    window: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.samples >= 1, "trace.samples must be >= 1")
+        _check(self.noise_factor > 0, "trace.noise_factor must be > 0")
+        _check(self.window >= 1, "trace.window must be >= 1")
