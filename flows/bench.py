@@ -88,3 +88,60 @@ def write_json(path: Path, data: Any) -> None:
 def base_answers(model, tok, reqs) -> torch.Tensor:
     return prefers_new(model, tok, [r.filled_prompt for r in reqs], [r.target_new for r in reqs],
                        [r.target_true for r in reqs])
+
+
+def gemm_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    """This machine's float32 matrix-product rate (GFLOP/s) at the current thread count.
+
+    The roofline every compute-bound phase is measured against: no phase of the engine can
+    run faster than its FLOPs divided by this.
+    """
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool and kernel selection
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def stats_flops_per_token(model, spec, layers, seq_len: int) -> dict[str, float]:
+    """Floating-point operations per corpus token of the one-pass covariance measurement.
+
+    ``forward``: 2 per weight of every linear map in blocks 0..deepest, plus causal attention
+    scores and mixing (2 * seq_len * d_model per block on average); ``covariance``: the
+    per-batch k k^T products, 2 * d_in^2 per edited layer.
+    """
+    from torch import nn
+
+    from nas_core.spec import get_module
+
+    deepest = max(layers)
+    linear = sum(m.weight.numel() for i in range(deepest + 1)
+                 for m in get_module(model, spec.layer_name(i)).modules() if isinstance(m, nn.Linear))
+    d_model = model.config.hidden_size
+    forward = 2 * linear + (deepest + 1) * 2 * seq_len * d_model
+    d_in = get_module(model, spec.proj_name(deepest)).weight.shape[1]
+    covariance = 2 * d_in**2 * len(layers)
+    return {"forward": float(forward), "covariance": float(covariance), "total": float(forward + covariance)}
+
+
+def time_stats(model, tok, layers, settings, tokens: int, progress=None) -> dict[str, Any]:
+    """Time the one-pass covariance measurement over ``tokens`` corpus tokens (nothing is cached)."""
+    from nas_core.spec import spec_for
+    from nas_core.stats import second_moment, token_batches
+
+    text, corpus_desc = editing.corpus_text(settings, model, tok)
+    ids = editing.corpus_token_ids(tok, text, tokens)
+    spec = spec_for(model)
+    t0 = time.perf_counter()
+    sm = second_moment(model, spec, layers, token_batches(ids, settings.seq_len, settings.batch_size),
+                       progress=progress)
+    seconds = time.perf_counter() - t0
+    flops = stats_flops_per_token(model, spec, layers, settings.seq_len)
+    peak = gemm_peak_gflops()
+    return {"tokens": sm.tokens, "layers": list(layers), "corpus": corpus_desc, "seq_len": settings.seq_len,
+            "batch_size": settings.batch_size, "seconds": seconds, "tokens_per_s": sm.tokens / seconds,
+            "flops_per_token": flops, "achieved_gflops": flops["total"] * sm.tokens / seconds / 1e9,
+            "gemm_peak_gflops": peak, "threads": torch.get_num_threads(),
+            "floor_seconds_250k": flops["total"] * 250_000 / (peak * 1e9),
+            "seconds_250k_at_this_rate": 250_000 * seconds / sm.tokens}

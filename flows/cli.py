@@ -377,6 +377,33 @@ def bench_speed(
               f"{r['speedup_per_edit']:.1f}x faster per edit; phases {r['batch_timings']}")
 
 
+@bench_app.command("stats")
+def bench_stats(
+    model: ModelOpt = "smollm2-135m",
+    tokens: Annotated[int, typer.Option(help="corpus tokens to measure over")] = 250_000,
+    config: ConfigOpt = None,
+    out_file: Annotated[Path, typer.Option("--out")] = Path("bench/stats.json"),
+) -> None:
+    """Time the one-pass covariance statistics (nothing cached) against this machine's GEMM roofline."""
+    from flows import bench
+
+    cfg = _config(model, config)
+    m, tok, name, _ = _load(model)
+    layers = cfg.all_layers()
+    with _progress() as bar:
+        task = bar.add_task("covariance", total=tokens, rate="")
+        r = bench.time_stats(m, tok, layers, cfg.stats, tokens, progress=lambda n: bar.advance(task, n))
+    bench.write_json(out_file, {"model": name, **r})
+    f = r["flops_per_token"]
+    out.print(f"{name}: {r['tokens']} tokens, layers {layers} in one pass: {r['seconds']:.1f} s "
+              f"({r['tokens_per_s']:.0f} tokens/s, {r['threads']} threads); 250k tokens at this rate: "
+              f"{r['seconds_250k_at_this_rate']:.0f} s")
+    out.print(f"  work: {f['total'] / 1e6:.1f} MFLOP/token ({f['forward'] / 1e6:.1f} forward through blocks "
+              f"0-{max(layers)}, {f['covariance'] / 1e6:.1f} covariance); achieved {r['achieved_gflops']:.0f} "
+              f"GFLOP/s of this machine's {r['gemm_peak_gflops']:.0f} GFLOP/s float32 GEMM peak")
+    out.print(f"  floor for 250k tokens at that peak: {r['floor_seconds_250k']:.0f} s")
+
+
 @bench_app.command("layer-sweep")
 def bench_layer_sweep(
     model: ModelOpt = "smollm2-135m",
@@ -402,8 +429,60 @@ def bench_layer_sweep(
     bench.write_json(out_file, results)
 
 
-if __name__ == "__main__":
-    app()
+@bench_app.command("trace")
+def bench_trace(
+    model: ModelOpt = "smollm2-135m",
+    cases: Annotated[int, typer.Option(help="the CounterFact cases (of 500) whose true answer the model finds "
+                                            "most probable")] = 20,
+    samples: Annotated[int | None, typer.Option(help="noise draws per case [default: 5]")] = None,
+    window: Annotated[int | None, typer.Option(help="MLP layers restored together [default: 5]")] = None,
+    band: Annotated[int | None, typer.Option(help="width of the band to choose [default: the config's]")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="[default: bench/trace-MODEL.json]")] = None,
+) -> None:
+    """Causal tracing (ROME): the indirect effect of each layer's MLP at the subject's last token."""
+    from flows import bench
+    from nas_core.settings import TraceSettings
+    from nas_core.spec import spec_for
+    from nas_core.trace import answer_probability, best_band, causal_trace
+
+    try:
+        settings = TraceSettings(**{k: v for k, v in {"samples": samples, "window": window}.items() if v is not None})
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    cfg = _config(model, None)
+    m, tok, name, _ = _load(model)
+    width = band or len(cfg.alphaedit.layers)
+    # Trace the facts the model knows best: a fact it barely predicts has no recall to locate.
+    pool = bench.counterfact_cases(500)
+    p_true = answer_probability(m, tok, pool)
+    reqs = [pool[i] for i in p_true.argsort(descending=True)[:cases].tolist()]
+    t0 = time.perf_counter()
+    with _progress() as bar:
+        task = bar.add_task("causal trace", total=len(reqs), rate="")
+        res = causal_trace(m, tok, spec_for(m), reqs, settings, progress=lambda k: bar.advance(task, k))
+    seconds = time.perf_counter() - t0
+    effect = res.indirect_effect
+    chosen = best_band(effect, width)
+    table = Table("layer", "indirect effect", "", title=f"causal trace of MLP states: {name}, {len(reqs)} known cases, "
+                  f"window {settings.window}, {settings.samples} noise draws")
+    peak = float(effect.max()) or 1.0
+    for layer, e in enumerate(effect.tolist()):
+        mark = " <" if layer in chosen else ""
+        table.add_row(str(layer), f"{e:+.4f}", "#" * max(0, round(30 * e / peak)) + mark)
+    out.print(table)
+    drop = res.mean_p_clean - res.mean_p_corrupt
+    share = f" (the peak restores {float(effect.max()) / drop:.0%} of it)" if drop > 0 else ""
+    out.print(f"p(true) clean {res.mean_p_clean:.3f}, subject corrupted {res.mean_p_corrupt:.3f}{share}; "
+              f"best band of {width}: layers {chosen[0]}-{chosen[-1]}; config: {list(cfg.alphaedit.layers)}; "
+              f"{seconds:.0f} s")
+    bench.write_json(out_file or Path(f"bench/trace-{name}.json"), {
+        "model": name, "cases": [r.case_id for r in reqs], "settings": dataclasses.asdict(settings),
+        "noise_std": res.noise_std, "p_clean": res.mean_p_clean, "p_corrupt": res.mean_p_corrupt,
+        "indirect_effect": effect.tolist(), "best_band": list(chosen), "config_layers": list(cfg.alphaedit.layers),
+        "per_case": {c.case_id: {"p_clean": c.p_clean, "p_corrupt": c.p_corrupt,
+                                 "p_restored": c.p_restored.tolist()} for c in res.cases},
+        "seconds": seconds})
+
 
 
 @bench_app.command("horizon")
@@ -619,3 +698,7 @@ def serve(
     except ServeError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None
+
+
+if __name__ == "__main__":
+    app()
