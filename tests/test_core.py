@@ -349,8 +349,8 @@ def test_woodbury_sequence_equals_direct_solves():
         x, inv_memit = woodbury_solve(inv_memit, k, k, k)
         assert torch.allclose(r @ x.T, ridge_solve(k, r, c, lam, s), atol=1e-9)
         pk = p @ k
-        xa, inv_alpha = woodbury_solve(inv_alpha, pk, k, pk @ r.T)
-        assert torch.allclose(xa.T, projected_solve(k, r, p, beta, s), atol=1e-9)
+        a_inv_pk, inv_alpha = woodbury_solve(inv_alpha, pk, k, pk)  # the editor's order: (A^-1 P K) R^T
+        assert torch.allclose(r @ a_inv_pk.T, projected_solve(k, r, p, beta, s), atol=1e-9)
         s = s + k @ k.T
 
 
@@ -379,3 +379,20 @@ def test_alphaedit_relative_cut_edits_a_model_whose_spectrum_has_no_small_eigenv
     assert 10 < float(torch.trace(state.projectors[0])) < 64
     relative.compute(model, tok, [REQ], state)
     assert _target_logprob(model, tok, REQ) > lp0 + 0.05
+
+
+def test_values_grouped_by_tail_width_equal_each_request_alone(llama, tok):
+    """Requests of different tail widths run as separate batches and come back in request order."""
+    from nas_core.values import tail_width
+
+    short = EditRequest("s", "{} speaks", "Danielle Darrieux", "English", "French")
+    long = EditRequest("l", "{} is located in the country of", "The Eiffel Tower", "Italy", "France")
+    same = EditRequest("m", "{} speaks", "Michael Jordan", "French", "English")
+    reqs = [long, short, same]
+    assert len({tail_width(tok, r, VALUES) for r in reqs}) >= 2  # more than one batch
+    batch = optimise_values(llama, tok, spec_for(llama), reqs, 0, VALUES)
+    for i, r in enumerate(reqs):
+        alone = optimise_values(llama, tok, spec_for(llama), [r], 0, VALUES)
+        assert torch.allclose(batch.delta[i], alone.delta[0], atol=1e-4), r.case_id
+        assert torch.allclose(batch.hidden[i], alone.hidden[0], atol=1e-5)
+        assert int(batch.steps[i]) == int(alone.steps[0])
