@@ -128,9 +128,36 @@ def _build_batch(tok, requests: Sequence[EditRequest], settings: ValueSettings, 
     )
 
 
+class _Unembed(torch.autograd.Function):
+    """logits = h W^T computed as (W h^T)^T, with the gradient for h only (W is frozen).
+
+    The same product, but MKL runs the tall (vocab x d) @ (d x m) form 1.1-3.5x faster than
+    F.linear's (m x d) @ (d x vocab) on this CPU for every m measured (1 to 1024 rows of
+    SmolLM2's 49152 x 576 head; 3.4x at the 6-7 rows one v* step scores).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # (m, d), (V, d) -> (m, V)
+        ctx.save_for_backward(weight)
+        return (weight @ hidden.T).T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad @ weight, None
+
+
 def logits_at(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Apply the LM head (and Gemma's logit soft-cap) to selected final hidden states."""
-    logits = model.get_output_embeddings()(hidden).float()
+    """Apply the LM head (and Gemma's logit soft-cap) to selected final hidden states.
+
+    Args:
+        hidden: (m, d_model) or (..., d_model) final hidden states.
+    """
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear) and head.bias is None and hidden.dim() == 2 and not head.weight.requires_grad:
+        logits = _Unembed.apply(hidden, head.weight).float()
+    else:
+        logits = head(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -275,10 +302,15 @@ def _optimise_batch(
         ):
             final = base(input_ids=tail_ids[rows], attention_mask=b.mask[rows], position_ids=tail_pos[rows],
                          use_cache=cache is not None, **cache_kw).last_hidden_state  # (B', W - start, d)
-        logp = F.log_softmax(logits_at(model, final[remap[b.tgt_rows[live_tgt]], tgt_cols[live_tgt]]), -1)
+        # One head product for the target positions and the KL positions together (the head is
+        # memory-bound at these few rows: two calls cost nearly twice one).
+        n_tgt = int(live_tgt.sum())
+        picked = torch.cat([final[remap[b.tgt_rows[live_tgt]], tgt_cols[live_tgt]],
+                            final[remap[b.kl_rows[live]], b.split - start]])  # (P' + n', d)
+        logp_all = F.log_softmax(logits_at(model, picked), -1)
+        logp, kl_cur = logp_all[:n_tgt], logp_all[n_tgt:]
         tok_nll = -logp.gather(1, b.tgt_ids[live_tgt, None]).squeeze(1) * b.tgt_weight[live_tgt]  # (P',)
         nll = torch.zeros(n, device=device).index_add(0, b.tgt_owner[live_tgt], tok_nll)  # (n,)
-        kl_cur = F.log_softmax(logits_at(model, final[remap[b.kl_rows[live]], b.split - start]), -1)
         kl_live = (kl_cur.exp() * (kl_cur - kl_ref[live])).sum(-1)  # (n',) KL(current || initial)
         kl = torch.zeros(n, device=device).index_put((live,), kl_live)
         decay = settings.weight_decay * delta.norm(dim=1) / h_norm**2
