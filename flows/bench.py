@@ -25,10 +25,20 @@ def counterfact_cases(n: int, offset: int = 0) -> list[EditRequest]:
     return list(report.requests[offset : offset + n])
 
 
-def efficacy(model, tok, reqs: list[EditRequest]) -> dict[str, list[bool]]:
-    """Per request: edit prompt wins, and every paraphrase wins (p(new) > p(true))."""
+def efficacy(model, tok, reqs: list[EditRequest]) -> dict[str, list]:
+    """Per request: edit prompt wins, and every paraphrase wins (p(new) > p(true));
+    ``specificity``: the share of its neighbourhood prompts (other subjects) where the
+    true answer still beats the new one (None without neighbourhood prompts)."""
     eff = prefers_new(model, tok, [r.filled_prompt for r in reqs], [r.target_new for r in reqs],
                       [r.target_true for r in reqs]).tolist()
+    spec = []
+    for r in reqs:
+        if r.neighbourhood_prompts:
+            n = r.neighbourhood_prompts
+            new_wins = prefers_new(model, tok, [x.prompt for x in n], [r.target_new] * len(n), [x.target for x in n])
+            spec.append(float((~new_wins).float().mean()))
+        else:
+            spec.append(None)
     para = []
     for r in reqs:
         if r.paraphrase_prompts:
@@ -37,12 +47,12 @@ def efficacy(model, tok, reqs: list[EditRequest]) -> dict[str, list[bool]]:
             para.append(bool(wins.all()))
         else:
             para.append(False)
-    return {"efficacy": eff, "paraphrase": para}
+    return {"efficacy": eff, "paraphrase": para, "specificity": spec}
 
 
 def edit_each_alone(session: editing.EditSession, reqs: list[EditRequest]) -> dict[str, Any]:
     """Edit every request alone from the base model; returns per-request success and times."""
-    eff, para, times = [], [], []
+    eff, para, spec, times = [], [], [], []
     initial_state = session.state
     for r in reqs:
         materialise(session.model, session.base, {})
@@ -53,9 +63,10 @@ def edit_each_alone(session: editing.EditSession, reqs: list[EditRequest]) -> di
         e = efficacy(session.model, session.tok, [r])
         eff.append(e["efficacy"][0])
         para.append(e["paraphrase"][0])
+        spec.append(e["specificity"][0])
     materialise(session.model, session.base, {})
     session.cumulative, session.state = {}, initial_state
-    return {"efficacy": eff, "paraphrase": para, "seconds": times}
+    return {"efficacy": eff, "paraphrase": para, "specificity": spec, "seconds": times}
 
 
 def speed(session: editing.EditSession, reqs: list[EditRequest]) -> dict[str, Any]:

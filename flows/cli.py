@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Annotated
@@ -425,7 +426,10 @@ def bench_layer_sweep(
         session = editing.open_session(m, tok, name, "rome", s, cov, h, None)
         r = bench.edit_each_alone(session, reqs)
         results[layer] = r
-        out.print(f"layer {layer:2d}: efficacy {sum(r['efficacy'])}/{cases}  paraphrase {sum(r['paraphrase'])}/{cases}")
+        specs = [x for x in r["specificity"] if x is not None]
+        ns = f"{100 * sum(specs) / len(specs):.0f}%" if specs else "-"
+        out.print(f"layer {layer:2d}: efficacy {sum(r['efficacy'])}/{cases}  paraphrase {sum(r['paraphrase'])}/{cases}"
+                  f"  neighbourhood kept {ns}  {statistics.median(r['seconds']):.1f} s/edit")
     bench.write_json(out_file, results)
 
 
