@@ -396,3 +396,19 @@ def test_values_grouped_by_tail_width_equal_each_request_alone(llama, tok):
         assert torch.allclose(batch.delta[i], alone.delta[0], atol=1e-4), r.case_id
         assert torch.allclose(batch.hidden[i], alone.hidden[0], atol=1e-5)
         assert int(batch.steps[i]) == int(alone.steps[0])
+
+
+def test_read_with_replayed_blocks_is_bit_identical(tok):
+    model = tiny_model(layers=4)
+    spec = spec_for(model)
+    other = EditRequest("2", "{} speaks", "Danielle Darrieux", "English", "French")
+    prefixes = ["", "Here is a fact. "]
+    full = read_at_subject(model, tok, spec, [REQ, other], [2], prefixes, readout_layer=3, keep_block_outputs=True)
+    assert len(full.block_outputs) == 4
+    fast = read_at_subject(model, tok, spec, [REQ, other], [2], prefixes, readout_layer=3,
+                           replay=full.block_outputs[:2])
+    assert torch.equal(fast.keys[2], full.keys[2])
+    assert torch.equal(fast.hidden, full.hidden) and torch.equal(fast.mlp_out, full.mlp_out)
+    assert all(not m.__dict__.get("forward") for m in model.modules())  # the replay is undone
+    with pytest.raises(ValueError, match="replayed block"):
+        read_at_subject(model, tok, spec, [REQ], [1], prefixes, readout_layer=3, replay=full.block_outputs[:2])

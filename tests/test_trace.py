@@ -19,7 +19,7 @@ from nas_core.trace import (
     trace_request,
 )
 from nas_core.values import logits_at
-from tests.tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_model, tiny_tokenizer
 
 REQ = EditRequest(case_id="t1", prompt="The mother tongue of {} is", subject="Danielle Darrieux",
                   target_new="English", target_true="French")

@@ -163,8 +163,14 @@ def sweep_layers(
     deltas: dict[str, torch.Tensor] = {}
     used_keys: dict[int, torch.Tensor] = {}
     norms: dict[int, float] = {}
+    earlier: tuple[object, ...] = ()
     for j, layer in enumerate(layers):
-        read = read_at_subject(model, tok, spec, requests, [layer], prefixes, readout_layer=last)
+        # Blocks below the layer written last are unchanged since the previous read: replay
+        # them (bit-identical, 45% fewer block passes for five consecutive layers).
+        replay = earlier[: layers[j - 1]] if j > 0 else ()
+        read = read_at_subject(model, tok, spec, requests, [layer], prefixes, readout_layer=last,
+                               replay=replay, keep_block_outputs=j + 1 < len(layers))
+        earlier = read.block_outputs
         keys = read.keys[layer].T  # (d_in, m)
         resid = ((z - read.hidden) / (len(layers) - j)).T  # (d_model, m)
         delta = solve(layer, keys, resid)  # (d_out, d_in)
