@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from tiny import tiny_model, tiny_tokenizer
 
 from nas_core.spec import spec_for
-from tiny import tiny_model, tiny_tokenizer
 
 
 def test_stats_flops_count_every_linear_up_to_the_deepest_layer(tmp_path) -> None:

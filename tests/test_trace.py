@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import tiny_model, tiny_tokenizer
 
 from nas_core.hooks import capture
 from nas_core.prompts import encode, fill, target_ids
@@ -19,7 +20,6 @@ from nas_core.trace import (
     trace_request,
 )
 from nas_core.values import logits_at
-from tiny import tiny_model, tiny_tokenizer
 
 REQ = EditRequest(case_id="t1", prompt="The mother tongue of {} is", subject="Danielle Darrieux",
                   target_new="English", target_true="French")
