@@ -447,7 +447,7 @@ def bench_trace(
     from flows import bench
     from nas_core.settings import TraceSettings
     from nas_core.spec import spec_for
-    from nas_core.trace import answer_probability, best_band, causal_trace
+    from nas_core.trace import answer_probability, best_band, causal_trace, first_mlp_free
 
     try:
         settings = TraceSettings(**{k: v for k, v in {"samples": samples, "window": window}.items() if v is not None})
@@ -467,22 +467,24 @@ def bench_trace(
     seconds = time.perf_counter() - t0
     effect = res.indirect_effect
     chosen = best_band(effect, width)
+    without_first = best_band(effect, width, lowest=first_mlp_free(settings.window))
     table = Table("layer", "indirect effect", "", title=f"causal trace of MLP states: {name}, {len(reqs)} known cases, "
                   f"window {settings.window}, {settings.samples} noise draws")
     peak = float(effect.max()) or 1.0
     for layer, e in enumerate(effect.tolist()):
-        mark = " <" if layer in chosen else ""
+        mark = (" <" if layer in chosen else "") + (" *" if layer in without_first else "")
         table.add_row(str(layer), f"{e:+.4f}", "#" * max(0, round(30 * e / peak)) + mark)
     out.print(table)
     drop = res.mean_p_clean - res.mean_p_corrupt
     share = f" (the peak restores {float(effect.max()) / drop:.0%} of it)" if drop > 0 else ""
     out.print(f"p(true) clean {res.mean_p_clean:.3f}, subject corrupted {res.mean_p_corrupt:.3f}{share}; "
-              f"best band of {width}: layers {chosen[0]}-{chosen[-1]}; config: {list(cfg.alphaedit.layers)}; "
-              f"{seconds:.0f} s")
+              f"best band of {width} (<): layers {chosen[0]}-{chosen[-1]}; best band of windows that leave layer 0 "
+              f"out (*): {without_first[0]}-{without_first[-1]}; config: {list(cfg.alphaedit.layers)}; {seconds:.0f} s")
     bench.write_json(out_file or Path(f"bench/trace-{name}.json"), {
         "model": name, "cases": [r.case_id for r in reqs], "settings": dataclasses.asdict(settings),
         "noise_std": res.noise_std, "p_clean": res.mean_p_clean, "p_corrupt": res.mean_p_corrupt,
-        "indirect_effect": effect.tolist(), "best_band": list(chosen), "config_layers": list(cfg.alphaedit.layers),
+        "indirect_effect": effect.tolist(), "best_band": list(chosen),
+        "best_band_without_layer_0": list(without_first), "config_layers": list(cfg.alphaedit.layers),
         "per_case": {c.case_id: {"p_clean": c.p_clean, "p_corrupt": c.p_corrupt,
                                  "p_restored": c.p_restored.tolist()} for c in res.cases},
         "seconds": seconds})

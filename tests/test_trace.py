@@ -15,6 +15,7 @@ from nas_core.trace import (
     answer_probability,
     best_band,
     causal_trace,
+    first_mlp_free,
     restore_window,
     subject_span,
     trace_request,
@@ -41,6 +42,12 @@ def test_best_band_takes_the_largest_sum() -> None:
     assert best_band(effect, 1) == (6,)
     with pytest.raises(ValueError, match="band width"):
         best_band(effect, 8)
+    assert best_band(effect, 3, lowest=3) == (4, 5, 6)
+    assert best_band(torch.tensor([0.9, 0.8, 0.7, 0.1, 0.2, 0.3]), 2, lowest=first_mlp_free(3)) == (2, 3)
+    assert first_mlp_free(5) == 3 and 0 not in restore_window(first_mlp_free(5), 30, 5)
+    assert 0 in restore_window(first_mlp_free(5) - 1, 30, 5) and first_mlp_free(1) == 1
+    with pytest.raises(ValueError, match="from layer 5"):
+        best_band(effect, 3, lowest=5)
 
 
 def test_subject_span_counts_the_bos() -> None:
