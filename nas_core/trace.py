@@ -14,13 +14,14 @@ outputs are computed in the same pass, each restore hook copies them from row 0.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from nas_core.evaluate.scoring import next_token_logprobs
 from nas_core.prompts import encode, fill, subject_last_token, target_ids
 from nas_core.requests import EditRequest
 from nas_core.settings import TraceSettings
@@ -114,7 +115,7 @@ def subject_span(tok, prompt: str, subject: str) -> tuple[int, int]:
 
 
 @contextmanager
-def _noisy_subject(embed: nn.Module, first: int, last: int, noise: torch.Tensor) -> object:
+def _noisy_subject(embed: nn.Module, first: int, last: int, noise: torch.Tensor) -> Iterator[None]:
     """Add ``noise[row - 1]`` to rows 1.. of the embedding output at tokens first..last."""
 
     def hook(_mod: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -130,7 +131,7 @@ def _noisy_subject(embed: nn.Module, first: int, last: int, noise: torch.Tensor)
 
 
 @contextmanager
-def _restore_from_clean(module: nn.Module, rows: torch.Tensor, position: int) -> object:
+def _restore_from_clean(module: nn.Module, rows: torch.Tensor, position: int) -> Iterator[None]:
     """Overwrite ``module``'s output at (rows, position) with row 0's (the clean run's) value."""
 
     def hook(_mod: nn.Module, _args: tuple, out: object) -> object:
@@ -159,28 +160,14 @@ def embedding_noise_std(model: nn.Module, tok, requests: Sequence[EditRequest]) 
     return float(emb.float().std())
 
 
-@torch.no_grad()
 def answer_probability(model: nn.Module, tok, requests: Sequence[EditRequest], batch_size: int = 32) -> torch.Tensor:
     """(n,) p(first token of ``target_true``) after each filled prompt: how well the model knows it.
 
     Tracing needs facts the model actually recalls; callers trace the most probable ones.
     """
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start : start + batch_size]
-        rows = [encode(tok, fill(r.prompt, r.subject)) for r in chunk]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):  # right padding: every real token keeps its position
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
-        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        last = hidden[torch.arange(len(rows), device=device), mask.sum(dim=1) - 1]  # (b, d)
-        answers = torch.tensor([target_ids(tok, r.target_true)[0] for r in chunk], device=device)
-        out.append(torch.softmax(logits_at(model, last), dim=-1).gather(1, answers[:, None]).squeeze(1).cpu())
-    return torch.cat(out)
+    answers = [[target_ids(tok, r.target_true)[0]] for r in requests]
+    logp = next_token_logprobs(model, tok, [r.filled_prompt for r in requests], answers, batch_size)
+    return torch.cat(logp).exp()
 
 
 @torch.no_grad()

@@ -76,18 +76,37 @@ class _Batch:
     bare_rows: torch.Tensor  # (n,) row of each request's bare prompt
 
 
-def _build_batch(tok, requests: Sequence[EditRequest], settings: ValueSettings, device) -> _Batch:
+@dataclass(frozen=True)
+class _RequestRows:
+    """One request's tokenised rows: the target prompt under every context prefix, and the KL prompt."""
+
+    target: tuple[int, ...]
+    prefixed: tuple[TokenisedPrompt, ...]  # one per settings.prefixes, the bare prompt first
+    kl: TokenisedPrompt
+
+    @property
+    def tail_width(self) -> int:
+        """Columns from the subject's last token to the end, the most over the rows."""
+        return max(len(r.ids) - r.subject_pos for r in (*self.prefixed, self.kl))
+
+
+def _request_rows(tok, req: EditRequest, settings: ValueSettings) -> _RequestRows:
+    tgt = tuple(target_ids(tok, req.target_new))
+    prefixed = tuple(tokenise(tok, prefix, req.prompt, req.subject, tgt) for prefix in settings.prefixes)
+    return _RequestRows(target=tgt, prefixed=prefixed, kl=tokenise(tok, "", settings.kl_prompt, req.subject))
+
+
+def _build_batch(requests: Sequence[_RequestRows], settings: ValueSettings, pad_id: int, device) -> _Batch:
     rows: list[TokenisedPrompt] = []
     owners: list[int] = []
     bare_rows: list[int] = []
     targets: list[tuple[int, int, int, float]] = []  # (row, position, token, weight)
     n_ctx = len(settings.prefixes)
     for i, req in enumerate(requests):
-        tgt = target_ids(tok, req.target_new)
-        for j, prefix in enumerate(settings.prefixes):
+        tgt = req.target
+        for j, p in enumerate(req.prefixed):
             if j == 0:
                 bare_rows.append(len(rows))
-            p = tokenise(tok, prefix, req.prompt, req.subject, tgt)
             for k, t in enumerate(tgt):
                 targets.append((len(rows), p.target_start - 1 + k, t, 1.0 / (len(tgt) * n_ctx)))
             rows.append(p)
@@ -95,13 +114,13 @@ def _build_batch(tok, requests: Sequence[EditRequest], settings: ValueSettings, 
     kl_rows = []
     for i, req in enumerate(requests):
         kl_rows.append(len(rows))
-        rows.append(tokenise(tok, "", settings.kl_prompt, req.subject))
+        rows.append(req.kl)
         owners.append(i)
 
     split = max(r.subject_pos for r in rows)
     shift = [split - r.subject_pos for r in rows]
     width = split + max(len(r.ids) - r.subject_pos for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id(tok), dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     for row, (r, sh) in enumerate(zip(rows, shift, strict=True)):
@@ -194,10 +213,7 @@ def _decoder_layers(model: nn.Module, spec: ModelSpec, upto: int) -> list[nn.Mod
 
 def tail_width(tok, request: EditRequest, settings: ValueSettings) -> int:
     """Columns from the subject's last token to the end, over the request's rows (the most of them)."""
-    tgt = target_ids(tok, request.target_new)
-    rows = [tokenise(tok, prefix, request.prompt, request.subject, tgt) for prefix in settings.prefixes]
-    rows.append(tokenise(tok, "", settings.kl_prompt, request.subject))
-    return max(len(r.ids) - r.subject_pos for r in rows)
+    return _request_rows(tok, request, settings).tail_width
 
 
 def optimise_values(
@@ -219,13 +235,13 @@ def optimise_values(
     (40% of a 25-request batch's columns, measured on CounterFact). Requests are
     independent, so the grouping changes only the cost.
     """
-    widths = [tail_width(tok, r, settings) for r in requests]
+    rows = [_request_rows(tok, r, settings) for r in requests]
     groups: dict[int, list[int]] = {}
-    for i, w in enumerate(widths):
-        groups.setdefault(w, []).append(i)
+    for i, r in enumerate(rows):
+        groups.setdefault(r.tail_width, []).append(i)
     if len(groups) <= 1:
-        return _optimise_batch(model, tok, spec, requests, layer, settings)
-    parts = [(idx, _optimise_batch(model, tok, spec, [requests[i] for i in idx], layer, settings))
+        return _optimise_batch(model, spec, rows, layer, settings, pad_token_id(tok))
+    parts = [(idx, _optimise_batch(model, spec, [rows[i] for i in idx], layer, settings, pad_token_id(tok)))
              for _, idx in sorted(groups.items())]
 
     def merged(field: str) -> torch.Tensor:
@@ -239,16 +255,12 @@ def optimise_values(
 
 
 def _optimise_batch(
-    model: nn.Module,
-    tok,
-    spec: ModelSpec,
-    requests: Sequence[EditRequest],
-    layer: int,
-    settings: ValueSettings,
+    model: nn.Module, spec: ModelSpec, requests: Sequence[_RequestRows], layer: int, settings: ValueSettings,
+    pad_id: int,
 ) -> ValueResult:
-    """:func:`optimise_values` for one rectangular batch."""
+    """:func:`optimise_values` for one rectangular batch of tokenised requests."""
     device = next(model.parameters()).device
-    b = _build_batch(tok, requests, settings, device)
+    b = _build_batch(requests, settings, pad_id, device)
     n = len(requests)
     layer_mod = get_module(model, spec.layer_name(layer))
     mlp_mod = get_module(model, spec.mlp_name(layer))
