@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -85,10 +84,11 @@ from typing import Any
 
 from flows.config import REPO
 from flows.editing import replace_dir
+from flows.identity import FactIdentity, identity_of, latest_facts
+from flows.io import sha256_file
 from flows.ledger import Ledger
 from flows.params import Params, load_params
-from flows.validate import fact_key
-from nas_core.requests import EditRequest, parse_fact_jsonl
+from nas_core.requests import EditRequest, SchemaPolicy, parse_fact_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -205,18 +205,14 @@ def machine_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> d
 
 # --- the champion's lineage ------------------------------------------------------------------------
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def batch_requests(path: Path) -> list[EditRequest]:
+def batch_requests(path: Path, policy: SchemaPolicy | None = None) -> list[EditRequest]:
     """The requests of an accepted batch, in file order: the ``validation.requests`` the flow applied.
 
     Decoded exactly as ``flows.validate.validate_batch`` decodes (UTF-8 bytes, no newline
     translation; ``parse_fact_jsonl`` drops a byte-order mark). An accepted batch passed
     validation with no problem at all, so every record is a request.
     """
-    report = parse_fact_jsonl(Path(path).read_bytes().decode("utf-8"))
+    report = parse_fact_jsonl(Path(path).read_bytes().decode("utf-8"), policy)
     if report.problems:
         raise ValueError(f"accepted batch {path} no longer parses cleanly: {report.problems[0]}")
     return list(report.requests)
@@ -256,7 +252,8 @@ def champion_of(ledger: Ledger) -> tuple[str | None, str | None]:
     return version, whash
 
 
-def lineage_batches(ledger: Ledger, version: str | None, repo: Path, batch_size: int) -> list[LineageBatch]:
+def lineage_batches(ledger: Ledger, version: str | None, repo: Path, batch_size: int,
+                    policy: SchemaPolicy | None = None) -> list[LineageBatch]:
     """The accepted batches that built ``version``, oldest first, checked against the ledger.
 
     Each batch file must still hash to the ledger's ``file_sha256`` and its records, minus
@@ -272,7 +269,7 @@ def lineage_batches(ledger: Ledger, version: str | None, repo: Path, batch_size:
         if digest != entry["file_sha256"]:
             raise ValueError(f"{entry['version']}: {path} hashes to {digest[:12]}, the ledger recorded "
                              f"{entry['file_sha256'][:12]}: the accepted batch was altered")
-        requests = batch_requests(path)
+        requests = batch_requests(path, policy)
         skipped = tuple(entry.get("skipped_ids", ()))
         applied = [r.case_id for r in requests if r.case_id not in set(skipped)]
         if applied != list(entry["request_ids"]):
@@ -285,16 +282,21 @@ def lineage_batches(ledger: Ledger, version: str | None, repo: Path, batch_size:
     return out
 
 
+def held_facts(batches: Sequence[LineageBatch]) -> list[tuple[EditRequest, str]]:
+    """``(request, batch id)`` of every fact the champion holds, oldest first: a later record
+    of the same fact (:mod:`flows.identity`) replaces an earlier one. The night's retention
+    set and ledger facts (``flows.refresh.lineage_requests``) are this list."""
+    pairs = [(r, b.batch_id) for b in batches for r in b.requests if r.case_id in set(b.request_ids)]
+    return latest_facts(pairs, lambda pair: _identity(pair[0]))
+
+
 def held_requests(batches: Sequence[LineageBatch]) -> list[EditRequest]:
-    """Every fact the champion holds (a later fact with the same key replaces an earlier one):
-    ``flows.refresh.lineage_requests``."""
-    by_key: dict[tuple[str, str], EditRequest] = {}
-    for b in batches:
-        applied = set(b.request_ids)
-        for r in b.requests:
-            if r.case_id in applied:
-                by_key[fact_key(r.subject, r.relation_id, r.prompt)] = r
-    return list(by_key.values())
+    """The requests of :func:`held_facts`."""
+    return [r for r, _ in held_facts(batches)]
+
+
+def _identity(r: EditRequest) -> FactIdentity:
+    return identity_of(r.subject, r.relation_id, r.prompt)
 
 
 def retention_requests(batches: Sequence[LineageBatch]) -> list[EditRequest]:
@@ -303,8 +305,8 @@ def retention_requests(batches: Sequence[LineageBatch]) -> list[EditRequest]:
     if not batches:
         return []
     new = list(batches[-1].requests)
-    keys = {fact_key(r.subject, r.relation_id, r.prompt) for r in new}
-    kept = [r for r in held_requests(batches[:-1]) if fact_key(r.subject, r.relation_id, r.prompt) not in keys]
+    keys = [_identity(r) for r in new]
+    kept = [r for r in held_requests(batches[:-1]) if not any(_identity(r).same_fact(k) for k in keys)]
     return kept + new
 
 

@@ -507,6 +507,7 @@ def bench_horizon(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite mlflow.db)")] = None,
 ) -> None:
     """The editing-horizon study (a Prefect flow): every method on the same edit stream, until collapse."""
+    from flows import prefect_runtime
     from flows.horizon import DEFAULT_STREAM, HorizonSettings, horizon_study
 
     try:
@@ -517,6 +518,7 @@ def bench_horizon(
         settings = HorizonSettings(**{k: v for k, v in given.items() if v is not None})
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    prefect_runtime.claim_night()  # stops the temporary Prefect servers of killed runs; records this one
     t0 = time.perf_counter()
     res = horizon_study(model, settings, source or DEFAULT_STREAM, out_root, tracking_uri)
     table = Table("method", "collapse point", "editing score", "ES/PS/NS", "ppl ratio", "norm ratio", "s/edit",
@@ -565,7 +567,9 @@ def refresh(
     demo: Annotated[bool, typer.Option("--demo", help="run the shipped demo nights, one flow run each")] = False,
 ) -> None:
     """Run the nightly refresh now (one Prefect flow run) over every batch in the inbox."""
-    from flows import operations
+    from flows import operations, prefect_runtime
+    from flows.checkpoints import CheckpointTampered
+    from flows.ledger import LedgerDamaged
     from flows.refresh import RefreshLocked, nightly_refresh
 
     params = _params(params_file)
@@ -576,6 +580,7 @@ def refresh(
         if not nights:
             out.print("every demo night is already in the ledger: nothing to do (see `nas status`)")
             return
+    prefect_runtime.claim_night()  # stops the temporary Prefect servers of killed nights; records this one
     outcomes = []
     for night in nights:
         if night is not None:
@@ -586,6 +591,9 @@ def refresh(
         except RefreshLocked as err:
             console.print(f"[red]{err}[/]")
             raise typer.Exit(3) from None
+        except (CheckpointTampered, LedgerDamaged) as err:
+            console.print(f"[red]refused: {err}[/]", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
     table = Table("batch", "outcome", "details", title="nightly refresh")
     for o in outcomes:
         detail = o.get("version") or ", ".join(o.get("failed_checks", [])) or o.get("folder", "")
@@ -594,27 +602,66 @@ def refresh(
     out.print(f"{len(outcomes)} batch(es) in {time.perf_counter() - t0:.0f} s; ledger {params.paths.resolve('ledger')}")
 
 
+def _problems_line(problems: dict[str, int] | None) -> str:
+    """``12 problems: 8 gx:prompt_length, 2 ...`` from a rule -> count mapping."""
+    if not problems:
+        return ""
+    total = sum(problems.values())
+    return f"{total} problem{'s' if total != 1 else ''}: " + ", ".join(f"{n} {rule}" for rule, n in problems.items())
+
+
+def _decision_details(e: dict) -> str:
+    metrics = e.get("metrics") or {}
+    if e.get("event") == "promote" and metrics:
+        ratio = max((e.get("norm_ratios") or {"": 1.0}).values())
+        return (f"editing score {metrics.get('retention.editing_score', float('nan')):.1f}, ppl ratio "
+                f"{metrics.get('retention.perplexity_ratio', float('nan')):.3f}, norm ratio {ratio:.4f}")
+    details = ", ".join(e.get("failed_checks") or []) or _problems_line(e.get("problems")) or e.get("reason") or ""
+    return f"from {e['from_version']}: {details}" if e.get("from_version") else details
+
+
 @app.command()
-def status(params_file: ParamsOpt = Path("params.yaml")) -> None:
-    """Champion version, edits so far, norm ratio, and the last nights' verdicts."""
+def status(
+    params_file: ParamsOpt = Path("params.yaml"),
+    verify: Annotated[bool, typer.Option("--verify", help="check every checkpoint file and accepted batch of "
+                                         "the champion's lineage against the ledger (default: the champion only)")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+) -> None:
+    """Champion version, edits so far, norm ratio, the last nights' verdicts; exit 1 on damage or tampering.
+
+    Example: nas status --verify
+    """
     from flows import operations
 
-    s = operations.status(_params(params_file))
+    s = operations.status(_params(params_file), verify=verify)
+    bad = bool(s["ledger_damage"] or s["integrity"])
+    if as_json:
+        out.print_json(data=s, default=str)
+        raise typer.Exit(1 if bad else 0)
+    for line in s["ledger_damage"]:
+        console.print(f"[red]ledger damage: {line}[/]", highlight=False, soft_wrap=True)
+    for line in s["integrity"]:
+        console.print(f"[red]integrity: {line}[/]", highlight=False, soft_wrap=True)
     champ = f"{s['champion']} (set by {s['champion_set_by']})" if s["champion"] else "the base model"
-    out.print(f"champion: {champ}")
+    checked = "lineage" if verify else "champion checkpoint"
+    out.print(f"champion: {champ}; {checked} {'FAILED its check' if s['integrity'] else 'verified'}")
+    if s["unhashed_versions"]:
+        out.print("promoted before file hashes were recorded (weights hash checked only): "
+                  + ", ".join(s["unhashed_versions"]))
     out.print(f"edits so far: {s['edits_so_far']}; max ||W||/||W0||: {s['norm_ratio_max']:.4f} "
               f"({s['norm_growth_per_edit']:.2e} per edit)")
     if s["weights_hash"]:
-        out.print(f"weights hash: {s['weights_hash']}")
-    out.print(f"inbox: {', '.join(s['inbox']) or 'empty'}")
+        out.print(f"weights hash: {s['weights_hash']}", soft_wrap=True)
+    out.print(f"inbox: {', '.join(s['inbox']) or 'no batches'}")
+    for item in s["inbox_ignored"]:
+        out.print(f"  not a batch, left alone: {item['name']!r} ({item['why']})", highlight=False)
     table = Table("time", "event", "batch", "version", "details", title="recent decisions")
     for e in s["recent"]:
-        details = e.get("failed_checks") or e.get("problems") or e.get("reason") or ""
-        if e.get("from_version"):
-            details = f"from {e['from_version']}: {details}"
         table.add_row(str(e["time"]), e["event"], str(e.get("batch_id") or ""), str(e.get("version") or ""),
-                      str(details))
+                      _decision_details(e))
     out.print(table)
+    raise typer.Exit(1 if bad else 0)
 
 
 def _move_champion(params_file: Path, version: str, event: str, reason: str) -> None:
@@ -624,8 +671,9 @@ def _move_champion(params_file: Path, version: str, event: str, reason: str) -> 
     params = _params(params_file)
     try:
         entry = operations.move_champion(params, version, event, reason, _tracker(params))
-    except (ValueError, FileNotFoundError, RefreshLocked) as err:
-        raise typer.BadParameter(str(err), param_hint="VERSION") from None
+    except (ValueError, FileNotFoundError, RefreshLocked) as err:  # CheckpointTampered, LedgerDamaged too
+        console.print(f"[red]refused: {err}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     out.print(f"champion: {entry['from_version'] or 'base'} -> {version} ({event}, recorded in the ledger"
               f"{', MLflow alias moved' if entry.get('mlflow_model_version') else ''})")
     for problem in entry.get("audit_problems", []):
@@ -663,9 +711,21 @@ def audit(
     import subprocess
 
     from flows import audit as auditing
+    from flows import operations
     from flows.config import REPO
+    from flows.ledger import Ledger, LedgerDamaged
 
-    _params(params_file)
+    params = _params(params_file)
+    try:
+        ledger = Ledger(params.paths.resolve("ledger"))
+        champ = ledger.champion()
+        tampered = operations.verify_lineage(params, ledger, champ.version) if champ else []
+    except LedgerDamaged as err:
+        tampered = [str(err)]
+    if tampered:
+        for line in tampered:
+            console.print(f"[red]refused: {line}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     if repro:
         try:
             auditing.repro(REPO)

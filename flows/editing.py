@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flows.checkpoints import TENSOR_FILES, file_hashes, read_verified
 from flows.config import REPO
 from nas_core.anchor import calibrate
 from nas_core.deltas import accumulate, edited_weights, frobenius_norms, materialise, weights_hash
@@ -306,8 +308,10 @@ def open_session(
     base_hash: str,
     reference_norm: float | None,
     checkpoint: Path | None = None,
+    recorded_files: dict[str, str] | None = None,
 ) -> EditSession:
-    """Start editing the base ``model``, or continue from ``checkpoint``."""
+    """Start editing the base ``model``, or continue from ``checkpoint`` (its files checked
+    against their manifest and, given, the ledger's ``recorded_files``)."""
     spec = spec_for(model)
     names = [spec.weight_name(layer) for layer in settings.layers]
     base = edited_weights(model, names)
@@ -317,7 +321,7 @@ def open_session(
         state = dataclasses.replace(editor.init_state(model), reference_norm=reference_norm)
         return EditSession(model, tok, model_name, method, settings, editor, base_hash, base, {}, state,
                            original)
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint, recorded_files)
     man = ckpt["manifest"]
     if man["base_weights_hash"] != base_hash:
         raise ValueError(f"checkpoint {checkpoint} was made from base weights "
@@ -357,6 +361,7 @@ def write_checkpoint(session: EditSession, out: Path, extra: dict[str, Any] | No
         save_file({k: v.contiguous() for k, v in session.cumulative.items()}, tmp / "deltas.safetensors")
         save_file(session.state.state_dict(), tmp / "state.safetensors")
         manifest = {
+            "files": file_hashes(tmp, TENSOR_FILES),
             "format": "nas-checkpoint/1",
             "model": session.model_name,
             "base_weights_hash": session.base_hash,
@@ -382,25 +387,25 @@ def write_checkpoint(session: EditSession, out: Path, extra: dict[str, Any] | No
     return out
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint folder (safetensors only, never pickle)."""
-    path = Path(path)
-    for name in ("deltas.safetensors", "state.safetensors", "manifest.json"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint: {name} is missing")
+def read_checkpoint(path: Path, recorded_files: dict[str, str] | None = None) -> dict[str, Any]:
+    """Load a checkpoint folder (safetensors only, never pickle), every file checked against
+    its recorded sha256 first (:func:`flows.checkpoints.read_verified`)."""
+    data, manifest = read_verified(Path(path), recorded_files)
     return {
-        "deltas": load_file(path / "deltas.safetensors"),
-        "state": EditState.from_state_dict(load_file(path / "state.safetensors")),
-        "manifest": json.loads((path / "manifest.json").read_text(encoding="utf-8")),
+        "deltas": load_tensors(data["deltas.safetensors"]),
+        "state": EditState.from_state_dict(load_tensors(data["state.safetensors"])),
+        "manifest": manifest,
     }
 
 
-def load_checkpoint_into(model: nn.Module, base_hash: str, path: Path) -> dict[str, Any]:
+def load_checkpoint_into(model: nn.Module, base_hash: str, path: Path,
+                         recorded_files: dict[str, str] | None = None) -> dict[str, Any]:
     """Set the unedited ``model``'s edited weights to base + the checkpoint's deltas; returns its manifest.
 
-    Refuses a checkpoint made from other base weights (compared by ``weights_hash``).
+    Refuses a checkpoint made from other base weights (compared by ``weights_hash``) and one
+    whose files do not hash to what was recorded.
     """
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, recorded_files)
     man = ckpt["manifest"]
     if man["base_weights_hash"] != base_hash:
         raise ValueError(f"checkpoint {path} was made from base weights {man['base_weights_hash'][:12]}, "

@@ -8,21 +8,65 @@ from pathlib import Path
 from typing import Any
 
 from flows.audit import record_promotion
+from flows.checkpoints import CheckpointTampered, verify_checkpoint
 from flows.config import REPO
-from flows.ledger import Ledger
+from flows.inbox import scan_inbox
+from flows.io import sha256_file
+from flows.ledger import CHAMPION_EVENTS, Ledger, LedgerDamaged
 from flows.params import Params
-from flows.refresh import refresh_lock, sha256_file
+from flows.refresh import refresh_lock
 from nas_core.collapse import norm_growth_per_edit
 
 
-def status(params: Params, nights: int = 5) -> dict[str, Any]:
-    """Champion version, edits so far, worst norm ratio, and the last nights' decisions."""
+def _checkpoint_problem(params: Params, entry) -> str | None:
+    """Why the checkpoint of promote ``entry`` cannot be trusted, or None."""
+    ckpt = params.paths.resolve("checkpoints") / entry["version"]
+    if not (ckpt / "manifest.json").is_file():
+        return f"{entry['version']}: checkpoint {ckpt} is missing (restore it with `dvc pull data/checkpoints.dvc`)"
+    try:
+        manifest = verify_checkpoint(ckpt, entry.files)
+    except (CheckpointTampered, FileNotFoundError) as err:
+        return str(err)
+    if manifest.get("weights_hash") != entry["weights_hash"]:
+        return (f"{entry['version']}: manifest.json records weights {str(manifest.get('weights_hash'))[:12]}, the "
+                f"ledger promoted {entry['weights_hash'][:12]}")
+    return None  # a line without ``files`` (promoted before file hashes): its weights hash is what was checked
+
+
+def verify_lineage(params: Params, ledger: Ledger, version: str | None) -> list[str]:
+    """Every checkpoint and accepted batch of ``version``'s lineage checked against the ledger."""
+    problems = []
+    for entry in ledger.lineage(version) if version else []:
+        problem = _checkpoint_problem(params, entry)
+        if problem:
+            problems.append(problem)
+        batch = Path(entry["accepted_path"])
+        batch = batch if batch.is_absolute() else REPO / batch
+        if not batch.is_file():
+            problems.append(f"{entry['version']}: accepted batch {batch} is missing")
+        elif (digest := sha256_file(batch)) != entry["file_sha256"]:
+            problems.append(f"{entry['version']}: accepted batch {batch.name} hashes to {digest}, the ledger "
+                            f"recorded {entry['file_sha256']}")
+    return problems
+
+
+def status(params: Params, nights: int = 5, verify: bool = False) -> dict[str, Any]:
+    """Champion version, edits so far, worst norm ratio, the last nights' decisions, what the
+    inbox holds, ledger damage and the champion's checkpoint check (``verify``: the whole lineage)."""
     ledger = Ledger(params.paths.resolve("ledger"))
-    entries = ledger.entries()
-    champ = ledger.champion()
-    promo = ledger.promotion(champ["version"]) if champ else None
+    entries, damage = ledger.read()
+    champ = next((e for e in reversed(entries) if e.event in CHAMPION_EVENTS), None)
+    promo = next((e for e in entries if e.event == "promote" and e.version == champ.version), None) if champ else None
     ratios = promo.get("norm_ratios", {}) if promo else {}
     edits = promo.get("edits_so_far", 0) if promo else 0
+    integrity: list[str] = []
+    if not damage and champ is not None:
+        try:
+            integrity = verify_lineage(params, ledger, champ.version) if verify else \
+                [p for p in [_checkpoint_problem(params, promo)] if p] if promo else []
+        except LedgerDamaged as err:
+            damage.append(str(err))
+    scan = scan_inbox(params.paths.resolve("inbox"))
     return {
         "champion": champ["version"] if champ else None,
         "champion_set_by": champ["event"] if champ else None,
@@ -30,10 +74,15 @@ def status(params: Params, nights: int = 5) -> dict[str, Any]:
         "edits_so_far": edits,
         "norm_ratio_max": max(ratios.values()) if ratios else 1.0,
         "norm_growth_per_edit": norm_growth_per_edit(ratios, edits),
-        "inbox": sorted(p.name for p in params.paths.resolve("inbox").glob("*") if p.is_file())
-        if params.paths.resolve("inbox").is_dir() else [],
+        "inbox": [p.name for p in scan.batches],
+        "inbox_ignored": [{"name": i.name, "why": i.why} for i in scan.ignored],
+        "ledger_damage": damage,
+        "integrity": integrity,
+        "verified": "lineage" if verify else "champion",
+        "unhashed_versions": [e.version for e in entries if e.event == "promote" and not e.files],
         "recent": [{k: e.get(k) for k in ("time", "event", "batch_id", "version", "failed_checks", "problems",
-                                          "from_version", "reason")} for e in entries[-nights:]],
+                                          "from_version", "reason", "metrics", "norm_ratios")}
+                   for e in entries[-nights:]],
     }
 
 
@@ -55,7 +104,7 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
         manifest = ckpt / "manifest.json"
         if not manifest.is_file():
             raise FileNotFoundError(f"checkpoint {ckpt} is missing (restore it with `dvc pull` / `dvc repro`)")
-        recorded = json.loads(manifest.read_text(encoding="utf-8"))["weights_hash"]
+        recorded = verify_checkpoint(ckpt, promo.files).get("weights_hash")
         if recorded != promo["weights_hash"]:
             raise ValueError(f"{ckpt} holds weights {recorded[:12]}, the ledger promoted {promo['weights_hash'][:12]}")
         champ = ledger.champion()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -41,15 +40,18 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows import editing, evaluation
-from flows.audit import machine_info, record_promotion
+from flows.audit import held_facts, lineage_batches, machine_info, record_promotion
+from flows.checkpoints import file_hashes
 from flows.config import REPO
+from flows.identity import identity_of
+from flows.inbox import BatchSnapshot, InboxScan, release, scan_inbox, store, take_snapshot
 from flows.ledger import Ledger
 from flows.params import Params, load_params
-from flows.tracking import Tracker, norm_plot, registered_model_name, resolve_tracking_uri
-from flows.validate import BatchValidation, LedgerFact, batch_id_for, fact_key, quarantine, validate_batch, write_report
+from flows.tracking import PromotedCheckpoint, Tracker, norm_plot, registered_model_name, resolve_tracking_uri
+from flows.validate import BatchValidation, LedgerFact, batch_id_for, quarantine, validate_batch, write_report
 from nas_core.collapse import Check, norm_ratios
 from nas_core.evaluate.counterfact import edit_metrics
-from nas_core.requests import EditRequest, parse_fact_jsonl
+from nas_core.requests import EditRequest
 
 
 class RefreshLocked(RuntimeError):
@@ -72,10 +74,6 @@ def refresh_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def code_version() -> str:
@@ -134,21 +132,12 @@ def move_unique(path: Path, folder: Path) -> Path:
 
 # --- what the champion knows ------------------------------------------------------------------
 
-def lineage_requests(ledger: Ledger, version: str | None, paths) -> tuple[list[EditRequest], list[LedgerFact]]:
-    """Every request the champion holds (a later fact with the same key replaces an earlier one)."""
-    by_key: dict[tuple[str, str], tuple[EditRequest, str]] = {}
-    for entry in ledger.lineage(version) if version else []:
-        batch_file = Path(entry["accepted_path"])
-        if not batch_file.is_absolute():
-            batch_file = REPO / batch_file
-        report = parse_fact_jsonl(batch_file.read_text(encoding="utf-8-sig"))
-        applied = set(entry["request_ids"])
-        for r in report.requests:
-            if r.case_id in applied:
-                by_key[fact_key(r.subject, r.relation_id, r.prompt)] = (r, entry["batch_id"])
-    requests = [r for r, _ in by_key.values()]
-    facts = [LedgerFact.from_request(r, b) for r, b in by_key.values()]
-    return requests, facts
+def lineage_requests(ledger: Ledger, version: str | None, params: Params) -> tuple[list[EditRequest], list[LedgerFact]]:
+    """Every request the champion holds and its ledger facts: ``flows.audit.held_facts`` of the
+    lineage, each accepted batch checked against the ledger's hash (the audit's own code)."""
+    batches = lineage_batches(ledger, version, REPO, params.edit.batch_size, params.validation.schema_policy())
+    pairs = held_facts(batches)
+    return [r for r, _ in pairs], [LedgerFact.from_request(r, b) for r, b in pairs]
 
 
 # --- gate ---------------------------------------------------------------------------------------
@@ -191,9 +180,12 @@ def connect_tracking(params: Params) -> Tracker:
 
 
 @task(retries=2, retry_delay_seconds=1)
-def inbox_batches(inbox: Path) -> list[Path]:
-    inbox.mkdir(parents=True, exist_ok=True)
-    return sorted(p for p in inbox.iterdir() if p.is_file() and not p.name.startswith("."))
+def inbox_batches(inbox: Path) -> InboxScan:
+    """The inbox's batches; what is not a batch is logged and left alone."""
+    scan = scan_inbox(inbox)
+    for item in scan.ignored:
+        get_run_logger().warning("inbox entry %r is not a batch (%s): left alone", item.name, item.why)
+    return scan
 
 
 @task(cache_policy=NO_CACHE)
@@ -230,7 +222,9 @@ def load_champion(params: Params, ledger: Ledger) -> dict[str, Any]:
         logger.info("champion %s (%d edits) from %s", champ["version"], champ.get("edits_so_far", 0), ckpt)
     else:
         logger.info("no champion yet: starting from the base model %s", name)
-    session = editing.open_session(model, tok, name, params.edit.method, s, cov, base_hash, anchor, ckpt)
+    promo = ledger.promotion(champ["version"]) if champ is not None else None
+    session = editing.open_session(model, tok, name, params.edit.method, s, cov, base_hash, anchor, ckpt,
+                                   promo.files if promo is not None else None)
     if champ is not None and weights_hash(model) != champ["weights_hash"]:
         raise RuntimeError(f"champion {champ['version']} rebuilt to weights {weights_hash(model)[:12]}, but the "
                            f"ledger recorded {champ['weights_hash'][:12]}: the checkpoint folder was altered")
@@ -238,8 +232,8 @@ def load_champion(params: Params, ledger: Ledger) -> dict[str, Any]:
 
 
 @task(cache_policy=NO_CACHE)
-def validate(path: Path, tok, facts: list[LedgerFact], params: Params, report_dir: Path) -> BatchValidation:
-    result = validate_batch(path, tok, facts, params.validation)
+def validate(snap: BatchSnapshot, tok, facts: list[LedgerFact], params: Params, report_dir: Path) -> BatchValidation:
+    result = validate_batch(snap, tok, facts, params.validation)
     write_report(result, report_dir)
     return result
 
@@ -317,41 +311,42 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
     paths = params.paths
     session: editing.EditSession = loaded["session"]
     champ = ledger.champion()
-    file_hash = sha256_file(path)
+    # The night reads the file once: these bytes are validated, edited, hashed into the
+    # ledger and stored in accepted/ or quarantine, whatever happens to the file meanwhile.
+    snap = take_snapshot(path, params.validation.max_file_bytes)
+    file_hash = snap.sha256
     lineage = ledger.lineage(champ["version"]) if champ else []
     done = next((e for e in lineage if e["file_sha256"] == file_hash), None)
     if done is not None:
         recorded = Path(done["accepted_path"])
         recorded = recorded if recorded.is_absolute() else REPO / recorded
-        if not recorded.exists():
-            # A crash after the ledger's promote line but before the move: finish that promotion.
-            recorded.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, recorded)
-            moved = recorded
-        else:
-            moved = move_unique(path, paths.resolve("accepted"))
-        logger.info("%r is already in the champion (same sha256): not applying it again; moved to %s",
-                    path.name, moved)
+        # A crash after the ledger's promote line but before the store: finish that promotion.
+        target = recorded if not recorded.exists() else free_target(path, paths.resolve("accepted"))
+        store(snap, target)
+        _release(snap, logger)
+        logger.info("%r is already in the champion (same sha256): not applying it again; stored as %s",
+                    path.name, target)
         return {"batch": path.name, "outcome": "already_applied"}
     try:
         batch_id = batch_id_for(path)
     except ValueError:
         batch_id = f"invalid-name-{file_hash[:8]}"
     report_dir = paths.resolve("reports") / f"{batch_id}-{file_hash[:8]}"
-    retained, facts = lineage_requests(ledger, champ["version"] if champ else None, paths)
+    retained, facts = lineage_requests(ledger, champ["version"] if champ else None, params)
     run_id = tracker.start_batch_run(batch_id, {
         "method": params.edit.method, "nas": dataclasses.asdict(params.method_settings().nas),
         "batch_id": batch_id, "batch_sha256": file_hash, "base_weights_hash": loaded["base_hash"],
         "model": loaded["name"], "code_version": code_version(), "champion": champ["version"] if champ else "base"},
         {"batch_file": path.name})
     logger.info("validating %r (%s)", path.name, file_hash[:12])
-    validation = validate(path, quote(session.tok), facts, params, report_dir)
+    validation = validate(quote(snap), quote(session.tok), facts, params, report_dir)
     for f in ("validation.html", "validation.json"):
         tracker.log_artifact(run_id, report_dir / f, "validation")
     if not validation.passed:
         logger.warning("%r failed validation: %s", path.name, validation.summary())
-        folder = quarantine(path, validation, paths.resolve("quarantine"),
+        folder = quarantine(snap, validation, paths.resolve("quarantine"),
                             {"stage": "validation", "problems": validation.problems_by_rule()})
+        _warn_kept(snap, logger)
         ledger.append("quarantine", batch_id=batch_id, file_sha256=file_hash, stage="validation",
                       problems=validation.problems_by_rule(), quarantine=str(folder), mlflow_run_id=run_id)
         tracker.mark_rejected(run_id, [f"validation:{r}" for r in validation.problems_by_rule()])
@@ -359,12 +354,14 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
         return {"batch": batch_id, "outcome": "quarantined", "stage": "validation", "folder": str(folder)}
 
     requests = list(validation.requests)
-    snap = _snapshot(session)
+    saved = _snapshot(session)
     logger.info("%s: %d valid requests; editing %s with %s%s", batch_id, len(requests),
                 champ["version"] if champ else "the base model", params.edit.method, "+NAS" if params.edit.nas else "")
     diagnostics = edit(quote(session), requests, params.edit.batch_size)
-    superseded = {f.key for f in validation.superseded}
-    kept = [r for r in retained if fact_key(r.subject, r.relation_id, r.prompt) not in superseded]
+    superseded = [f.identity(params.validation.fold_confusables) for f in validation.superseded]
+    conf = params.validation.fold_confusables
+    kept = [r for r in retained
+            if not any(identity_of(r.subject, r.relation_id, r.prompt, conf).same_fact(k) for k in superseded)]
     outcome = evaluate_candidate(quote(session), requests, kept, loaded["base_ref"], params)
     skipped_fraction = sum(d["skipped"] for d in diagnostics) / len(requests)
     checks = gate(outcome["batch"], outcome["retention"], outcome["collapse_checks"], skipped_fraction, params)
@@ -388,9 +385,10 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
               "metrics": flat, "checks": [dataclasses.asdict(c) for c in checks], "mlflow_run_id": run_id,
               "edits_so_far": session.state.edit_count, "norm_ratios": outcome["norm_ratios"]}
     if failed:
-        _restore(session, snap)
-        folder = quarantine(path, validation, paths.resolve("quarantine"),
+        _restore(session, saved)
+        folder = quarantine(snap, validation, paths.resolve("quarantine"),
                             {"stage": "gate", "failed_checks": [c.message for c in failed]})
+        _warn_kept(snap, logger)
         ledger.append("reject", **record, failed_checks=[c.name for c in failed], quarantine=str(folder))
         tracker.mark_rejected(run_id, [c.name for c in failed])
         tracker.finish_run(run_id)
@@ -408,15 +406,17 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
             shutil.copy2(ckpt / f, Path(staging) / f)
         mv = tracker.register_checkpoint(model_name, run_id, Path(staging), version,
                                          {"batch_id": batch_id, "weights_hash": manifest["weights_hash"]})
-    # Ledger first, then the move: a crash in between leaves the batch in the inbox, and the next
-    # night recognises it by its hash and finishes the move (a move first would lose it).
+    # Ledger first, then the store: a crash in between leaves the batch in the inbox, and the next
+    # night recognises it by its hash and finishes the store (a move first would lose it).
     accepted = free_target(path, paths.resolve("accepted"))
     ledger.append("promote", **record, version=version, parent=champ["version"] if champ else None,
                   weights_hash=manifest["weights_hash"], checkpoint=str(ckpt.relative_to(REPO))
                   if ckpt.is_relative_to(REPO) else str(ckpt),
                   accepted_path=str(accepted.relative_to(REPO)) if accepted.is_relative_to(REPO) else str(accepted),
-                  model_version=mv, edit_batch_size=params.edit.batch_size, machine=machine_info(session.model))
-    os.replace(path, accepted)
+                  model_version=mv, edit_batch_size=params.edit.batch_size, machine=machine_info(session.model),
+                  files=file_hashes(ckpt))
+    store(snap, accepted)  # the edited bytes, checked against the ledger's file_sha256
+    _release(snap, logger)
     tracker.set_champion(model_name, mv)
     tracker.tag_run(run_id, {"verdict": "promoted", "version": version})
     tracker.finish_run(run_id)
@@ -425,10 +425,44 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
     return {"batch": batch_id, "outcome": "promoted", "version": version, "weights_hash": manifest["weights_hash"]}
 
 
+def _release(snap: BatchSnapshot, logger) -> None:
+    """Clear the inbox entry whose bytes were stored (kept, with a warning, when rewritten meanwhile)."""
+    kept = release(snap)
+    if kept:
+        logger.warning("%s", kept)
+
+
+def _warn_kept(snap: BatchSnapshot, logger) -> None:
+    if os.path.lexists(snap.path):
+        logger.warning("%s was rewritten while the night ran: the quarantine holds the bytes the night read, the new "
+                       "content stays in the inbox as a new batch", snap.name)
+
+
 def verdict_of(checks: tuple[Check, ...]):
     from nas_core.collapse import Verdict
 
     return Verdict(tuple(checks))
+
+
+def rebuild_registry(ledger: Ledger, tracker: Tracker, model: str, checkpoints: Path) -> None:
+    """Re-register the ledger's promoted versions the MLflow registry lacks (a deleted or new
+    ``mlflow.db``) from their checkpoint folders, and point the alias at the champion."""
+    logger = get_run_logger()
+    model_name = registered_model_name(model)
+    promotions = [PromotedCheckpoint.from_entry(e, REPO, checkpoints)
+                  for e in ledger.promotions() if e.get("model", model) == model]
+    if tracker.registry_lost(model_name, [p.version_label for p in promotions]):
+        logger.warning("the MLflow store at %s has none of the ledger's %d promoted versions (was mlflow.db "
+                       "deleted?): rebuilding the registry from the ledger", tracker.tracking_uri, len(promotions))
+    champ = ledger.champion()
+    rebuild = tracker.rebuild_registry(model_name, promotions, champ["version"] if champ else None)
+    if rebuild.rebuilt:
+        logger.warning("re-registered %s in MLflow from their checkpoint folders (runs tagged rebuilt_from_ledger)",
+                       ", ".join(rebuild.rebuilt))
+    if rebuild.missing or rebuild.mismatched:
+        logger.warning("could not re-register in MLflow: missing checkpoint folders %s (restore with `dvc pull`); "
+                       "folders holding other weights than the ledger promoted %s",
+                       list(rebuild.missing), list(rebuild.mismatched))
 
 
 def sync_champion_alias(ledger: Ledger, tracker: Tracker, model_name: str) -> None:
@@ -451,7 +485,7 @@ def nightly_refresh(params_file: str = str(REPO / "params.yaml")) -> list[dict[s
     paths = params.paths
     ledger = Ledger(paths.resolve("ledger"))
     with refresh_lock(paths.resolve("ledger").with_name(".refresh.lock")):
-        batches = inbox_batches(paths.resolve("inbox"))
+        batches = list(inbox_batches(paths.resolve("inbox")).batches)
         if not batches:
             logger.info("inbox %s is empty: nothing to do tonight", paths.resolve("inbox"))
             return []
@@ -467,6 +501,7 @@ def nightly_refresh(params_file: str = str(REPO / "params.yaml")) -> list[dict[s
         for run_id in tracker.close_orphaned_runs("its night's process died before the run was closed"):
             logger.warning("MLflow run %s was left RUNNING by a killed night: marked KILLED", run_id)
         loaded = load_champion(params, ledger)
+        rebuild_registry(ledger, tracker, loaded["name"], paths.resolve("checkpoints"))
         sync_champion_alias(ledger, tracker, registered_model_name(loaded["name"]))
         results = []
         for path in batches:

@@ -5,7 +5,9 @@ registry), so nothing here changes MLflow's process-wide tracking URI. ``mlflow`
 are imported lazily: importing this module (e.g. for :func:`resolve_tracking_uri`) stays cheap.
 
 Checkpoints are logged as plain artifacts (safetensors + JSON, never pickles) and registered as
-model versions whose source is the run's ``checkpoint/`` artifact folder.
+model versions whose source is the run's ``checkpoint/`` artifact folder. A registry lost with its
+store (a deleted ``mlflow.db``) is rebuilt from the ledger's checkpoint folders: see
+:meth:`Tracker.rebuild_registry`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,6 +39,9 @@ CHAMPION_ALIAS = "champion"
 VERSION_LABEL_TAG = "version_label"
 CHECKPOINT_ARTIFACT_PATH = "checkpoint"
 REGISTERED_MODEL_PREFIX = "nas-"
+# What the night registers from a checkpoint folder (the editor state stays with the checkpoint).
+REGISTRY_FILES = ("deltas.safetensors", "manifest.json")
+REBUILT_TAG = "rebuilt_from_ledger"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # Seconds the HTTP health probe waits; MLflow's own client retries for minutes (7 retries, 120 s
 # timeout), which would turn a dead server into a hung nightly run.
@@ -69,6 +75,69 @@ class ChampionInfo:
     version_label: str | None
     run_id: str | None
     source: str
+
+
+@dataclass(frozen=True)
+class PromotedCheckpoint:
+    """One ledger ``promote`` line, as much as the registry needs (plain data: no ledger import).
+
+    ``checkpoint`` is the version's folder; ``run_id`` and ``model_version`` are the original
+    MLflow run and version number, kept as tags when a lost registry is rebuilt.
+    """
+
+    version_label: str
+    checkpoint: Path
+    weights_hash: str | None = None
+    batch_id: str | None = None
+    run_id: str | None = None
+    model_version: str | None = None
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any], root: Path, checkpoints: Path | None = None) -> PromotedCheckpoint:
+        """Read a ledger ``promote`` dict; a relative ``checkpoint`` is taken relative to ``root`` (the repo).
+
+        A line without ``checkpoint`` falls back to ``checkpoints / version`` (ValueError without either).
+        """
+        label = str(entry["version"])
+        if entry.get("checkpoint"):
+            folder = Path(entry["checkpoint"])
+            folder = folder if folder.is_absolute() else Path(root) / folder
+        elif checkpoints is not None:
+            folder = Path(checkpoints) / label
+        else:
+            raise ValueError(f"the ledger's promote line for {label} names no checkpoint folder")
+
+        def text(field: str) -> str | None:
+            return None if entry.get(field) is None else str(entry[field])
+
+        return cls(
+            version_label=label,
+            checkpoint=folder,
+            weights_hash=text("weights_hash"),
+            batch_id=text("batch_id"),
+            run_id=text("mlflow_run_id"),
+            model_version=text("model_version"),
+        )
+
+
+@dataclass(frozen=True)
+class RegistryRebuild:
+    """What :meth:`Tracker.rebuild_registry` did; labels in ledger order.
+
+    ``missing``: the checkpoint folder (or one of :data:`REGISTRY_FILES`) is gone; ``mismatched``: its
+    manifest is unreadable or names other weights than the ledger promoted. Neither is registered.
+    ``champion_version`` is the registry version holding the alias afterwards (None: no alias).
+    """
+
+    rebuilt: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    mismatched: tuple[str, ...] = ()
+    alias_moved: bool = False
+    champion_version: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.rebuilt) or self.alias_moved
 
 
 # --------------------------------------------------------------------------- URIs and names
@@ -560,6 +629,106 @@ class Tracker:
             source=mv.source,
         )
 
+    def unregistered_labels(self, model_name: str, labels: Sequence[str]) -> list[str]:
+        """The ``labels`` (in order, each once) that no version of ``model_name`` carries."""
+        present = {(v.tags or {}).get(VERSION_LABEL_TAG) for v in self._model_versions(model_name)}
+        return [label for label in dict.fromkeys(labels) if label not in present]
+
+    def registry_lost(self, model_name: str, labels: Sequence[str]) -> bool:
+        """True when the ledger promoted ``labels`` (not empty) but the registry holds none of them.
+
+        That is what a deleted ``mlflow.db`` looks like: MLflow silently recreates an empty store.
+        """
+        wanted = list(dict.fromkeys(labels))
+        return bool(wanted) and len(self.unregistered_labels(model_name, wanted)) == len(wanted)
+
+    def rebuild_registry(
+        self, model_name: str, promotions: Sequence[PromotedCheckpoint], champion_label: str | None
+    ) -> RegistryRebuild:
+        """Re-register the ledger's promoted versions the registry lacks, then point ``champion`` at the ledger's.
+
+        In ledger order, each missing version gets a new FINISHED run tagged ``rebuilt_from_ledger=true``
+        and ``original_run_id`` (the night's run went with the old store), and is registered from its
+        checkpoint folder's :data:`REGISTRY_FILES` with the night's labels and tags. Unusable folders
+        are skipped and reported. Idempotent: once nothing is missing, a call changes nothing.
+        """
+        todo = set(self.unregistered_labels(model_name, [p.version_label for p in promotions]))
+        rebuilt: list[str] = []
+        missing: list[str] = []
+        mismatched: list[str] = []
+        for promo in promotions:
+            if promo.version_label not in todo:
+                continue
+            todo.discard(promo.version_label)  # a label listed twice is handled once
+            problem = _checkpoint_problem(promo)
+            if problem is not None:
+                (missing if problem == "missing" else mismatched).append(promo.version_label)
+                continue
+            version = self._reregister(model_name, promo)
+            log.warning(
+                "%s %s re-registered from %s as version %s (rebuilt from the ledger)",
+                model_name,
+                promo.version_label,
+                promo.checkpoint,
+                version,
+            )
+            rebuilt.append(promo.version_label)
+        moved, champion_version = self._point_champion(model_name, champion_label)
+        return RegistryRebuild(tuple(rebuilt), tuple(missing), tuple(mismatched), moved, champion_version)
+
+    def _reregister(self, model_name: str, promo: PromotedCheckpoint) -> str:
+        label = promo.version_label
+        run_tags = {"original_run_id": promo.run_id, "original_model_version": promo.model_version}
+        version_tags = {"batch_id": promo.batch_id, "weights_hash": promo.weights_hash}
+        run_tags = {REBUILT_TAG: "true", "version": label, **_known(run_tags)}
+        version_tags = {REBUILT_TAG: "true", **_known(version_tags)}
+        run_id = self.start_batch_run(promo.batch_id or label, {}, tags=run_tags)
+        try:
+            with tempfile.TemporaryDirectory() as staging:
+                for name in REGISTRY_FILES:
+                    shutil.copy2(promo.checkpoint / name, Path(staging) / name)
+                version = self.register_checkpoint(model_name, run_id, Path(staging), label, version_tags)
+            with self._guard(f"describe {model_name} version {version}"):
+                self.client.update_model_version(
+                    model_name,
+                    version,
+                    description=f"{label}: NAS-edited checkpoint rebuilt from the ledger "
+                    f"(original run {promo.run_id or 'unknown'}, lost with the old store)",
+                )
+        except BaseException:
+            self._terminate_quietly(run_id)
+            raise
+        self.tag_run(run_id, {"verdict": "promoted"})
+        self.finish_run(run_id)
+        return version
+
+    def _point_champion(self, model_name: str, champion_label: str | None) -> tuple[bool, str | None]:
+        current = self.champion(model_name)
+        held = current.version if current else None
+        if champion_label is None:  # the ledger's champion is the base model: nothing to point at
+            return False, held
+        target = self.version_for_label(model_name, champion_label)
+        if target is None:
+            log.warning(
+                "%s: the ledger's champion %s is not in the registry; alias %r left at %s",
+                model_name,
+                champion_label,
+                CHAMPION_ALIAS,
+                held or "nothing",
+            )
+            return False, held
+        if held == target:
+            return False, target
+        self.set_champion(model_name, target)
+        log.warning(
+            "%s: alias %r re-pointed at version %s (%s, the ledger's champion)",
+            model_name,
+            CHAMPION_ALIAS,
+            target,
+            champion_label,
+        )
+        return True, target
+
     def version_for_label(self, model_name: str, version_label: str) -> str | None:
         """The newest version of ``model_name`` tagged ``version_label``, or None."""
         versions = self._versions_with_label(model_name, version_label)
@@ -588,6 +757,33 @@ def _as_float(key: str, value: Any) -> float:
         return float(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"metric {key!r} must be a number, got {value!r}") from exc
+
+
+def _known(tags: Mapping[str, str | None]) -> dict[str, str]:
+    return {k: v for k, v in tags.items() if v is not None}
+
+
+def _checkpoint_problem(promo: PromotedCheckpoint) -> str | None:
+    """None when ``promo.checkpoint`` can be registered; else "missing" or "mismatched" (logged)."""
+    absent = [name for name in REGISTRY_FILES if not (promo.checkpoint / name).is_file()]
+    if absent:
+        log.warning("cannot re-register %s: %s lacks %s", promo.version_label, promo.checkpoint, ", ".join(absent))
+        return "missing"
+    try:
+        recorded = json.loads((promo.checkpoint / "manifest.json").read_text(encoding="utf-8")).get("weights_hash")
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("cannot re-register %s: unreadable manifest in %s (%s)", promo.version_label, promo.checkpoint, exc)
+        return "mismatched"
+    if promo.weights_hash is not None and recorded != promo.weights_hash:
+        log.warning(
+            "cannot re-register %s: %s holds weights %s, the ledger promoted %s",
+            promo.version_label,
+            promo.checkpoint,
+            str(recorded)[:12],
+            promo.weights_hash[:12],
+        )
+        return "mismatched"
+    return None
 
 
 def _base_model(checkpoint_dir: Path) -> str | None:

@@ -34,14 +34,12 @@ takes seconds.
 
 from __future__ import annotations
 
-import errno
-import hashlib
+import dataclasses
 import html
 import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -51,8 +49,19 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from flows.identity import FactIdentity, identity_of, last_match
+from flows.inbox import BatchSnapshot, release, store, take_snapshot
 from nas_core.prompts import SubjectNotFoundError, subject_last_token
-from nas_core.requests import CASE_ID_PATTERN, MAX_TEXT_CHARS, EditRequest, RecordProblem, parse_fact_jsonl
+from nas_core.requests import (
+    CASE_ID_PATTERN,
+    MAX_TEXT_CHARS,
+    RULE_SEVERITY,
+    EditRequest,
+    RecordProblem,
+    SchemaPolicy,
+    parse_fact_jsonl,
+)
+from nas_core.text import fold
 
 #: Name of the Great Expectations suite run on every batch.
 SUITE_NAME = "fact_batch"
@@ -83,9 +92,26 @@ RULES: Mapping[str, str] = MappingProxyType(
         "subject_not_located": "the subject's last token cannot be located in the tokenised filled prompt",
         "ledger_conflict": "an earlier batch wrote the same fact with another answer (policy 'reject')",
         "already_applied": "an earlier batch wrote the same fact with the same answer",
-        "duplicate_fact": "an earlier record of the same batch is about the same fact (fact_key)",
+        "duplicate_fact": "an earlier record of the same batch is about the same fact (flows.identity)",
+        "relation_id_missing": "the record has no relation_id: its fact is recognised by subject and template only",
     }
 )
+
+#: Severities of :data:`RULES` (``gx:`` rules: ``gx:row_count`` is ``batch``, the others ``record``).
+FLOW_RULE_SEVERITY: Mapping[str, str] = MappingProxyType(
+    {
+        rule: "batch" if rule in {"file_too_large", "invalid_batch_name"} else
+        "warn" if rule == "relation_id_missing" else "record"
+        for rule in RULES
+    }
+)
+
+
+def severity_of(rule: str) -> str:
+    """The severity of any rule the night reports (unknown rules refuse: fail closed)."""
+    if rule.startswith("gx:"):
+        return "batch" if rule == "gx:row_count" else "record"
+    return FLOW_RULE_SEVERITY.get(rule) or RULE_SEVERITY.get(rule, "record")
 
 
 class BatchNameError(ValueError):
@@ -123,7 +149,15 @@ class ValidationSettings:
             fails with ``ledger_conflict``; ``"supersede"``: it is accepted and the ledger
             fact is listed in :attr:`BatchValidation.superseded`.
         max_file_bytes: a larger file is not read at all (``file_too_large``); 16 MiB is
-            far beyond ``max_records`` records of ``MAX_TEXT_CHARS`` texts.
+            far beyond ``max_records`` records of ``MAX_TEXT_CHARS`` texts. The size is
+            taken while the file is read in chunks, so a larger file is never held.
+        max_paraphrases, max_neighbourhood_prompts, max_generation_prompts: evaluation-only
+            lists are cut to this many items with a warning (``list_too_long``); each item
+            costs evaluation time that night and every later night (retention).
+        fold_confusables: fact identity and the target comparison map Cyrillic/Greek
+            look-alike letters to Latin (``nas_core.text.fold``).
+        max_problems_per_rule: reports list at most this many problems of one rule, then
+            the count of the rest (a batch of 50,000 bad records stays a readable report).
     """
 
     min_records: int = 1
@@ -134,9 +168,16 @@ class ValidationSettings:
     max_target_tokens: int = 16
     conflict_policy: str = "reject"
     max_file_bytes: int = 16 * 2**20
+    max_paraphrases: int = 20
+    max_neighbourhood_prompts: int = 20
+    max_generation_prompts: int = 10
+    fold_confusables: bool = True
+    max_problems_per_rule: int = 50
 
     def __post_init__(self) -> None:
+        self.schema_policy()  # checks the list bounds
         for name in (
+            "max_problems_per_rule",
             "min_records",
             "max_records",
             "max_prompt_chars",
@@ -163,17 +204,12 @@ class ValidationSettings:
             f"validation.conflict_policy must be one of {CONFLICT_POLICIES}, got {self.conflict_policy!r}",
         )
         _check(self.max_file_bytes >= 1, "validation.max_file_bytes must be >= 1")
+        _check(self.max_problems_per_rule >= 1, "validation.max_problems_per_rule must be >= 1")
 
-
-def fact_key(subject: str, relation_id: str, prompt: str) -> tuple[str, str]:
-    """The identity of a fact: ``(casefolded stripped subject, relation)``.
-
-    The relation is ``relation_id`` (stripped), or the prompt template (stripped) when the
-    record has no relation id: two facts about the same subject and relation are the same
-    fact whatever their answers.
-    """
-    relation = relation_id.strip() or prompt.strip()
-    return subject.strip().casefold(), relation
+    def schema_policy(self) -> SchemaPolicy:
+        """The parser's part of these settings."""
+        return SchemaPolicy(self.max_paraphrases, self.max_neighbourhood_prompts, self.max_generation_prompts,
+                            self.fold_confusables)
 
 
 @dataclass(frozen=True)
@@ -182,11 +218,11 @@ class LedgerFact:
 
     Attributes:
         subject: the subject as the request held it.
-        relation: the second element of :func:`fact_key` (the relation id, or the prompt
-            template for facts without one); :meth:`from_request` fills it correctly.
+        relation: the request's relation id ("" when it had none).
         target_new: the answer that was written.
         case_id: the case id of the record that wrote it.
         batch_id: the batch that record came from.
+        template: the request's prompt template.
     """
 
     subject: str
@@ -194,22 +230,23 @@ class LedgerFact:
     target_new: str
     case_id: str
     batch_id: str
+    template: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("subject", "relation", "target_new", "case_id", "batch_id"):
+        for name in ("subject", "target_new", "case_id", "batch_id"):
             value = getattr(self, name)
             _check(isinstance(value, str) and bool(value.strip()), f"LedgerFact.{name} must be a non-empty string")
+        _check(bool(self.relation.strip() or self.template.strip()), "LedgerFact needs a relation or a template")
 
-    @property
-    def key(self) -> tuple[str, str]:
-        """This fact's :func:`fact_key`."""
-        return fact_key(self.subject, self.relation, "")
+    def identity(self, confusables: bool = True) -> FactIdentity:
+        """This fact's identity (:mod:`flows.identity`)."""
+        return identity_of(self.subject, self.relation, self.template, confusables)
 
     @classmethod
     def from_request(cls, request: EditRequest, batch_id: str) -> LedgerFact:
         """The ledger entry for an applied ``request`` of batch ``batch_id``."""
-        _, relation = fact_key(request.subject, request.relation_id, request.prompt)
-        return cls(request.subject, relation, request.target_new, request.case_id, batch_id)
+        return cls(request.subject, request.relation_id, request.target_new, request.case_id, batch_id,
+                   request.prompt)
 
 
 @dataclass(frozen=True)
@@ -242,9 +279,19 @@ def _problem_dict(problem: RecordProblem) -> dict[str, Any]:
         "line": problem.position + 1 if problem.position >= 0 else None,
         "case_id": problem.case_id,
         "rule": problem.rule,
+        "severity": problem.severity,
         "field": problem.field,
         "message": problem.message,
     }
+
+
+def _count(problems: Sequence[RecordProblem], omitted: Mapping[str, int]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for problem in problems:
+        counts[problem.rule] = counts.get(problem.rule, 0) + 1
+    for rule in counts:
+        counts[rule] += omitted.get(rule, 0)
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def _where(problem: RecordProblem) -> str:
@@ -261,10 +308,11 @@ class BatchValidation:
         batch_id: the file stem (:func:`batch_id_for`), or ``invalid-name-<sha8>`` when the
             name is not a valid batch id (then a problem says so).
         path: the file that was validated.
-        sha256: hex digest of the file's bytes.
+        sha256: hex digest of the bytes validated (the night's snapshot of the file).
         n_records: non-blank lines (each is one record, valid or not).
-        passed: True when there is no problem at all.
-        problems: every problem, ordered by position (batch-level ones first).
+        passed: True when no problem refuses a record or the batch (warnings do not).
+        problems: every refusing problem, ordered by position (batch-level ones first), at
+            most ``settings.max_problems_per_rule`` of each rule (see ``omitted``).
         requests: the accepted requests in file order; empty when the batch failed.
         superseded: ledger facts this batch overrides (policy ``"supersede"``); empty when
             the batch failed, since a failed batch applies nothing.
@@ -283,6 +331,9 @@ class BatchValidation:
     superseded: tuple[LedgerFact, ...]
     expectations: tuple[ExpectationOutcome, ...]
     settings: ValidationSettings = ValidationSettings()
+    warnings: tuple[RecordProblem, ...] = ()
+    omitted: Mapping[str, int] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    link_target: str | None = None
 
     @property
     def failed_positions(self) -> tuple[int, ...]:
@@ -290,11 +341,12 @@ class BatchValidation:
         return tuple(sorted({p.position for p in self.problems if p.position >= 0}))
 
     def problems_by_rule(self) -> dict[str, int]:
-        """Number of problems per rule, the most frequent first (ties by name)."""
-        counts: dict[str, int] = {}
-        for problem in self.problems:
-            counts[problem.rule] = counts.get(problem.rule, 0) + 1
-        return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+        """Number of refusing problems per rule (omitted ones included), the most frequent first."""
+        return _count(self.problems, self.omitted)
+
+    def warnings_by_rule(self) -> dict[str, int]:
+        """Number of warnings per rule (omitted ones included), the most frequent first."""
+        return _count(self.warnings, self.omitted)
 
     def summary(self, max_examples: int = 3) -> str:
         """One readable paragraph: verdict, counts, failing expectations, first problems."""
@@ -305,11 +357,12 @@ class BatchValidation:
                 listed = ", ".join(f"{f.case_id!r} of batch {f.batch_id!r}" for f in self.superseded)
                 text += f", superseding {len(self.superseded)} earlier facts ({listed})"
             return text + "."
-        rules = ", ".join(f"{rule} x{n}" for rule, n in self.problems_by_rule().items())
+        by_rule = self.problems_by_rule()
+        rules = ", ".join(f"{rule} x{n}" for rule, n in by_rule.items())
         bad_records = len(self.failed_positions)
         text = (
-            f"{head} FAILED and is rejected whole; {len(self.problems)} problems in {bad_records} of "
-            f"{self.n_records} records ({rules})."
+            f"{head} FAILED and is rejected whole; {sum(by_rule.values())} problems in {bad_records}"
+            f"{'+' if self.omitted else ''} of {self.n_records} records ({rules})."
         )
         failed = [e.name for e in self.expectations if not e.success]
         if self.expectations:
@@ -330,9 +383,14 @@ class BatchValidation:
             "passed": self.passed,
             "verdict": "passed" if self.passed else "failed",
             "summary": self.summary(),
-            "n_problems": len(self.problems),
+            "n_problems": sum(self.problems_by_rule().values()),
             "problems_by_rule": self.problems_by_rule(),
             "problems": [_problem_dict(p) for p in self.problems],
+            "n_warnings": sum(self.warnings_by_rule().values()),
+            "warnings_by_rule": self.warnings_by_rule(),
+            "warnings": [_problem_dict(p) for p in self.warnings],
+            "omitted_by_rule": dict(self.omitted),
+            "symlink_target": self.link_target,
             "accepted_case_ids": [r.case_id for r in self.requests],
             "superseded": [asdict(f) for f in self.superseded],
             "suite": SUITE_NAME,
@@ -375,16 +433,6 @@ def _fallback_batch_id(sha256: str) -> str:
 # --------------------------------------------------------------------------------------
 # Reading and decoding
 # --------------------------------------------------------------------------------------
-
-
-def _sha256_file(path: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def _decode(data: bytes) -> tuple[str, list[RecordProblem]]:
@@ -456,7 +504,9 @@ _TEXT_COLUMNS = ("case_id", "prompt", "subject", "target_new", "target_true", "r
 _COLUMNS = (*_TEXT_COLUMNS, "n_placeholders", "targets_differ")
 
 
-def _frame_rows(objects: list[tuple[int, dict[str, Any]]]) -> tuple[list[int], list[dict[str, Any]]]:
+def _frame_rows(
+    objects: list[tuple[int, dict[str, Any]]], confusables: bool = True
+) -> tuple[list[int], list[dict[str, Any]]]:
     """One row per record: texts stripped as the request would hold them, plus derived columns.
 
     A field that is absent or not a string is null (the parser reports which). ``case_id`` is
@@ -479,7 +529,7 @@ def _frame_rows(objects: list[tuple[int, dict[str, Any]]]) -> tuple[list[int], l
         # Derived columns are null when their inputs are missing or empty, so one missing
         # field is reported once (by its own expectations), not again here.
         row["n_placeholders"] = prompt.count("{}") if prompt else None
-        row["targets_differ"] = new.casefold() != true.casefold() if new and true else None
+        row["targets_differ"] = fold(new, confusables) != fold(true, confusables) if new and true else None
         positions.append(position)
         rows.append(row)
     return positions, rows
@@ -536,7 +586,7 @@ def _suite_specs(s: ValidationSettings) -> tuple[_Spec, ...]:
         _Spec(
             "targets_differ",
             "target_new",
-            "target_new differs from target_true (ignoring case)",
+            "target_new differs from target_true (after Unicode normalisation and casefolding)",
             lambda E: E.ExpectColumnValuesToBeInSet(column="targets_differ", value_set=[True]),
         ),
     ]
@@ -641,7 +691,7 @@ def _run_suite(
     """Run the ``fact_batch`` suite on the records; outcomes and one problem per unexpected row."""
     import pandas as pd
 
-    positions, rows = _frame_rows(objects)
+    positions, rows = _frame_rows(objects, settings.fold_confusables)
     # object dtype keeps None as None and bools as bools (pandas 3 would infer a string
     # dtype with NaN); the index is the line position, so GX reports unexpected rows by it.
     frame = pd.DataFrame(rows, columns=list(_COLUMNS), index=positions, dtype=object)
@@ -831,56 +881,42 @@ def _subject_problems(tok: Any, placed: Sequence[tuple[int, EditRequest]]) -> li
 def _ledger_problems(
     requests: Sequence[tuple[int, EditRequest]], ledger: Sequence[LedgerFact], s: ValidationSettings
 ) -> tuple[list[RecordProblem], list[LedgerFact]]:
-    """``duplicate_fact``, ``already_applied`` and ``ledger_conflict`` problems, and the superseded facts."""
-    current: dict[tuple[str, str], LedgerFact] = {}
-    for entry in ledger:  # ledger order is application order: the last entry is in the model
-        current[entry.key] = entry
+    """``duplicate_fact``, ``already_applied``, ``ledger_conflict`` and ``relation_id_missing``
+    problems, and the superseded facts; identity is :mod:`flows.identity`'s."""
+    conf = s.fold_confusables
+    # Ledger order is application order: the last matching entry is what the model holds.
+    known = [(fact.identity(conf), fact) for fact in ledger]
     problems: list[RecordProblem] = []
     superseded: list[LedgerFact] = []
-    seen: dict[tuple[str, str], tuple[int, str]] = {}
+    seen: list[tuple[FactIdentity, tuple[int, str]]] = []
     for position, request in requests:
-        key = fact_key(request.subject, request.relation_id, request.prompt)
-        if key in seen:
-            first_position, first_case = seen[key]
-            problems.append(
-                RecordProblem(
-                    position,
-                    request.case_id,
-                    "duplicate_fact",
-                    f"record on line {first_position + 1} (case {first_case!r}) is already about the fact "
-                    f"(subject {key[0]!r}, relation {key[1]!r})",
-                    "subject",
-                )
-            )
-        else:
-            seen[key] = (position, request.case_id)
-        earlier = current.get(key)
+        key = identity_of(request.subject, request.relation_id, request.prompt, conf)
+        if not request.relation_id:
+            problems.append(RecordProblem(position, request.case_id, "relation_id_missing",
+                                          "no relation_id: this fact is recognised by its subject and prompt template "
+                                          "only, so a rephrased template of it would not be", "relation_id", "warn"))
+        first = last_match(key, seen)
+        if first is not None:
+            problems.append(RecordProblem(
+                position, request.case_id, "duplicate_fact",
+                f"record on line {first[0] + 1} (case {first[1]!r}) is already about this fact ({key.describe()})",
+                "subject"))
+        seen.append((key, (position, request.case_id)))
+        earlier = last_match(key, known)
         if earlier is None:
             continue
         where = f"case {earlier.case_id!r} of batch {earlier.batch_id!r}"
-        if earlier.target_new.strip().casefold() == request.target_new.strip().casefold():
-            problems.append(
-                RecordProblem(
-                    position,
-                    request.case_id,
-                    "already_applied",
-                    f"{where} already wrote {earlier.target_new!r} for this fact; applying it twice would "
-                    "edit the model again for nothing",
-                    "target_new",
-                )
-            )
+        if fold(earlier.target_new, conf) == fold(request.target_new, conf):
+            problems.append(RecordProblem(
+                position, request.case_id, "already_applied",
+                f"{where} already wrote {earlier.target_new!r} for this fact; applying it twice would edit the model "
+                "again for nothing", "target_new"))
         elif s.conflict_policy == "reject":
-            problems.append(
-                RecordProblem(
-                    position,
-                    request.case_id,
-                    "ledger_conflict",
-                    f"{where} wrote {earlier.target_new!r} for this fact; this record says "
-                    f"{request.target_new!r} (conflict_policy 'reject')",
-                    "target_new",
-                )
-            )
-        else:
+            problems.append(RecordProblem(
+                position, request.case_id, "ledger_conflict",
+                f"{where} wrote {earlier.target_new!r} for this fact; this record says {request.target_new!r} "
+                "(conflict_policy 'reject')", "target_new"))
+        elif earlier not in superseded:
             superseded.append(earlier)
     return problems, superseded
 
@@ -891,18 +927,19 @@ def _ledger_problems(
 
 
 def validate_batch(
-    path: Path,
+    source: Path | BatchSnapshot,
     tokenizer: Any,
     ledger: Sequence[LedgerFact] = (),
     settings: ValidationSettings = ValidationSettings(),
 ) -> BatchValidation:
-    """Validate one batch file; all-or-nothing (see the module docstring for the checks).
+    """Validate one batch; all-or-nothing (see the module docstring for the checks).
 
-    Problems with the file's content or name never raise: they are reported in the result.
-    Only I/O errors (a missing or unreadable file) propagate.
+    ``source`` is the night's :class:`~flows.inbox.BatchSnapshot` (the bytes that will be
+    edited and stored) or a path, which is read once here. Problems with the content or
+    name never raise: they are reported. Only I/O errors propagate.
     """
-    path = Path(path)
-    sha256, size = _sha256_file(path)
+    snap = source if isinstance(source, BatchSnapshot) else take_snapshot(Path(source), settings.max_file_bytes)
+    path, sha256 = snap.path, snap.sha256
     problems: list[RecordProblem] = []
     try:
         batch_id = batch_id_for(path)
@@ -910,28 +947,24 @@ def validate_batch(
         batch_id = _fallback_batch_id(sha256)
         problems.append(RecordProblem(BATCH_POSITION, None, "invalid_batch_name", str(exc)))
 
-    if size > settings.max_file_bytes:
-        problems.append(
-            RecordProblem(
-                BATCH_POSITION,
-                None,
-                "file_too_large",
-                f"the file has {size} bytes (at most {settings.max_file_bytes}); it was not read",
-            )
-        )
-        return _finish(batch_id, path, sha256, 0, problems, (), [], (), settings)
+    if snap.data is None or snap.size > settings.max_file_bytes:
+        problems.append(RecordProblem(
+            BATCH_POSITION, None, "file_too_large",
+            f"the file has {snap.size} bytes (at most {settings.max_file_bytes}); it was not read"))
+        return _finish(batch_id, snap, 0, problems, (), [], (), settings)
 
-    text, decode_problems = _decode(path.read_bytes())
+    text, decode_problems = _decode(snap.data)
     problems += decode_problems
     n_records = sum(1 for line in text.removeprefix("\ufeff").split("\n") if line.strip()) + len(decode_problems)
-    report = parse_fact_jsonl(text)
+    report = parse_fact_jsonl(text, settings.schema_policy())
     problems += report.problems
+    problems += report.warnings
     objects = _json_objects(text)
     outcomes, gx_problems = _run_suite(objects, settings)
     problems += gx_problems
 
     # parse_fact_jsonl keeps no positions for its requests; they are the lines of the
-    # records without problems, in order.
+    # records without refusing problems, in order.
     bad = {p.position for p in report.problems}
     good_positions = [p for p, _ in objects if p not in bad]
     placed = list(zip(good_positions, report.requests, strict=True))
@@ -945,13 +978,23 @@ def validate_batch(
     problems += _subject_problems(tokenizer, tokenisable)
     ledger_problems, superseded = _ledger_problems(placed, ledger, settings)
     problems += ledger_problems
-    return _finish(batch_id, path, sha256, n_records, problems, report.requests, superseded, outcomes, settings)
+    return _finish(batch_id, snap, n_records, problems, report.requests, superseded, outcomes, settings)
+
+
+def _cap(problems: Sequence[RecordProblem], limit: int) -> tuple[list[RecordProblem], dict[str, int]]:
+    """At most ``limit`` problems per rule, in order, and the count left out per rule."""
+    kept: list[RecordProblem] = []
+    seen: dict[str, int] = {}
+    for problem in problems:
+        seen[problem.rule] = seen.get(problem.rule, 0) + 1
+        if seen[problem.rule] <= limit:
+            kept.append(problem)
+    return kept, {rule: n - limit for rule, n in seen.items() if n > limit}
 
 
 def _finish(
     batch_id: str,
-    path: Path,
-    sha256: str,
+    snap: BatchSnapshot,
     n_records: int,
     problems: list[RecordProblem],
     requests: Sequence[EditRequest],
@@ -959,20 +1002,26 @@ def _finish(
     outcomes: Sequence[ExpectationOutcome],
     settings: ValidationSettings,
 ) -> BatchValidation:
-    # Stable sort: within a record, problems keep the order of the layers that found them.
-    ordered = tuple(sorted(problems, key=lambda p: p.position))
-    passed = not ordered and all(o.success for o in outcomes)
+    # Every problem gets its rule's severity; stable sort: within a record, problems keep
+    # the order of the layers that found them.
+    graded = sorted((dataclasses.replace(p, severity=severity_of(p.rule)) for p in problems), key=lambda p: p.position)
+    refusing, omitted = _cap([p for p in graded if p.severity != "warn"], settings.max_problems_per_rule)
+    warnings, omitted_warnings = _cap([p for p in graded if p.severity == "warn"], settings.max_problems_per_rule)
+    passed = not refusing and all(o.success for o in outcomes)
     return BatchValidation(
         batch_id=batch_id,
-        path=path,
-        sha256=sha256,
+        path=snap.path,
+        sha256=snap.sha256,
         n_records=n_records,
         passed=passed,
-        problems=ordered,
+        problems=tuple(refusing),
         requests=tuple(requests) if passed else (),
         superseded=tuple(superseded) if passed else (),
         expectations=tuple(outcomes),
         settings=settings,
+        warnings=tuple(warnings),
+        omitted=MappingProxyType({**omitted, **omitted_warnings}),
+        link_target=snap.link_target,
     )
 
 
@@ -1023,14 +1072,20 @@ def render_html(validation: BatchValidation) -> str:
     v = validation
     e = html.escape
     verdict = "passed" if v.passed else "failed"
-    problems = _table(
-        ("line", "case id", "rule", "field", "message"),
-        [
-            ("batch" if p.position < 0 else p.position + 1, p.case_id or "", p.rule, p.field, p.message)
-            for p in v.problems
-        ],
-        ("", "", "", "", "msg"),
-    )
+    def rows(items: Sequence[RecordProblem]) -> str:
+        return _table(
+            ("line", "case id", "rule", "severity", "field", "message"),
+            [
+                ("batch" if p.position < 0 else p.position + 1, p.case_id or "", p.rule, p.severity, p.field,
+                 p.message)
+                for p in items
+            ],
+            ("", "", "", "", "", "msg"),
+        )
+
+    problems, warnings = rows(v.problems), rows(v.warnings)
+    omitted = "".join(f"<p>{n} more <code>{e(rule)}</code> not listed (at most "
+                      f"{v.settings.max_problems_per_rule} per rule).</p>" for rule, n in v.omitted.items())
     expectations = _table(
         ("expectation", "GX type", "checks", "result", "unexpected", "examples / observed"),
         [
@@ -1063,13 +1118,18 @@ def render_html(validation: BatchValidation) -> str:
                 ("file", str(v.path)),
                 ("sha256", v.sha256),
                 ("records", v.n_records),
+                ("symlink target", v.link_target or "(not a symlink)"),
                 ("accepted edit requests", len(v.requests)),
-                ("problems", len(v.problems)),
+                ("problems", sum(v.problems_by_rule().values())),
+                ("warnings", sum(v.warnings_by_rule().values())),
             ],
         ),
         f"<p>{e(v.summary())}</p>",
-        f"<h2>Problems ({len(v.problems)})</h2>",
+        f"<h2>Problems ({sum(v.problems_by_rule().values())})</h2>",
         problems if v.problems else "<p>None.</p>",
+        f"<h2>Warnings ({sum(v.warnings_by_rule().values())}; the records are kept)</h2>",
+        warnings if v.warnings else "<p>None.</p>",
+        omitted,
         f"<h2>Great Expectations suite <code>{e(SUITE_NAME)}</code></h2>",
         expectations if v.expectations else "<p>Not run (the file could not be read).</p>",
     ]
@@ -1107,52 +1167,49 @@ def _claim_folder(root: Path, batch_id: str) -> Path:
 
 
 def quarantine(
-    path: Path, validation: BatchValidation | None, quarantine_root: Path, reason: Mapping[str, Any]
+    source: Path | BatchSnapshot,
+    validation: BatchValidation | None,
+    quarantine_root: Path,
+    reason: Mapping[str, Any],
+    max_bytes: int = ValidationSettings.max_file_bytes,
 ) -> Path:
-    """Move the batch file, unchanged, into its own folder under ``quarantine_root``.
+    """Keep the batch's bytes in their own folder under ``quarantine_root`` and clear the inbox entry.
 
     The folder is ``quarantine_root/BATCH_ID`` (``BATCH_ID-2``, ``-3``, ... when a batch of
-    the same name was quarantined before; nothing is overwritten). It receives the file (same
-    name; ``BATCH_ID.jsonl`` when the name is invalid, whose batch id is then
-    ``invalid-name-<sha8>``), the reports of ``validation`` when given (:func:`write_report`)
-    and ``reason.json``: ``reason``, the time, the file's sha256 and original name. The file
-    is moved with ``os.replace`` (a copy-then-delete across file systems) and its sha256 is
-    checked after the move. Returns the folder.
+    the same name was quarantined before; nothing is overwritten). It receives the bytes the
+    night read (``source``'s snapshot: never a link, never bytes written after the night
+    read them) under the file's name (``BATCH_ID.jsonl`` when the name is invalid), the
+    reports of ``validation`` when given and ``reason.json`` (reason, time, sha256, original
+    name and, for a symlink, what it pointed to). The inbox entry is then removed unless it
+    was rewritten meanwhile (:func:`flows.inbox.release`). Returns the folder.
 
     Raises:
-        ValueError: ``validation`` is about another file.
+        ValueError: ``validation`` is about other bytes than ``source``.
     """
-    path = Path(path)
-    if validation is not None and Path(validation.path).resolve() != path.resolve():
-        raise ValueError(f"validation is about {str(validation.path)!r}, not {str(path)!r}")
-    sha256, _ = _sha256_file(path)
+    snap = source if isinstance(source, BatchSnapshot) else take_snapshot(Path(source), max_bytes)
+    if validation is not None and validation.sha256 != snap.sha256:
+        raise ValueError(f"validation is about sha256 {validation.sha256[:12]}, not the bytes of {snap.name!r}")
     try:
-        batch_id, valid_name = batch_id_for(path), True
+        batch_id, valid_name = batch_id_for(snap.path), True
     except BatchNameError:
-        batch_id, valid_name = _fallback_batch_id(sha256), False
+        batch_id, valid_name = _fallback_batch_id(snap.sha256), False
     folder = _claim_folder(Path(quarantine_root), batch_id)
-    target = folder / (path.name if valid_name else f"{batch_id}.jsonl")
-    try:
-        os.replace(path, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        shutil.move(path, target)  # another file system: copy, then delete the source
-    moved, _ = _sha256_file(target)
-    if moved != sha256:
-        raise RuntimeError(f"{target} changed while being quarantined (sha256 {moved} != {sha256})")
+    target = folder / (snap.name if valid_name else f"{batch_id}.jsonl")
+    stored = store(snap, target)
+    left = release(snap)
     if validation is not None:
         write_report(validation, folder)
     record = {
         "reason": dict(reason),
         "quarantined_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "batch_id": batch_id,
-        "original_name": path.name,
-        "original_path": str(path),
+        "original_name": snap.name,
+        "original_path": str(snap.path),
+        "symlink_target": snap.link_target,
         "file": target.name,
-        "sha256": sha256,
+        "sha256": stored,
         "validated_sha256": None if validation is None else validation.sha256,
-        "changed_since_validation": None if validation is None else validation.sha256 != sha256,
+        "inbox_entry_kept": left,
         "passed": None if validation is None else validation.passed,
     }
     # default=str: a reason may carry paths or timestamps from the flow.
@@ -1173,7 +1230,7 @@ __all__ = [
     "LedgerFact",
     "ValidationSettings",
     "batch_id_for",
-    "fact_key",
+    "severity_of",
     "quarantine",
     "render_html",
     "validate_batch",

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
+
+from nas_core.text import fold, has_visible
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,59 @@ RULES: Mapping[str, str] = MappingProxyType(
         "subject_not_found": "the subject cannot be located in a filled prompt",
         "target_equals_true": "target_new equals target_true (case-insensitive, stripped)",
         "duplicate_case_id": "the case_id was already used by an earlier record of the batch",
+        "template_stray_brace": "the prompt template has a brace besides its one {} ({{}}, {subject}, ...)",
+        "eval_text_dropped": "an evaluation-only text (paraphrase, neighbourhood, generation prompt) is empty, "
+        "invisible or too long: it is left out of the evaluation, the fact is kept",
+        "eval_text_control_character": "an evaluation-only text contains a control character (a newline, ...): "
+        "kept and evaluated as written",
+        "list_too_long": "an evaluation-only list is longer than its bound (SchemaPolicy): only the first items "
+        "are evaluated",
     }
 )
+
+#: What a problem does. ``record``: the record cannot be edited correctly and is refused
+#: (the night holds batches all-or-nothing, so its batch goes to quarantine naming the
+#: record); ``batch``: the file as a whole is refused; ``warn``: reported, the record is
+#: kept. Texts that only evaluate an edit (paraphrases, neighbourhood and generation
+#: prompts) never refuse a fact: a user would lose the whole fact for a weaker evaluation.
+SEVERITIES = ("record", "batch", "warn")
+
+#: The severity of every rule of :data:`RULES`.
+RULE_SEVERITY: Mapping[str, str] = MappingProxyType(
+    {
+        rule: "warn" if rule in {"subject_not_in_prompt", "eval_text_dropped", "eval_text_control_character",
+                                 "list_too_long"} else "record"
+        for rule in RULES
+    }
+)
+
+
+@dataclass(frozen=True)
+class SchemaPolicy:
+    """Bounds and comparison policy of the fact-batch schema (``validation`` in params.yaml).
+
+    Attributes:
+        max_paraphrases: paraphrase prompts evaluated per fact; more are reported
+            (``list_too_long``) and left out: each one costs evaluation time that night and
+            every later night (retention).
+        max_neighbourhood_prompts: neighbourhood prompts evaluated per fact, likewise.
+        max_generation_prompts: generation prompts kept per fact, likewise.
+        fold_confusables: compare texts with Cyrillic/Greek look-alike letters mapped to
+            Latin (``nas_core.text.fold``), so "Pаris" (Cyrillic а) equals "Paris".
+    """
+
+    max_paraphrases: int = 20
+    max_neighbourhood_prompts: int = 20
+    max_generation_prompts: int = 10
+    fold_confusables: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_paraphrases", "max_neighbourhood_prompts", "max_generation_prompts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"validation.{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.fold_confusables, bool):
+            raise ValueError(f"validation.fold_confusables must be true or false, got {self.fold_confusables!r}")
 
 _FACT_REQUIRED = ("case_id", "prompt", "subject", "target_new", "target_true")
 _FACT_OPTIONAL = (
@@ -126,6 +178,7 @@ class RecordProblem:
         message: a human-readable explanation.
         field: the offending field as a path (``"neighbourhood_prompts[1].target"``), or
             ``""`` when the problem concerns the whole record.
+        severity: one of :data:`SEVERITIES` (``"record"`` unless the rule says otherwise).
     """
 
     position: int
@@ -133,6 +186,7 @@ class RecordProblem:
     rule: str
     message: str
     field: str = ""
+    severity: str = "record"
 
     def __str__(self) -> str:
         where = f"#{self.position}" + (f" (case {self.case_id!r})" if self.case_id else "")
@@ -157,7 +211,8 @@ class ConversionReport:
 
     Attributes:
         requests: the requests of every record that converted, in input order.
-        problems: every problem found, ordered by position.
+        problems: every problem that refused a record, ordered by position.
+        warnings: problems of severity ``"warn"`` (the record was kept), ordered by position.
         total: number of input records (non-blank lines for JSONL); ``None`` means
             ``len(requests)`` plus the number of failed records.
     """
@@ -165,6 +220,7 @@ class ConversionReport:
     requests: tuple[EditRequest, ...]
     problems: tuple[RecordProblem, ...] = ()
     total: int | None = None
+    warnings: tuple[RecordProblem, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -243,14 +299,19 @@ def _bad_character(text: str) -> tuple[int, str] | None:
 class _Checker:
     """Collects the problems of one record; ``strict`` adds the fact-schema text rules."""
 
-    def __init__(self, position: int, strict: bool) -> None:
+    def __init__(self, position: int, strict: bool, policy: SchemaPolicy | None = None) -> None:
         self.position = position
         self.strict = strict
+        self.policy = policy or SchemaPolicy()
         self.case_id: str | None = None
         self.problems: list[RecordProblem] = []
+        self.warnings: list[RecordProblem] = []
 
     def add(self, rule: str, field: str, message: str) -> None:
-        self.problems.append(RecordProblem(self.position, self.case_id, rule, message, field))
+        """Report a problem; its severity comes from :data:`RULE_SEVERITY`."""
+        severity = RULE_SEVERITY.get(rule, "record")
+        problem = RecordProblem(self.position, self.case_id, rule, message, field, severity)
+        (self.warnings if severity == "warn" else self.problems).append(problem)
 
     def get(self, record: Mapping[str, Any], key: str, path: str, required: bool) -> Any:
         """``record[key]``, or ``_MISSING`` (reported as ``missing_field`` when required)."""
@@ -289,11 +350,36 @@ class _Checker:
                     f"{path} contains control character U+{ord(char):04X} at index {index}",
                 )
         stripped = value.strip()
-        # Only format characters (zero-width space/joiner...) is as empty as no text at all.
-        if not stripped or all(unicodedata.category(ch) == "Cf" for ch in stripped):
-            self.add("empty_field", path, f"{path} is empty")
+        # Only invisible characters (zero-width joiners, Hangul fillers, a braille blank,
+        # combining marks alone...) is as empty as no text at all.
+        if not has_visible(stripped):
+            self.add("empty_field", path, f"{path} is empty or has no visible character")
             return None
         return stripped
+
+    def eval_text(self, value: Any, path: str) -> str | None:
+        """An evaluation-only text: like :meth:`text`, but what would only weaken the
+        evaluation is a warning; ``None`` means "leave this item out" (also reported)."""
+        if not isinstance(value, str):
+            self.add("wrong_type", path, f"{path} must be a string, got {_type_name(value)}")
+            return None
+        stripped = value.strip()
+        if not has_visible(stripped) or (self.strict and len(value) > MAX_TEXT_CHARS):
+            why = "is empty or invisible" if not has_visible(stripped) else f"has {len(value)} characters"
+            self.add("eval_text_dropped", path, f"{path} {why}: left out of the evaluation")
+            return None
+        bad = _bad_character(value) if self.strict else None
+        if bad is not None:
+            self.add("eval_text_control_character", path,
+                     f"{path} contains control character U+{ord(bad[1]):04X} at index {bad[0]}: kept as written")
+        return stripped
+
+    def bounded(self, items: Sequence[Any], path: str, limit: int | None) -> Sequence[Any]:
+        """The first ``limit`` items of an evaluation-only list (``list_too_long`` beyond)."""
+        if limit is not None and len(items) > limit:
+            self.add("list_too_long", path, f"{path} has {len(items)} items; the first {limit} are evaluated")
+            return items[:limit]
+        return items
 
     def sequence(self, value: Any, path: str) -> Sequence[Any] | None:
         """A list (or tuple) value, or ``None``; a missing optional list is empty."""
@@ -304,12 +390,16 @@ class _Checker:
         self.add("wrong_type", path, f"{path} must be a list, got {_type_name(value)}")
         return None
 
-    def texts(self, value: Any, path: str) -> tuple[str, ...] | None:
+    def texts(self, value: Any, path: str, limit: int | None = None) -> tuple[str, ...] | None:
+        """An evaluation-only list of texts: bad items left out with a warning, wrong types refused."""
         items = self.sequence(value, path)
         if items is None:
             return None
-        out = [self.text(item, f"{path}[{i}]") for i, item in enumerate(items)]
-        return None if any(item is None for item in out) else tuple(out)  # type: ignore[misc]
+        n_refused = len(self.problems)
+        out = [self.eval_text(item, f"{path}[{i}]") for i, item in enumerate(self.bounded(items, path, limit))]
+        if len(self.problems) > n_refused:
+            return None
+        return tuple(item for item in out if item is not None)
 
     def benchmark_case_id(self, record: Mapping[str, Any], key: str = "case_id") -> str | None:
         """A benchmark case id: an int or a non-empty string, returned as a string."""
@@ -357,20 +447,27 @@ class _Checker:
                 f"{path['prompt']} must contain exactly one '{{}}', found "
                 f"{prompt.count('{}')}: {prompt!r}",
             )
+        elif prompt is not None and ("{" in prompt.replace("{}", "", 1) or "}" in prompt.replace("{}", "", 1)):
+            self.add(
+                "template_stray_brace",
+                path["prompt"],
+                f"{path['prompt']} may hold braces only in its one '{{}}': {prompt!r}",
+            )
+        confusables = self.policy.fold_confusables
         if (
             target_new is not None
             and target_true is not None
-            and target_new.casefold() == target_true.casefold()
+            and fold(target_new, confusables) == fold(target_true, confusables)
         ):
             self.add(
                 "target_equals_true",
                 path["target_new"],
-                f"target_new {target_new!r} equals target_true {target_true!r}",
+                f"target_new {target_new!r} equals target_true {target_true!r} (after Unicode normalisation)",
             )
         if subject is not None and paraphrases:
-            folded = subject.casefold()
+            folded = fold(subject, confusables)
             for i, text in enumerate(paraphrases):
-                if folded not in text.casefold():
+                if folded not in fold(text, confusables):
                     field = f"{path['paraphrase_prompts']}[{i}]"
                     self.add(
                         "subject_not_in_prompt",
@@ -403,13 +500,15 @@ def _convert(
     strict: bool,
     extra_problems: Sequence[RecordProblem] = (),
     total: int | None = None,
+    policy: SchemaPolicy | None = None,
 ) -> ConversionReport:
     """Convert ``(position, record)`` pairs; later records reusing a case id fail."""
     requests: list[EditRequest] = []
     problems: list[RecordProblem] = list(extra_problems)
+    warnings: list[RecordProblem] = []
     first_seen: dict[str, int] = {}
     for position, record in items:
-        checker = _Checker(position, strict)
+        checker = _Checker(position, strict, policy)
         if not isinstance(record, Mapping):
             checker.add("wrong_type", "", f"record must be an object, got {_type_name(record)}")
             problems.extend(checker.problems)
@@ -427,6 +526,7 @@ def _convert(
             else:
                 first_seen[checker.case_id] = position
         problems.extend(checker.problems)
+        warnings.extend(checker.warnings)
         if request is not None and not checker.problems:
             requests.append(request)
     problems.sort(key=lambda p: p.position)
@@ -434,6 +534,7 @@ def _convert(
         requests=tuple(requests),
         problems=tuple(problems),
         total=len(items) + len({p.position for p in extra_problems}) if total is None else total,
+        warnings=tuple(warnings),
     )
 
 
@@ -741,27 +842,11 @@ def _fact_record(record: Mapping[str, Any], c: _Checker) -> EditRequest | None:
     target_new, target_true = required("target_new"), required("target_true")
     relation = c.get(record, "relation_id", "relation_id", False)
     relation_id = "" if relation is _MISSING else c.text(relation, "relation_id")
-    paraphrases = c.texts(c.get(record, "paraphrase_prompts", "", False), "paraphrase_prompts")
-    generations = c.texts(c.get(record, "generation_prompts", "", False), "generation_prompts")
-    neighbours: tuple[NeighbourhoodPrompt, ...] | None = None
-    raw = c.sequence(c.get(record, "neighbourhood_prompts", "", False), "neighbourhood_prompts")
-    if raw is not None:
-        items: list[NeighbourhoodPrompt | None] = []
-        for i, item in enumerate(raw):
-            path = f"neighbourhood_prompts[{i}]"
-            entry = c.mapping(item, path)
-            if entry is None:
-                items.append(None)
-                continue
-            for key in sorted((k for k in entry if k not in _NEIGHBOUR_FIELDS), key=str):
-                name = key if isinstance(key, str) else repr(key)
-                c.add("unknown_field", f"{path}.{name}", f"unknown field {name!r} in {path}")
-            text = c.text(c.get(entry, "prompt", f"{path}.prompt", True), f"{path}.prompt")
-            answer = c.text(c.get(entry, "target", f"{path}.target", True), f"{path}.target")
-            ok = text is not None and answer is not None
-            items.append(NeighbourhoodPrompt(text, answer) if ok else None)  # type: ignore[arg-type]
-        if all(item is not None for item in items):
-            neighbours = tuple(items)  # type: ignore[arg-type]
+    p = c.policy
+    paraphrases = c.texts(c.get(record, "paraphrase_prompts", "", False), "paraphrase_prompts", p.max_paraphrases)
+    generations = c.texts(c.get(record, "generation_prompts", "", False), "generation_prompts",
+                          p.max_generation_prompts)
+    neighbours = _fact_neighbours(record, c)
     return c.finish(
         case_id,
         prompt,
@@ -775,7 +860,32 @@ def _fact_record(record: Mapping[str, Any], c: _Checker) -> EditRequest | None:
     )
 
 
-def from_fact_records(records: Sequence[Mapping[str, Any]]) -> ConversionReport:
+def _fact_neighbours(record: Mapping[str, Any], c: _Checker) -> tuple[NeighbourhoodPrompt, ...] | None:
+    """The neighbourhood prompts of a fact record: unknown keys and wrong types refuse the
+    record; an empty or invisible prompt or target leaves that pair out (a warning)."""
+    raw = c.sequence(c.get(record, "neighbourhood_prompts", "", False), "neighbourhood_prompts")
+    if raw is None:
+        return None
+    n_refused = len(c.problems)
+    items: list[NeighbourhoodPrompt] = []
+    for i, item in enumerate(c.bounded(raw, "neighbourhood_prompts", c.policy.max_neighbourhood_prompts)):
+        path = f"neighbourhood_prompts[{i}]"
+        entry = c.mapping(item, path)
+        if entry is None:
+            continue
+        for key in sorted((k for k in entry if k not in _NEIGHBOUR_FIELDS), key=str):
+            name = key if isinstance(key, str) else repr(key)
+            c.add("unknown_field", f"{path}.{name}", f"unknown field {name!r} in {path}")
+        text, answer = (c.get(entry, key, f"{path}.{key}", True) for key in _NEIGHBOUR_FIELDS)
+        if text is _MISSING or answer is _MISSING:
+            continue
+        text, answer = c.eval_text(text, f"{path}.prompt"), c.eval_text(answer, f"{path}.target")
+        if text is not None and answer is not None:
+            items.append(NeighbourhoodPrompt(text, answer))
+    return None if len(c.problems) > n_refused else tuple(items)
+
+
+def from_fact_records(records: Sequence[Mapping[str, Any]], policy: SchemaPolicy | None = None) -> ConversionReport:
     """Validate and convert records of the project's fact-batch schema.
 
     See ``docs/FACT_SCHEMA.md``. Required: ``case_id``, ``prompt`` (template with exactly
@@ -783,9 +893,10 @@ def from_fact_records(records: Sequence[Mapping[str, Any]]) -> ConversionReport:
     ``paraphrase_prompts``, ``neighbourhood_prompts`` (``{"prompt", "target"}`` objects),
     ``generation_prompts``. Unknown keys, wrong types, empty or over-long
     (:data:`MAX_TEXT_CHARS`) texts, control characters, a bad case id, equal targets,
-    paraphrases that do not mention the subject and repeated case ids are all reported.
+    and repeated case ids are all reported; evaluation-only texts are lenient (see
+    :data:`RULE_SEVERITY`) and bounded by ``policy``.
     """
-    return _convert(_records(records), _fact_record, strict=True)
+    return _convert(_records(records), _fact_record, strict=True, policy=policy)
 
 
 class _DuplicateKeyError(ValueError):
@@ -801,7 +912,7 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_fact_jsonl(text: str) -> ConversionReport:
+def parse_fact_jsonl(text: str, policy: SchemaPolicy | None = None) -> ConversionReport:
     """Parse the decoded text of a fact-batch ``.jsonl`` file and convert it.
 
     One JSON object per line; blank lines are skipped; a leading byte-order mark is
@@ -837,7 +948,7 @@ def parse_fact_jsonl(text: str) -> ConversionReport:
             problems.append(
                 RecordProblem(index, None, "malformed_json", f"line {index + 1}: {exc}")
             )
-    return _convert(items, _fact_record, strict=True, extra_problems=problems)
+    return _convert(items, _fact_record, strict=True, extra_problems=problems, policy=policy)
 
 
 def to_fact_record(request: EditRequest) -> dict[str, Any]:
@@ -880,11 +991,14 @@ __all__ = [
     "CASE_ID_PATTERN",
     "MAX_TEXT_CHARS",
     "RULES",
+    "RULE_SEVERITY",
+    "SEVERITIES",
     "ConversionReport",
     "EditRequest",
     "NeighbourhoodPrompt",
     "RecordProblem",
     "RequestError",
+    "SchemaPolicy",
     "check_request",
     "from_counterfact_easyedit",
     "from_counterfact_rome",

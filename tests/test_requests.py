@@ -11,12 +11,15 @@ import pytest
 
 from nas_core.requests import (
     MAX_TEXT_CHARS,
+    RULE_SEVERITY,
     RULES,
+    SEVERITIES,
     ConversionReport,
     EditRequest,
     NeighbourhoodPrompt,
     RecordProblem,
     RequestError,
+    SchemaPolicy,
     check_request,
     from_counterfact_easyedit,
     from_counterfact_rome,
@@ -134,16 +137,16 @@ def test_rome_reports_every_bad_record() -> None:
     bad_para["paraphrase_prompts"] = ["Ghana is in"]
     records = [rome_record(0), no_brace, same, missing, bad_para, rome_record(0), "junk"]
     report = from_counterfact_rome(records)
-    assert [r.case_id for r in report.requests] == ["0"]
+    assert [r.case_id for r in report.requests] == ["0", "4"]
     assert [(p.position, p.rule) for p in report.problems] == [
         (1, "template_placeholder_count"),
         (2, "target_equals_true"),
         (3, "missing_field"),
-        (4, "subject_not_in_prompt"),
         (5, "duplicate_case_id"),
         (6, "wrong_type"),
     ]
-    assert report.n_failed == 6 and report.n_total == 7
+    assert [(w.position, w.rule) for w in report.warnings] == [(4, "subject_not_in_prompt")]
+    assert report.n_failed == 5 and report.n_total == 7
     assert report.problems[2].field == "requested_rewrite.subject"
     assert report.problems[0].case_id == "1" and report.problems[-1].case_id is None
 
@@ -266,7 +269,6 @@ def test_zsre_problems() -> None:
         (0, "empty_field"),
         (1, "target_equals_true"),
         (2, "subject_not_found"),
-        (2, "subject_not_in_prompt"),  # the rephrase does not mention "Acme" either
         (4, "missing_field"),
     ]
     (req,) = report.requests
@@ -338,17 +340,26 @@ def _one_problem(**changes: object) -> RecordProblem:
         ({"case_id": 12}, "wrong_type", "case_id"),
         ({"paraphrase_prompts": "The Eiffel Tower is in"}, "wrong_type", "paraphrase_prompts"),
         ({"paraphrase_prompts": [None]}, "wrong_type", "paraphrase_prompts[0]"),
-        ({"generation_prompts": [""]}, "empty_field", "generation_prompts[0]"),
         ({"relation_id": ["P131"]}, "wrong_type", "relation_id"),
         ({"case_id": "has space"}, "invalid_case_id", "case_id"),
         ({"case_id": "x" * 65}, "invalid_case_id", "case_id"),
         ({"prompt": "The Eiffel Tower is located in"}, "template_placeholder_count", "prompt"),
         ({"prompt": "{} and {} are in"}, "template_placeholder_count", "prompt"),
         ({"target_new": " paris "}, "target_equals_true", "target_new"),
-        ({"paraphrase_prompts": ["It is in"]}, "subject_not_in_prompt", "paraphrase_prompts[0]"),
+        ({"prompt": "{{}} is in"}, "template_stray_brace", "prompt"),
+        ({"prompt": "{} is {subject} in"}, "template_stray_brace", "prompt"),
+        ({"prompt": "{} is in }"}, "template_stray_brace", "prompt"),
+        ({"target_new": "Ｐａｒｉｓ"}, "target_equals_true", "target_new"),
+        ({"target_new": "Pa‍ris"}, "target_equals_true", "target_new"),
+        ({"target_new": "Pаris"}, "target_equals_true", "target_new"),  # Cyrillic a
+        ({"target_new": "Pa\u0301ris", "target_true": "P\u00e1ris"},
+         "target_equals_true", "target_new"),  # NFD vs NFC
+        ({"subject": "ㅤ"}, "empty_field", "subject"),  # Hangul filler
+        ({"subject": "⠀⠀"}, "empty_field", "subject"),  # braille blank
+        ({"target_new": "́́"}, "empty_field", "target_new"),  # combining marks alone
+        ({"target_new": "️"}, "empty_field", "target_new"),  # a variation selector
         ({"target_new": "x" * (MAX_TEXT_CHARS + 1)}, "text_too_long", "target_new"),
         ({"target_new": "Ro\nme"}, "control_character", "target_new"),
-        ({"generation_prompts": ["a\tb"]}, "control_character", "generation_prompts[0]"),
         ({"relation_id": "P\x00"}, "control_character", "relation_id"),
         ({"target_true": "Par\u2028is"}, "control_character", "target_true"),
         ({"neighbourhood_prompts": ["Paris"]}, "wrong_type", "neighbourhood_prompts[0]"),
@@ -418,7 +429,60 @@ def test_check_request_flags_benchmark_newlines() -> None:
     req = EditRequest(
         "c1", "{} is in", "Angola", "Asia", "Africa", paraphrase_prompts=("x\nAngola is in",)
     )
-    assert [p.rule for p in check_request(req)] == ["control_character"]
+    assert not check_request(req)  # evaluation-only texts warn, never refuse
+    report = from_fact_records([to_fact_record(req)])
+    assert [(w.rule, w.severity) for w in report.warnings] == [("eval_text_control_character", "warn")]
+    assert report.requests[0].paraphrase_prompts == ("x\nAngola is in",)
+
+
+@pytest.mark.parametrize(
+    ("changes", "rule", "field"),
+    [
+        ({"paraphrase_prompts": ["It is in"]}, "subject_not_in_prompt", "paraphrase_prompts[0]"),
+        ({"paraphrase_prompts": ["The famous Eiffel-Tower stands in"]}, "subject_not_in_prompt",
+         "paraphrase_prompts[0]"),
+        ({"paraphrase_prompts": ["The Eiffel Tower\nis in"]}, "eval_text_control_character",
+         "paraphrase_prompts[0]"),
+        ({"generation_prompts": ["a\tb"]}, "eval_text_control_character", "generation_prompts[0]"),
+        ({"generation_prompts": [""]}, "eval_text_dropped", "generation_prompts[0]"),
+        ({"paraphrase_prompts": ["\u3164"]}, "eval_text_dropped", "paraphrase_prompts[0]"),
+        ({"neighbourhood_prompts": [{"prompt": "The Louvre is in", "target": " "}]}, "eval_text_dropped",
+         "neighbourhood_prompts[0].target"),
+        ({"neighbourhood_prompts": [{"prompt": "The Louvre is in", "target": "Paris"}] * 25}, "list_too_long",
+         "neighbourhood_prompts"),
+        ({"paraphrase_prompts": ["The Eiffel Tower is in"] * 21}, "list_too_long", "paraphrase_prompts"),
+    ],
+)
+def test_evaluation_only_problems_warn_and_keep_the_fact(changes: dict, rule: str, field: str) -> None:
+    rec = fact_record()
+    rec.update(changes)
+    report = from_fact_records([rec])
+    assert not report.problems and len(report.requests) == 1, report.summary()
+    (warning,) = report.warnings
+    assert (warning.rule, warning.field, warning.severity) == (rule, field, "warn")
+    req = report.requests[0]
+    assert len(req.paraphrase_prompts) <= 20 and len(req.neighbourhood_prompts) <= 20
+    assert "" not in req.generation_prompts and "\u3164" not in req.paraphrase_prompts
+
+
+def test_list_bounds_come_from_the_policy() -> None:
+    rec = fact_record()
+    rec["paraphrase_prompts"] = ["The Eiffel Tower is in"] * 3
+    report = from_fact_records([rec], SchemaPolicy(max_paraphrases=2))
+    assert len(report.requests[0].paraphrase_prompts) == 2 and report.warnings[0].rule == "list_too_long"
+    with pytest.raises(ValueError, match="max_paraphrases"):
+        SchemaPolicy(max_paraphrases=-1)
+
+
+def test_confusables_fold_only_by_policy() -> None:
+    rec = fact_record()
+    rec["target_new"] = "P\u0430ris"  # Cyrillic a
+    assert not from_fact_records([rec], SchemaPolicy(fold_confusables=True)).requests
+    assert from_fact_records([rec], SchemaPolicy(fold_confusables=False)).requests
+
+
+def test_every_rule_has_a_severity() -> None:
+    assert set(RULE_SEVERITY) == set(RULES) and set(RULE_SEVERITY.values()) <= set(SEVERITIES)
 
 
 # ----------------------------------------------------------------------------- JSONL

@@ -29,7 +29,6 @@ from flows.validate import (
     LedgerFact,
     ValidationSettings,
     batch_id_for,
-    fact_key,
     quarantine,
     validate_batch,
     write_report,
@@ -381,13 +380,6 @@ def test_bad_batch_names_are_rejected(name):
         batch_id_for(Path("inbox") / name)
     assert repr(Path(name).name) in str(info.value)
     assert isinstance(info.value, ValueError)
-
-
-def test_fact_key():
-    assert fact_key("  The Eiffel TOWER ", "P131", "{} is in") == ("the eiffel tower", "P131")
-    assert fact_key("Eiffel Tower", "", " The {} is in ") == ("eiffel tower", "The {} is in")
-    request = EditRequest("a", "The {} is in", "Eiffel Tower", "Rome", "Paris")
-    assert LedgerFact.from_request(request, "b1").key == fact_key("eiffel tower", "", "The {} is in")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,53 @@
+"""File primitives every part of the product shares: streamed hashing and atomic writes.
+
+Hashes are always streamed (a file is never read whole to hash it, whatever its size), and
+every write goes to a temporary file in the target's folder that is fsynced and renamed, so
+a reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of the file at ``path``, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> str:
+    """Write ``chunks`` to ``path`` atomically (temp file + fsync + rename); returns their sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                digest.update(chunk)
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically; returns its sha256."""
+    return atomic_write_chunks(path, [data])
+
+
+__all__ = ["CHUNK", "atomic_write_bytes", "atomic_write_chunks", "sha256_file"]
