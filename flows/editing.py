@@ -27,6 +27,7 @@ from torch import nn
 
 from flows.checkpoints import TENSOR_FILES, file_hashes, read_verified
 from flows.config import REPO
+from flows.io import atomic_write_bytes
 from nas_core.anchor import calibrate
 from nas_core.deltas import accumulate, edited_weights, frobenius_norms, materialise, weights_hash
 from nas_core.editors import AlphaEditEditor, MemitEditor, RomeEditor
@@ -58,17 +59,7 @@ def digest(obj: Any) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file in the same folder and rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

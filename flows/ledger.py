@@ -55,14 +55,15 @@ _SCHEMA: dict[str, dict[str, tuple]] = {
                 "request_ids": _IDS, "accepted_path": _STR, "edits_so_far": _INT},
     "reject": {"batch_id": _STR, "file_sha256": _SHA},
     "quarantine": {"batch_id": _STR, "file_sha256": _SHA},
-    "rollback": {"version": _VER, "weights_hash": _SHA},
-    "manual_promote": {"version": _VER, "weights_hash": _SHA},
+    "rollback": {"version": _VER},
+    "manual_promote": {"version": _VER},
 }
 _OPTIONAL: dict[str, tuple] = {
     "parent": (lambda v: v is None or _VER[0](v), "null or a version"),
     "files": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and _SHA[0](h) for k, h in v.items()),
               "an object of file name -> sha256"),
     "skipped_ids": _IDS,
+    "weights_hash": _SHA,
 }
 
 

@@ -18,9 +18,11 @@ from flows.refresh import refresh_lock
 from nas_core.collapse import norm_growth_per_edit
 
 
-def _checkpoint_problem(params: Params, entry) -> str | None:
+def _checkpoint_problem(params: Params, entry, missing_ok: bool = False) -> str | None:
     """Why the checkpoint of promote ``entry`` cannot be trusted, or None."""
     ckpt = params.paths.resolve("checkpoints") / entry["version"]
+    if missing_ok and not ckpt.exists():
+        return None
     if not (ckpt / "manifest.json").is_file():
         return f"{entry['version']}: checkpoint {ckpt} is missing (restore it with `dvc pull data/checkpoints.dvc`)"
     try:
@@ -33,11 +35,12 @@ def _checkpoint_problem(params: Params, entry) -> str | None:
     return None  # a line without ``files`` (promoted before file hashes): its weights hash is what was checked
 
 
-def verify_lineage(params: Params, ledger: Ledger, version: str | None) -> list[str]:
-    """Every checkpoint and accepted batch of ``version``'s lineage checked against the ledger."""
+def verify_lineage(params: Params, ledger: Ledger, version: str | None, missing_ok: bool = False) -> list[str]:
+    """Every checkpoint and accepted batch of ``version``'s lineage checked against the ledger
+    (``missing_ok``: a checkpoint folder that is absent, as on an auditor's fresh clone, is skipped)."""
     problems = []
     for entry in ledger.lineage(version) if version else []:
-        problem = _checkpoint_problem(params, entry)
+        problem = _checkpoint_problem(params, entry, missing_ok)
         if problem:
             problems.append(problem)
         batch = Path(entry["accepted_path"])

@@ -45,6 +45,7 @@ from flows.checkpoints import file_hashes
 from flows.config import REPO
 from flows.identity import identity_of
 from flows.inbox import BatchSnapshot, InboxScan, release, scan_inbox, store, take_snapshot
+from flows.io import sha256_file
 from flows.ledger import Ledger
 from flows.params import Params, load_params
 from flows.tracking import PromotedCheckpoint, Tracker, norm_plot, registered_model_name, resolve_tracking_uri
@@ -231,9 +232,21 @@ def load_champion(params: Params, ledger: Ledger) -> dict[str, Any]:
     return {"session": session, "base_ref": base_ref, "champion": champ, "base_hash": base_hash, "name": name}
 
 
+def check_batch(source: Path | BatchSnapshot, tok, facts: list[LedgerFact], params: Params) -> BatchValidation:
+    """The night's checks of one batch against the champion's facts (``nas validate`` calls this too)."""
+    return validate_batch(source, tok, facts, params.validation)
+
+
+def champion_facts(params: Params) -> list[LedgerFact]:
+    """The facts the ledger's champion holds (what a batch's ledger checks compare against)."""
+    ledger = Ledger(params.paths.resolve("ledger"))
+    champ = ledger.champion()
+    return lineage_requests(ledger, champ["version"] if champ else None, params)[1]
+
+
 @task(cache_policy=NO_CACHE)
 def validate(snap: BatchSnapshot, tok, facts: list[LedgerFact], params: Params, report_dir: Path) -> BatchValidation:
-    result = validate_batch(snap, tok, facts, params.validation)
+    result = check_batch(snap, tok, facts, params)
     write_report(result, report_dir)
     return result
 
@@ -320,9 +333,12 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
     if done is not None:
         recorded = Path(done["accepted_path"])
         recorded = recorded if recorded.is_absolute() else REPO / recorded
-        # A crash after the ledger's promote line but before the store: finish that promotion.
-        target = recorded if not recorded.exists() else free_target(path, paths.resolve("accepted"))
-        store(snap, target)
+        # A crash after the ledger's promote line: finish that promotion (store, then clear the inbox).
+        if recorded.is_file() and sha256_file(recorded) == file_hash:
+            target = recorded
+        else:
+            target = recorded if not recorded.exists() else free_target(path, paths.resolve("accepted"))
+            store(snap, target)
         _release(snap, logger)
         logger.info("%r is already in the champion (same sha256): not applying it again; stored as %s",
                     path.name, target)

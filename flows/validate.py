@@ -38,9 +38,7 @@ import dataclasses
 import html
 import json
 import logging
-import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -51,6 +49,7 @@ from typing import Any
 
 from flows.identity import FactIdentity, identity_of, last_match
 from flows.inbox import BatchSnapshot, release, store, take_snapshot
+from flows.io import atomic_write_bytes
 from nas_core.prompts import SubjectNotFoundError, subject_last_token
 from nas_core.requests import (
     CASE_ID_PATTERN,
@@ -1031,18 +1030,9 @@ def _finish(
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # backslashreplace: a lone surrogate from a JSON escape cannot be written as UTF-8.
-        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically (``flows.io``)."""
+    # backslashreplace: a lone surrogate from a JSON escape cannot be written as UTF-8.
+    atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
 
 
 _CSS = """

@@ -217,11 +217,11 @@ def test_a_crash_at_the_end_of_a_promotion_never_loses_the_batch(night, tmp_path
     batch = write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
     real_append = Ledger.append
 
-    def crash_after_the_move(real):  # wraps os.replace / os.rename, whatever moves the batch
+    def crash_after_the_move(real):  # wraps os.replace / os.rename, whatever puts the batch in accepted/
         def move(src, dst, *args, **kwargs):
             result = real(src, dst, *args, **kwargs)
-            if Path(src).parent.name == "inbox" and Path(dst).parent.name == "accepted":
-                raise SimulatedCrash("killed right after moving the batch to accepted/")
+            if Path(dst).parent.name == "accepted" and not Path(dst).name.startswith("."):
+                raise SimulatedCrash("killed right after the batch's bytes arrived in accepted/")
             return result
         return move
 
@@ -245,7 +245,7 @@ def test_a_crash_at_the_end_of_a_promotion_never_loses_the_batch(night, tmp_path
         f"batch lost: ledger {[e['event'] for e in ledger.entries()]}, outcomes {outcomes}, "
         f"inbox {sorted(p.name for p in batch.parent.iterdir())}")
     assert ledger.champion()["version"] == "v0001"
-    assert not batch.exists() and (tmp_path / "accepted" / batch.name).is_file()
+    assert not batch.exists() and sorted(p.name for p in (tmp_path / "accepted").iterdir()) == [batch.name]
 
 
 # --- MLflow unreachable ---------------------------------------------------------------------------

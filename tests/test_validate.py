@@ -34,7 +34,7 @@ from flows.validate import (
     write_report,
 )
 from nas_core.prompts import target_ids
-from nas_core.requests import EditRequest, RecordProblem, parse_fact_jsonl
+from nas_core.requests import RecordProblem, parse_fact_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "<script>alert(1)</script>"

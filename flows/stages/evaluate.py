@@ -59,7 +59,8 @@ def evaluate(params_file: Path, repo: Path, champion: Path, out_dir: Path) -> di
     version = manifest.get("version")
     edits = int(manifest.get("edit_count", 0))
     ledger = Ledger(params.paths.resolve("ledger", repo))
-    batches = lineage_batches(ledger, version, repo, params.edit.batch_size) if version else []
+    batches = lineage_batches(ledger, version, repo, params.edit.batch_size,
+                              params.validation.schema_policy()) if version else []
     entries = [b.entry for b in batches]
     ratios = norm_ratios(frobenius_norms(base.model, names), original)
     requests = retention_requests(batches)

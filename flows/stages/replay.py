@@ -45,7 +45,7 @@ def replay(params_file: Path, repo: Path, out: Path, metrics: Path, require_cach
     anchor = anchor_of(base, require_cached)
     ledger = Ledger(params.paths.resolve("ledger", repo))
     version, expected = champion_of(ledger)
-    batches = lineage_batches(ledger, version, repo, params.edit.batch_size)
+    batches = lineage_batches(ledger, version, repo, params.edit.batch_size, params.validation.schema_policy())
     log.info("replaying %s: %d accepted batch(es), %d requests, %s%s, batch size %s",
              version or "no champion (the base model)", len(batches), sum(len(b.requests) for b in batches),
              params.edit.method, "+NAS" if params.edit.nas else "", params.edit.batch_size)
