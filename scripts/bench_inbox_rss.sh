@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Peak RSS of one night (3 facts of the demo's night-01, covariance and anchor cached) with and
+# without a 2 GiB sparse file in the inbox: the file must add nothing (it is hashed in chunks).
+# Usage: bash scripts/bench_inbox_rss.sh [OTHER_TREE]   (OTHER_TREE: a checkout of another commit,
+# e.g. `git worktree add /tmp/before REV`, run with this venv for the side-by-side).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
+export MLFLOW_DISABLE_TELEMETRY=true GX_ANALYTICS_ENABLED=false
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); bf16:" \
+     "$(grep -o -w -E 'avx512_bf16|amx_bf16' /proc/cpuinfo | sort -u | xargs || echo none); $(nproc) cores"
+echo "commit: $(git rev-parse --short HEAD)"
+run() {  # run NAME TREE WITH_FILE
+  local d=/tmp/nas-rss-$1 tree=$2
+  rm -rf "$d"; mkdir -p "$d/inbox"
+  .venv/bin/python - "$d" "$tree" <<'PY'
+import sys, yaml
+d, tree = sys.argv[1:]
+p = yaml.safe_load(open(f"{tree}/params.yaml"))
+for k in ("inbox", "accepted", "quarantine", "checkpoints", "reports"):
+    p["paths"][k] = f"{d}/{k}"
+p["paths"]["ledger"] = f"{d}/ledger.jsonl"
+p["tracking"]["uri"] = f"sqlite:///{d}/mlflow.db"
+open(f"{d}/params.yaml", "w").write(yaml.safe_dump(p))
+PY
+  head -3 data/demo/batches/night-01.jsonl > "$d/inbox/night-a.jsonl"
+  [ "$3" = yes ] && .venv/bin/python -c "open('$d/inbox/night-b.jsonl', 'wb').truncate(2 * 2**30)"
+  (cd "$tree" && PYTHONPATH="$tree" PREFECT_HOME="$d/prefect" /usr/bin/time -v "$OLDPWD/.venv/bin/python" \
+      -c "from flows.cli import app; app()" refresh --params "$d/params.yaml" > "$d/night.log" 2>&1) || true
+  printf '%-28s peak RSS %6.0f MB, wall %s\n' "$1" \
+      "$(awk '/Maximum resident/ {print $6 / 1024}' "$d/night.log")" "$(awk '/Elapsed/ {print $8}' "$d/night.log")"
+}
+run "this tree, 2 GiB file" "$PWD" yes
+run "this tree, no file" "$PWD" no
+if [ $# -ge 1 ]; then run "$(basename "$1"), 2 GiB file" "$(cd "$1" && pwd)" yes; fi
