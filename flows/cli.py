@@ -332,6 +332,18 @@ def _session(model, method, nas, config=None, pilots=None, settings_fn=None):
 
 DEFAULT_EFFICACY_METHODS = "memit+nas,alphaedit+nas,rome+nas"
 
+ComputeOpt = Annotated[str | None, typer.Option("--compute-dtype", help="v* compute path: auto, float32 or "
+                                                "bfloat16 (default: the model config's)")]
+
+
+def _with_dtype(compute_dtype: str | None):
+    """A settings_fn that forces the v* compute path (None: keep the config's)."""
+    if compute_dtype is None:
+        return None
+    from flows import precision
+
+    return lambda s: precision.with_path(s, compute_dtype)
+
 
 @bench_app.command("efficacy")
 def bench_efficacy(
@@ -339,19 +351,25 @@ def bench_efficacy(
     methods: Annotated[str, typer.Option(help="comma-separated method[+nas] list")] = DEFAULT_EFFICACY_METHODS,
     cases: Annotated[int, typer.Option(help="first N cases of counterfact_500.json")] = 20,
     pilots: Annotated[int | None, typer.Option(help="override the NAS pilot count")] = None,
+    compute_dtype: ComputeOpt = None,
     out_file: Annotated[Path, typer.Option("--out")] = Path("bench/efficacy.json"),
 ) -> None:
-    """Each of the first N CounterFact cases edited alone from the base model, per method."""
-    from flows import bench
+    """Each of the first N CounterFact cases edited alone from the base model, per method.
+
+    Example: nas bench efficacy --methods alphaedit+nas --compute-dtype bfloat16
+    """
+    from flows import bench, precision
 
     reqs = bench.counterfact_cases(cases)
     results = {}
     for spec in methods.split(","):
         method, _, flag = spec.partition("+")
-        session = _session(model, method, flag == "nas", pilots=pilots)
+        session = _session(model, method, flag == "nas", pilots=pilots, settings_fn=_with_dtype(compute_dtype))
+        out.print(precision.describe(session.settings), highlight=False)
         base_eff = bench.base_answers(session.model, session.tok, reqs)
         r = bench.edit_each_alone(session, reqs)
-        results[spec] = {**r, "base_efficacy": base_eff.float().mean().item()}
+        results[spec] = {**r, "base_efficacy": base_eff.float().mean().item(), "compute_dtype": session.compute_dtype,
+                         **precision.cpu_facts()}
         n = len(reqs)
         out.print(f"{spec:14s} efficacy {sum(r['efficacy'])}/{n}  paraphrase {sum(r['paraphrase'])}/{n}"
                   f"  (base model: {int(base_eff.sum())}/{n})  median {sorted(r['seconds'])[n // 2]:.2f} s/edit")
@@ -365,14 +383,20 @@ def bench_speed(
     nas: Annotated[bool, typer.Option("--nas/--no-nas")] = True,
     cases: int = 10,
     pilots: Annotated[int | None, typer.Option(help="override the NAS pilot count")] = None,
+    compute_dtype: ComputeOpt = None,
     out_file: Annotated[Path, typer.Option("--out")] = Path("bench/speed.json"),
 ) -> None:
-    """Single-request edits vs one batch of the same requests: seconds per edit and efficacy."""
-    from flows import bench
+    """Single-request edits vs one batch of the same requests: seconds per edit and efficacy.
 
-    session = _session(model, method, nas, pilots=pilots)
+    Example: nas bench speed --compute-dtype bfloat16 --pilots 30
+    """
+    from flows import bench, precision
+
+    session = _session(model, method, nas, pilots=pilots, settings_fn=_with_dtype(compute_dtype))
     r = bench.speed(session, bench.counterfact_cases(cases))
+    r.update({"compute_dtype": session.compute_dtype, **precision.cpu_facts()})
     bench.write_json(out_file, r)
+    out.print(precision.describe(session.settings), highlight=False)
     out.print(f"{method}{'+nas' if nas else ''} on {session.model_name}, {torch.get_num_threads()} threads")
     out.print(f"  single edit: median {r['single_median_s']:.2f} s (efficacy {r['single_efficacy']:.0%})")
     out.print(f"  batch of {cases}: {r['batch_per_edit_s']:.2f} s/edit (efficacy {r['batch_efficacy']:.0%}); "
@@ -503,17 +527,30 @@ def bench_horizon(
     = None,
     canary_tokens: Annotated[int | None, typer.Option(help="canary tokens per measurement [default: 1024]")] = None,
     pilots: Annotated[int | None, typer.Option(help="NAS pilots for the anchors [default: 50]")] = None,
+    eval_every_dense: Annotated[int | None, typer.Option(help="edits between measurements until --dense-until")]
+    = None,
+    dense_until: Annotated[int | None, typer.Option(help="where the dense measurements stop [default: 0]")] = None,
+    retention_sample: Annotated[int | None, typer.Option(help="earlier edits scored per measurement, a fixed "
+                                                         "seeded sample [default: 200]")] = None,
+    compute_dtype: ComputeOpt = None,
     source: Annotated[Path | None, typer.Option(help="CounterFact JSON (EasyEdit layout)")] = None,
     out_root: Annotated[Path, typer.Option("--out", help="studies live in OUT/MODEL-KEY/")] = Path("bench/horizon"),
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite mlflow.db)")] = None,
 ) -> None:
-    """The editing-horizon study (a Prefect flow): every method on the same edit stream, until collapse."""
+    """The editing-horizon study (a Prefect flow): every method on the same edit stream, until collapse.
+
+    Resumable: run the same command again to continue; a method added to --methods joins the study.
+    Example: nas bench horizon --methods memit,memit+nas --stream-length 3000 --batch-size 10
+    --eval-every 250 --eval-every-dense 100 --dense-until 1000 --compute-dtype auto
+    """
     from flows import prefect_runtime
     from flows.horizon import DEFAULT_STREAM, HorizonSettings, horizon_study
 
     try:
         given = {"stream_length": stream_length, "batch_size": batch_size, "eval_every": eval_every,
-                 "general_items": general_items, "canary_tokens": canary_tokens, "pilots": pilots}
+                 "general_items": general_items, "canary_tokens": canary_tokens, "pilots": pilots,
+                 "eval_every_dense": eval_every_dense, "dense_until": dense_until,
+                 "retention_sample": retention_sample, "compute_dtype": compute_dtype}
         if methods is not None:
             given["methods"] = tuple(m.strip() for m in methods.split(",") if m.strip())
         settings = HorizonSettings(**{k: v for k, v in given.items() if v is not None})

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from nas_core.collapse import CollapseSettings
+from nas_core.editors import VARIANTS
 from nas_core.settings import (
     AlphaEditSettings,
     EvalSettings,
@@ -120,10 +121,12 @@ class ModelConfig:
         return sorted({*self.memit.layers, *self.alphaedit.layers, *self.rome.layers})
 
     def method(self, name: str, nas: bool | None = None) -> MemitSettings | AlphaEditSettings | RomeSettings:
-        """The settings of method ``name``, with NAS switched on/off when ``nas`` is given."""
-        if name not in METHOD_SETTINGS:
-            raise ConfigError(f"unknown method {name!r}; known: {sorted(METHOD_SETTINGS)}")
-        s = getattr(self, name)
+        """The settings of method ``name`` (or a baseline variant of one, ``memit-plain``,
+        ``rome-classic``), with NAS switched on/off when ``nas`` is given."""
+        base, changes = VARIANTS.get(name, (name, {}))  # a baseline is a setting of its editor
+        if base not in METHOD_SETTINGS:
+            raise ConfigError(f"unknown method {name!r}; known: {sorted(METHOD_SETTINGS)} and {sorted(VARIANTS)}")
+        s = dataclasses.replace(getattr(self, base), **changes)
         if nas is not None:
             s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, enabled=nas))
         return s

@@ -25,12 +25,13 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flows import precision
 from flows.checkpoints import TENSOR_FILES, file_hashes, read_verified
 from flows.config import REPO
 from flows.io import atomic_write_bytes
 from nas_core.anchor import calibrate
 from nas_core.deltas import accumulate, edited_weights, frobenius_norms, materialise, weights_hash
-from nas_core.editors import AlphaEditEditor, MemitEditor, RomeEditor
+from nas_core.editors import VARIANTS, AlphaEditEditor, MemitEditor, RomeEditor, base_method
 from nas_core.editors.base import Editor, EditResult
 from nas_core.requests import EditRequest, from_counterfact_easyedit, parse_fact_jsonl
 from nas_core.settings import AlphaEditSettings, MemitSettings, RomeSettings, StatsSettings
@@ -211,8 +212,12 @@ def ensure_anchor(
     The caller must pass the *unedited* model: the hash of its weights is checked against
     ``base_hash`` so an anchor is never calibrated on an edited model.
     """
+    settings = precision.resolve(settings, next(model.parameters()).device)
     layer = settings.layers[-1]
-    key = {"weights": base_hash, "layer": layer, "values": dataclasses.asdict(settings.values),
+    values = dataclasses.asdict(settings.values)
+    if values["compute_dtype"] == "float32":
+        del values["compute_dtype"]  # the key of every anchor calibrated before the setting existed
+    key = {"weights": base_hash, "layer": layer, "values": values,
            "pilots": settings.nas.pilots, "drop": settings.nas.drop_top_fraction, "seed": settings.nas.seed,
            "pilot_source": PILOT_SOURCE.name if PILOT_SOURCE.is_file() else FALLBACK_PILOTS.name}
     path = root / model_name / f"anchor-L{layer}-{digest(key)}.json"
@@ -244,10 +249,12 @@ def ensure_anchor(
 # --- editors and checkpoints -----------------------------------------------------------------
 
 def make_editor(method: str, settings, cov: dict[int, torch.Tensor]) -> Editor:
+    """The editor of a method or a baseline variant (``memit-plain`` runs MEMIT's class)."""
     editors = {"memit": MemitEditor, "alphaedit": AlphaEditEditor, "rome": RomeEditor}
-    if method not in editors:
-        raise ValueError(f"unknown method {method!r}; known: {sorted(editors)}")
-    return editors[method](settings, cov)
+    base = base_method(method)
+    if base not in editors:
+        raise ValueError(f"unknown method {method!r}; known: {sorted(editors)} and {sorted(VARIANTS)}")
+    return editors[base](settings, cov)
 
 
 @dataclasses.dataclass
@@ -283,6 +290,16 @@ class EditSession:
                                "layer_delta_norms": result.layer_delta_norms})
         return result
 
+    def use_compute_dtype(self, compute_dtype: str) -> None:
+        """Take a recorded precision path for the next edits (a replay of a night that took it)."""
+        if compute_dtype != self.settings.values.compute_dtype:
+            self.settings = precision.with_path(self.settings, compute_dtype)
+            self.editor.settings = self.settings
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.settings.values.compute_dtype
+
     def norms(self) -> dict[str, dict[str, float]]:
         now_norms = frobenius_norms(self.model, list(self.base))
         return {n: {"before": self.original_norms[n], "after": now_norms[n],
@@ -302,7 +319,9 @@ def open_session(
     recorded_files: dict[str, str] | None = None,
 ) -> EditSession:
     """Start editing the base ``model``, or continue from ``checkpoint`` (its files checked
-    against their manifest and, given, the ledger's ``recorded_files``)."""
+    against their manifest and, given, the ledger's ``recorded_files``). ``auto`` precision is
+    resolved for the model's device here (:mod:`flows.precision`)."""
+    settings = precision.resolve(settings, next(model.parameters()).device)
     spec = spec_for(model)
     names = [spec.weight_name(layer) for layer in settings.layers]
     base = edited_weights(model, names)

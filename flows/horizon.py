@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows import editing, evaluation
+from flows import editing, evaluation, precision
 from flows.config import ModelConfig
 from nas_core.collapse import norm_ratios
 from nas_core.deltas import edited_weights, frobenius_norms, materialise
+from nas_core.editors import METHODS as METHODS_BASE
+from nas_core.editors import VARIANTS
 from nas_core.requests import EditRequest, from_counterfact_easyedit
 from nas_core.spec import spec_for
 
@@ -48,6 +51,15 @@ class HorizonSettings:
             reference uses the same number).
         canary_tokens: canary tokens scored for perplexity at each measurement.
         pilots: NAS pilots for the anchors (1000 in the paper; fewer keeps a CPU study short).
+        eval_every_dense: edits between two measurements until ``dense_until`` edits (then
+            ``eval_every``); 0 keeps ``eval_every`` throughout.
+        dense_until: where the dense measurements stop.
+        retention_sample: retention is scored on a fixed seeded sample of this many of the
+            edits before the last batch, plus every edit of the last batch, so a point costs
+            the same at edit 100 and at edit 3,000 (all earlier edits while fewer).
+        retention_seed: the sample's seed; the sample of every point is recorded with it.
+        compute_dtype: the v* compute path (``auto``, ``float32``, ``bfloat16``); None keeps
+            the model config's.
 
     The defaults fit the 60-minute budget of a 2-core CPU with SmolLM2-135M: a measurement
     costs about 2 forward TFLOP (canary + general tasks + retention), about as much as 5
@@ -61,11 +73,21 @@ class HorizonSettings:
     general_items: int = 10
     canary_tokens: int = 1024
     pilots: int = 50
+    eval_every_dense: int = 0
+    dense_until: int = 0
+    retention_sample: int = 200
+    retention_seed: int = 0
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m.removesuffix("+nas") not in ("memit", "alphaedit", "rome")]
+        if min(self.eval_every_dense, self.dense_until, self.retention_sample) < 0:
+            raise ValueError("horizon: eval_every_dense, dense_until and retention_sample must be >= 0")
+        if self.compute_dtype not in (None, "auto", "float32", "bfloat16"):
+            raise ValueError(f"horizon.compute_dtype must be auto, float32 or bfloat16, got {self.compute_dtype!r}")
+        known = (*METHODS_BASE, *VARIANTS)
+        bad = [m for m in self.methods if m.removesuffix("+nas") not in known]
         if bad or not self.methods:
-            raise ValueError(f"horizon.methods: unknown {bad}; use memit, alphaedit, rome with optional +nas")
+            raise ValueError(f"horizon.methods: unknown {bad}; use one of {', '.join(known)} with optional +nas")
         if min(self.stream_length, self.batch_size, self.eval_every, self.pilots) < 1 or self.general_items < 0:
             raise ValueError("horizon: stream_length, batch_size, eval_every and pilots must be >= 1")
         if self.canary_tokens < 2:
@@ -81,9 +103,39 @@ def stream_requests(source: Path, n: int) -> list[EditRequest]:
 
 
 def study_dir(root: Path, model_name: str, settings: HorizonSettings, source: Path) -> Path:
-    """A folder per distinct study (same settings and stream -> same folder -> resumable)."""
-    key = editing.digest({"model": model_name, "settings": dataclasses.asdict(settings), "source": source.name})
+    """A folder per distinct study (same settings and stream -> same folder -> resumable).
+
+    The method list is not part of the key: a method added later joins the same study, and
+    the methods already measured are resumed, not redone.
+    """
+    shape = {k: v for k, v in dataclasses.asdict(settings).items() if k != "methods"}
+    key = editing.digest({"model": model_name, "settings": shape, "source": source.name})
     return root / f"{model_name}-{key}"
+
+
+def next_measurement(done: int, settings: HorizonSettings) -> int:
+    """The edit count of the first measurement after ``done`` edits."""
+    if settings.eval_every_dense and done < settings.dense_until:
+        return min((done // settings.eval_every_dense + 1) * settings.eval_every_dense, settings.dense_until)
+    return (done // settings.eval_every + 1) * settings.eval_every
+
+
+def retention_sample(done: int, last_batch: int, size: int, seed: int) -> list[int]:
+    """Stream indices a measurement after ``done`` edits scores retention on.
+
+    Every edit of the last batch, plus ``size`` of the earlier ones chosen by a seeded
+    priority per stream index (the ``size`` lowest priorities): the priority of an edit never
+    changes, so successive samples share most of their members and the curve is smooth. All
+    earlier edits while there are at most ``size`` of them.
+    """
+    earlier = done - last_batch
+    if earlier <= size:
+        chosen = list(range(earlier))
+    else:
+        rng = random.Random(seed)
+        priority = [rng.random() for _ in range(earlier)]
+        chosen = sorted(sorted(range(earlier), key=priority.__getitem__)[:size])
+    return chosen + list(range(earlier, done))
 
 
 @task(cache_policy=NO_CACHE)
@@ -106,6 +158,8 @@ def run_method(
     method, nas = label.removesuffix("+nas"), label.endswith("+nas")
     s = cfg.method(method, nas)
     s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=settings.pilots))
+    if settings.compute_dtype is not None:
+        s = precision.with_path(s, settings.compute_dtype)
     materialise(model, base_weights, {})  # every method starts from the exact base weights
     anchor = None
     if nas:
@@ -123,7 +177,8 @@ def run_method(
     names = list(session.base)
     original = {n: session.original_norms[n] for n in names}
     edit_seconds = sum(p["edit_seconds"] for p in points[-1:])
-    next_eval = (done // settings.eval_every + 1) * settings.eval_every
+    next_eval = next_measurement(done, settings)
+    log_mark = len(session.request_log)
     while done < len(stream):
         batch = stream[done : done + settings.batch_size]
         t0 = time.perf_counter()
@@ -132,24 +187,45 @@ def run_method(
         done += len(batch)
         if done < next_eval and done < len(stream):
             continue
-        next_eval = (done // settings.eval_every + 1) * settings.eval_every
+        next_eval = next_measurement(done, settings)
         ratios = norm_ratios(frobenius_norms(model, names), original)
         t1 = time.perf_counter()
-        metrics, verdict = evaluation.evaluate(model, tok, stream[:done], cfg_eval(cfg, settings), base_ref, ratios,
-                                               done, cfg.collapse, with_fluency=False)
+        sample = retention_sample(done, len(batch), settings.retention_sample, settings.retention_seed)
+        metrics, verdict = evaluation.evaluate(model, tok, [stream[i] for i in sample], cfg_eval(cfg, settings),
+                                               base_ref, ratios, done, cfg.collapse, with_fluency=False)
         skipped = sum(r["skipped"] for r in session.request_log)
         point = {"edits": done, "metrics": metrics, "collapsed": verdict.collapsed,
                  "failed_checks": [c.name for c in verdict.failed], "skipped": skipped,
                  "edit_seconds": round(edit_seconds, 2), "seconds_per_edit": round(edit_seconds / done, 3),
-                 "eval_seconds": round(time.perf_counter() - t1, 2)}
+                 "eval_seconds": round(time.perf_counter() - t1, 2), "compute_dtype": session.compute_dtype,
+                 "retention_sample": {"seed": settings.retention_seed, "size": settings.retention_sample,
+                                      "indices": sample}, "v_norm_before_mean": _v_norm_mean(session, log_mark),
+                 "machine": precision.cpu_facts()["cpu"], "code_version": _code_version()}
         points.append(point)
+        log_mark = len(session.request_log)
         editing.write_checkpoint(session, ckpt_dir, {"horizon_points": points, "horizon_edits": done})
+        # The points so far, readable while the study runs (scripts/horizon_report.py gathers them).
+        editing.atomic_write_text(out / label / "points.json", json.dumps(
+            {"method": label, "points": points, "collapse_point": collapse_point(points)}, indent=1, allow_nan=True))
         logger.info("%s: %d edits, score %s, ppl x%.2f, norm x%.3f, %.1f s/edit%s", label, done,
                     _fmt(metrics.get("editing_score")), metrics.get("perplexity_ratio", float("nan")),
                     metrics.get("norm_ratio_max", float("nan")), edit_seconds / done,
                     f", COLLAPSE ({', '.join(point['failed_checks'])})" if verdict.collapsed else "")
     materialise(model, base_weights, {})
     return points
+
+
+def _v_norm_mean(session: editing.EditSession, since: int) -> float | None:
+    """Mean ||v*|| before anchoring over the requests logged since index ``since`` (the edits
+    since the previous measurement): the feedback loop NAS breaks shows as its growth."""
+    values = [r["v_norm_before"] for r in session.request_log[since:]]
+    return round(sum(values) / len(values), 3) if values else None
+
+
+def _code_version() -> str:
+    from flows.refresh import code_version
+
+    return code_version()
 
 
 def _fmt(x: float | None) -> str:

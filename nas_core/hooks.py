@@ -131,3 +131,40 @@ def replay_layers(layers: Sequence[nn.Module], outputs: Sequence[object]) -> Ite
                 layer.__dict__.pop("forward", None)  # the class method shows through again
             else:
                 layer.forward = fwd  # type: ignore[method-assign]
+
+
+def _cast(value: object, dtype: torch.dtype) -> object:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    return value
+
+
+@contextmanager
+def compute_in(modules: Sequence[nn.Module], dtype: torch.dtype) -> Iterator[None]:
+    """Run ``modules`` in ``dtype``: their parameters and floating buffers are swapped for
+    ``dtype`` copies and every floating input is cast on entry; the originals (the very
+    tensors) are put back on exit, so the model is bit-for-bit what it was.
+
+    Used for the mixed-precision value optimisation: the frozen blocks above the edit layer
+    compute in bfloat16 where the hardware does so natively, while the shift, the loss and
+    Adam stay in float32 (gradients flow through the casts).
+    """
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handles = []
+    try:
+        for module in modules:
+            for t in (*module.parameters(recurse=True), *module.buffers(recurse=True)):
+                if t.is_floating_point() and t.dtype != dtype:
+                    saved.append((t, t.data))
+                    t.data = t.data.to(dtype)
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, kwargs: (_cast(args, dtype), {k: _cast(v, dtype) for k, v in kwargs.items()}),
+                with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for tensor, original in saved:
+            tensor.data = original

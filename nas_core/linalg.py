@@ -83,6 +83,29 @@ def rank_one_update(
     return torch.outer(r, cinv_k) / denom, denom
 
 
+def classic_rank_one_update(
+    key: torch.Tensor, bare_key: torch.Tensor, bare_resid: torch.Tensor, cov: torch.Tensor, jitter: float = 0.0
+) -> tuple[torch.Tensor, float]:
+    """Classic ROME: Delta = r_k (C^-1 k*)^T / (k^T C^-1 k*), k* prefix-averaged, k unprefixed.
+
+    Kept as a baseline for "The Fall of ROME": the denominator mixes two keys, so it can be
+    tiny or negative, and the update is then huge. No positivity check, on purpose.
+
+    Args:
+        key: (d_in,) k*, the prefix-averaged key.
+        bare_key: (d_in,) k, the key of the bare prompt.
+        bare_resid: (d_out,) the change the layer's output must make at k.
+    """
+    k_star, k, r, c = _f64(key), _f64(bare_key), _f64(bare_resid), _f64(cov)
+    if jitter:
+        c = c + jitter * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    cinv_k_star = torch.linalg.solve(c, k_star)
+    denom = float(k @ cinv_k_star)
+    if denom == 0.0:
+        raise ArithmeticError("classic ROME denominator k^T C^-1 k* is exactly 0")
+    return torch.outer(r, cinv_k_star) / denom, denom
+
+
 def woodbury_solve(
     inverse: torch.Tensor, u: torch.Tensor, v: torch.Tensor, rhs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,10 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+#: Values of ``ValueSettings.compute_dtype``.
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class ValueSettings:
     """The v* optimisation (MEMIT's ``compute_z``), shared by every editor.
@@ -31,6 +35,12 @@ class ValueSettings:
         kl_prompt: template for the KL anchor prompt.
         prefixes: context prefixes; the first must be "" (the bare prompt). Keys use the
             same list, so key and value agree (prefix-consistent editing).
+        compute_dtype: what the frozen blocks above the edit layer (and the head) compute
+            in during the optimisation of float32 weights: ``"float32"``, or ``"bfloat16"``
+            (where the hardware computes it natively: AMX / AVX512-BF16 CPUs, CUDA); the
+            shift, the loss and Adam stay float32. ``"auto"`` is a config value that the
+            caller resolves to one of the two before editing (``flows.precision``), and the
+            resolved path is recorded with every edit so that a replay takes the same one.
     """
 
     steps: int = 25
@@ -41,8 +51,10 @@ class ValueSettings:
     early_stop_nll: float = 0.05
     kl_prompt: str = "{} is a"
     prefixes: tuple[str, ...] = DEFAULT_CONTEXT_PREFIXES
+    compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        _check(self.compute_dtype in COMPUTE_DTYPES, f"values.compute_dtype must be one of {COMPUTE_DTYPES}")
         _check(self.steps >= 1, "values.steps must be >= 1")
         _check(self.lr > 0, "values.lr must be > 0")
         _check(self.kl_factor >= 0, "values.kl_factor must be >= 0")
@@ -147,10 +159,15 @@ class RomeSettings:
         layers: exactly one edited layer.
         cov_jitter: ridge added to C (relative to its mean diagonal) before C^-1 k, so a
             rank-deficient C from a small corpus stays invertible.
+        prefix_consistent: True (r-ROME) uses the prefix-averaged key k* everywhere; False
+            is classic ROME, whose residual and denominator use the unprefixed key k:
+            Delta = (v* - W k)(C^-1 k*)^T / (k^T C^-1 k*), which blows up when k and k*
+            differ (a subject that is the prompt's first token). A baseline, never a default.
     """
 
     layers: tuple[int, ...] = (5,)
     cov_jitter: float = 1e-4
+    prefix_consistent: bool = True
     nas: NASSettings = field(default_factory=NASSettings)
     values: ValueSettings = field(default_factory=ValueSettings)
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas_core.hooks import add_at_positions, capture, replay_layers
+from nas_core.hooks import add_at_positions, capture, compute_in, replay_layers
 from nas_core.prompts import TokenisedPrompt, pad_token_id, target_ids, tokenise
 from nas_core.requests import EditRequest
 from nas_core.settings import ValueSettings
@@ -211,6 +211,22 @@ def _decoder_layers(model: nn.Module, spec: ModelSpec, upto: int) -> list[nn.Mod
     return [get_module(model, spec.layer_name(i)) for i in range(upto + 1)]
 
 
+def _compute_dtype(model: nn.Module, settings: ValueSettings) -> torch.dtype | None:
+    """The dtype the upper blocks compute in when it differs from the weights' (else None)."""
+    if settings.compute_dtype == "auto":
+        raise ValueError("values.compute_dtype 'auto' must be resolved to float32 or bfloat16 before editing")
+    weights = next(model.parameters()).dtype
+    wanted = torch.bfloat16 if settings.compute_dtype == "bfloat16" else torch.float32
+    return wanted if weights == torch.float32 and wanted != weights else None
+
+
+def _upper_modules(model: nn.Module, spec: ModelSpec, layer: int) -> list[nn.Module]:
+    """The blocks above ``layer``, the final norm and the head: what the shift's gradient passes."""
+    n_layers = model.config.get_text_config().num_hidden_layers
+    blocks = [get_module(model, spec.layer_name(i)) for i in range(layer + 1, n_layers)]
+    return [*blocks, get_module(model, spec.final_norm), get_module(model, spec.lm_head)]
+
+
 def tail_width(tok, request: EditRequest, settings: ValueSettings) -> int:
     """Columns from the subject's last token to the end, over the request's rows (the most of them)."""
     return _request_rows(tok, request, settings).tail_width
@@ -290,6 +306,22 @@ def _optimise_batch(
     tail_ids, tail_pos = b.ids[:, start:], b.positions[:, start:]
     tgt_cols = b.tgt_cols + (b.split - start)
 
+    cdtype = _compute_dtype(model, settings)
+    if cdtype is not None and cache is not None:  # the upper blocks' cached head keys/values join their new ones
+        head = [(k.to(cdtype), v.to(cdtype)) if i > layer else (k, v) for i, (k, v) in enumerate(head)]
+    with compute_in(_upper_modules(model, spec, layer), cdtype) if cdtype is not None else nullcontext():
+        delta, nll_start, nll_last, steps = _steps(
+            model, b, settings, layer_mod, lower, tail_outputs, tail_ids, tail_pos, tgt_cols, start, subject_col,
+            cache, head, cache_kw, hidden, kl_ref)
+    log.debug("values: %d requests, %d steps max, nll %.3f -> %.3f", n, int(steps.max()),
+              float(nll_start.mean()), float(nll_last.mean()))
+    return ValueResult(delta=delta, v0=v0, hidden=hidden, nll_start=nll_start, nll_end=nll_last, steps=steps)
+
+
+def _steps(model, b: _Batch, settings: ValueSettings, layer_mod, lower, tail_outputs, tail_ids, tail_pos, tgt_cols,
+           start: int, subject_col, cache, head, cache_kw, hidden, kl_ref):
+    """The Adam loop of :func:`_optimise_batch`; returns (delta, nll_start, nll_last, steps)."""
+    base, device, n = model.base_model, hidden.device, hidden.shape[0]
     delta = torch.zeros((n, hidden.shape[1]), dtype=torch.float32, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=settings.lr)
     h_norm = hidden.norm(dim=1)  # (n,)
@@ -346,8 +378,4 @@ def _optimise_batch(
             norms = delta.norm(dim=1).clamp_min(1e-12)
             scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
             delta.mul_(scale[:, None])
-    log.debug("values: %d requests, %d steps max, nll %.3f -> %.3f", n, int(steps.max()),
-              float(nll_start.mean()), float(nll_last.mean()))
-    return ValueResult(
-        delta=delta.detach(), v0=v0, hidden=hidden, nll_start=nll_start, nll_end=nll_last, steps=steps
-    )
+    return delta.detach(), nll_start, nll_last, steps

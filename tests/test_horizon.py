@@ -44,3 +44,35 @@ def test_plot_writes_a_png_with_a_line_per_method(tmp_path):
     path = plot(results, tmp_path / "horizon.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*"))  # the temp file was renamed away
+
+
+def test_retention_sample_is_fixed_for_a_seed_and_bounded():
+    from flows.horizon import retention_sample
+
+    assert retention_sample(30, 10, 200, 0) == list(range(30))  # all earlier edits while few
+    a, b = retention_sample(3000, 10, 200, 0), retention_sample(3000, 10, 200, 0)
+    assert a == b and len(a) == 210 and a[-10:] == list(range(2990, 3000))
+    assert retention_sample(3000, 10, 200, 1) != a  # another seed, another sample
+    later = retention_sample(3010, 10, 200, 0)
+    assert len(set(a[:200]) & set(later[:200])) > 180  # successive samples share most members
+    assert len(later) == 210 and later == sorted(later)
+
+
+def test_measurements_are_dense_first_then_sparse():
+    from flows.horizon import next_measurement
+
+    s = HorizonSettings(eval_every=250, eval_every_dense=100, dense_until=1000)
+    marks, done = [], 0
+    while done < 2000:
+        done = next_measurement(done, s)
+        marks.append(done)
+    assert marks == [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1250, 1500, 1750, 2000]
+    assert next_measurement(0, HorizonSettings(eval_every=10)) == 10
+
+
+def test_adding_a_method_keeps_the_study_folder(tmp_path):
+    from flows.horizon import study_dir
+
+    a = study_dir(tmp_path, "m", HorizonSettings(methods=("memit",)), tmp_path / "s.json")
+    b = study_dir(tmp_path, "m", HorizonSettings(methods=("memit", "alphaedit+nas")), tmp_path / "s.json")
+    assert a == b != study_dir(tmp_path, "m", HorizonSettings(batch_size=7), tmp_path / "s.json")

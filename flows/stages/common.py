@@ -54,8 +54,22 @@ def load_base(params_file: Path, repo: Path) -> Base:
     cfg = params.model_config()
     fetched = fetch_model(cfg.model, params.paths.resolve("models", repo), show_progress=False)
     model, tok = load_model(fetched.path)
-    return Base(params, cfg, params.method_settings(), model, tok, fetched.path.name, fetched.path,
+    return Base(params, cfg, recorded_settings(params, repo), model, tok, fetched.path.name, fetched.path,
                 weights_hash(model), Path(repo))
+
+
+def recorded_settings(params: Params, repo: Path):
+    """The method settings on the precision path the lineage's first night took (its anchor was
+    calibrated on it), never this machine's own ``auto`` choice; float32 for a lineage recorded
+    before the setting existed, the machine's choice when nothing was promoted yet."""
+    from flows import precision
+    from flows.ledger import Ledger
+
+    settings = params.method_settings()
+    promotions = Ledger(params.paths.resolve("ledger", repo)).promotions()
+    if not promotions:
+        return settings
+    return precision.with_path(settings, promotions[0].get("compute_dtype", "float32"))
 
 
 def stats_of(base: Base, require_cached: bool) -> dict[int, Any]:

@@ -54,6 +54,9 @@ def replay(params_file: Path, repo: Path, out: Path, metrics: Path, require_cach
     versions = []
     for b in batches:
         start = len(session.request_log)
+        # The precision path the night took (float32 for nights before the setting existed),
+        # never this machine's own choice: a replay compares like with like.
+        session.use_compute_dtype(b.entry.get("compute_dtype", "float32"))
         requests = list(b.requests)
         t1 = time.perf_counter()
         for i in range(0, len(requests), b.batch_size):

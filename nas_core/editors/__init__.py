@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from nas_core.editors.alphaedit import AlphaEditEditor
 from nas_core.editors.base import Editor, EditResult, RequestDiagnostics
 from nas_core.editors.memit import MemitEditor
@@ -9,8 +12,24 @@ from nas_core.editors.rome import RomeEditor
 
 METHODS: tuple[str, ...] = ("memit", "alphaedit", "rome")
 
+#: The classic baselines the literature compares against, as settings of an editor above:
+#: ``memit-plain`` forgets earlier keys (no sequential key cache: the MEMIT row of the
+#: sequential tables), ``rome-classic`` puts the unprefixed key into ROME's denominator (the
+#: inconsistency "The Fall of ROME" identifies, which r-ROME removes).
+VARIANTS: Mapping[str, tuple[str, Mapping[str, bool]]] = MappingProxyType({
+    "memit-plain": ("memit", MappingProxyType({"use_key_cache": False})),
+    "rome-classic": ("rome", MappingProxyType({"prefix_consistent": False})),
+})
+
+
+def base_method(name: str) -> str:
+    """The editor a method or variant name runs (``memit-plain`` -> ``memit``)."""
+    return VARIANTS[name][0] if name in VARIANTS else name
+
 __all__ = [
     "METHODS",
+    "VARIANTS",
+    "base_method",
     "AlphaEditEditor",
     "EditResult",
     "Editor",

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from nas_core.editors.base import EditResult, Stopwatch, compute_targets, diagnostics, sweep_layers
-from nas_core.linalg import rank_one_update
+from nas_core.keys import read_at_subject
+from nas_core.linalg import classic_rank_one_update, rank_one_update
 from nas_core.requests import EditRequest
 from nas_core.settings import RomeSettings
 from nas_core.spec import spec_for
@@ -57,8 +58,9 @@ class RomeEditor:
             return delta
 
         for i, req in enumerate(kept):
+            step = solve if s.prefix_consistent else self._classic_solve(model, tok, spec, req, tg.z[i])
             deltas, keys, _ = sweep_layers(model, tok, spec, [req], tg.z[i : i + 1], [layer],
-                                           s.values.prefixes, solve)
+                                           s.values.prefixes, step)
             all_keys.append(keys[layer])
             (name, d), = deltas.items()
             total = d if total is None else total + d
@@ -67,3 +69,18 @@ class RomeEditor:
                                     skipped=len(requests) - len(kept))
         return EditResult({name: total}, new_state, diagnostics(requests, tg),
                           {layer: float(total.norm())}, clock.times)
+
+    def _classic_solve(self, model: nn.Module, tok, spec, req: EditRequest, z: torch.Tensor):
+        """The solve of classic ROME for ``req``: the bare prompt's key and residual read at
+        call time (after the earlier requests of the batch were written), k* from the sweep."""
+        s, layer = self.settings, self.settings.layers[0]
+
+        def solve(_layer: int, keys: torch.Tensor, _resid: torch.Tensor) -> torch.Tensor:
+            bare = read_at_subject(model, tok, spec, [req], [layer], ("",), readout_layer=layer)
+            bare_key = bare.keys[layer][0]  # (d_in,)
+            bare_resid = z - bare.hidden[0]  # (d_model,)
+            delta, _denominator = classic_rank_one_update(keys[:, 0], bare_key, bare_resid, self.cov[layer],
+                                                          s.cov_jitter)
+            return delta
+
+        return solve

@@ -1,0 +1,65 @@
+"""Which precision path the value optimisation takes on this machine, decided at the edge.
+
+``values.compute_dtype: auto`` becomes ``bfloat16`` where the hardware computes it natively
+(a CUDA device, or a CPU with AMX-BF16 or AVX512-BF16) and ``float32`` elsewhere. The choice
+is made here, once, and the resolved value travels in the settings, so every edit records the
+path it took (manifest ``settings``, ledger ``compute_dtype``); a replay passes the recorded
+path instead of resolving ``auto`` again on its own machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cache
+from pathlib import Path
+
+import torch
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@cache
+def cpu_facts() -> dict[str, object]:
+    """CPU model name and its bf16 flags, read from /proc/cpuinfo (empty where absent)."""
+    model, flags = "unknown", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return {"cpu": model, "bf16_flags": [f for f in BF16_CPU_FLAGS if f in flags]}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products natively."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(cpu_facts()["bf16_flags"])
+
+
+def resolve(settings, device: torch.device):
+    """``settings`` (an editor's, with ``.values``) with ``compute_dtype`` ``auto`` resolved for ``device``."""
+    if settings.values.compute_dtype != "auto":
+        return settings
+    chosen = "bfloat16" if native_bf16(device) else "float32"
+    return dataclasses.replace(settings, values=dataclasses.replace(settings.values, compute_dtype=chosen))
+
+
+def with_path(settings, compute_dtype: str):
+    """``settings`` forced onto a recorded precision path (``float32`` or ``bfloat16``)."""
+    return dataclasses.replace(settings, values=dataclasses.replace(settings.values, compute_dtype=compute_dtype))
+
+
+def describe(settings) -> str:
+    """One line for benchmarks and logs: the CPU, its bf16 capability, the path taken."""
+    facts = cpu_facts()
+    flags = ", ".join(facts["bf16_flags"]) or "no native bf16"
+    return f"cpu {facts['cpu']} ({flags}); v* compute dtype {settings.values.compute_dtype}"
+
+
+__all__ = ["BF16_CPU_FLAGS", "cpu_facts", "describe", "native_bf16", "resolve", "with_path"]
