@@ -376,6 +376,50 @@ def bench_efficacy(
     bench.write_json(out_file, results)
 
 
+@bench_app.command("fall-of-rome")
+def bench_fall_of_rome(
+    model: ModelOpt = "smollm2-135m",
+    methods: Annotated[str, typer.Option(help="comma-separated methods")] = "rome,rome-classic",
+    cases: Annotated[int, typer.Option(help="cases of each kind (subject first / ordinary)")] = 20,
+    source: Annotated[Path | None, typer.Option(help="CounterFact JSON (EasyEdit layout)")] = None,
+    out_file: Annotated[Path, typer.Option("--out")] = Path("bench/fall-of-rome.json"),
+) -> None:
+    """Single edits from the base model: the share that blows the model up (canary perplexity
+    more than 2x, or an update norm more than 10x the method's median), for cases whose subject
+    is the prompt's first token and for ordinary ones.
+
+    Example: nas bench fall-of-rome --methods rome,rome-classic --cases 20
+    """
+    import dataclasses as dc
+
+    from flows import bench, evaluation, fall_of_rome, precision
+    from flows.horizon import DEFAULT_STREAM, stream_requests
+    from nas_core.evaluate.health import perplexity
+
+    s = fall_of_rome.FallSettings(cases=cases)
+    kinds = fall_of_rome.split_cases(stream_requests(source or DEFAULT_STREAM, 10_000), cases)
+    doc: dict = {"settings": dc.asdict(s), "cases": {k: [r.case_id for r in v] for k, v in kinds.items()},
+                 "methods": {}, **precision.cpu_facts()}
+    for method in methods.split(","):
+        session = _session(model, method, False)
+        cfg = _config(model, None)
+        canary, _ = evaluation.canary_ids(session.tok, dc.replace(cfg.eval, canary_tokens=s.canary_tokens))
+        base_ppl = perplexity(session.model, canary, window=cfg.eval.canary_window)
+        rows = {k: [fall_of_rome.edit_alone(session, r, canary, cfg.eval.canary_window) for r in v]
+                for k, v in kinds.items()}
+        flat = fall_of_rome.verdicts([r for v in rows.values() for r in v], base_ppl, s)
+        judged, i = {}, 0
+        for k, v in rows.items():
+            judged[k], i = flat[i : i + len(v)], i + len(v)
+        doc["methods"][method] = {"base_perplexity": base_ppl, "summary": fall_of_rome.summary(judged),
+                                  "edits": judged, "compute_dtype": session.compute_dtype}
+        for k, summ in doc["methods"][method]["summary"].items():
+            out.print(f"{method:13s} {k:14s} {summ['blown_up']}/{summ['edits']} blew up"
+                      f" ({summ['refused']} refused)")
+    bench.write_json(out_file, doc)
+    out.print(f"wrote {out_file}")
+
+
 @bench_app.command("speed")
 def bench_speed(
     model: ModelOpt = "smollm2-135m",
@@ -689,6 +733,12 @@ def status(
                   + ", ".join(s["unhashed_versions"]))
     out.print(f"edits so far: {s['edits_so_far']}; max ||W||/||W0||: {s['norm_ratio_max']:.4f} "
               f"({s['norm_growth_per_edit']:.2e} per edit)")
+    f = s.get("forecast") or {}
+    if f.get("edits_left") is not None:
+        nights = f" (about {f['nights_left']:.0f} nights at the lineage's rate)" if f.get("nights_left") else ""
+        out.print(f"forecast: the norm bound is reached in {f['edits_left']:.0f} more edits{nights}; linear fit "
+                  f"{f['edits_left_linear'] or float('nan'):.0f}, exponential fit "
+                  f"{f['edits_left_exponential'] or float('nan'):.0f}")
     if s["weights_hash"]:
         out.print(f"weights hash: {s['weights_hash']}", soft_wrap=True)
     out.print(f"inbox: {', '.join(s['inbox']) or 'no batches'}")

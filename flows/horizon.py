@@ -27,6 +27,7 @@ from prefect.utilities.annotations import quote
 
 from flows import editing, evaluation, precision
 from flows.config import ModelConfig
+from flows.io import code_version
 from nas_core.collapse import norm_ratios
 from nas_core.deltas import edited_weights, frobenius_norms, materialise
 from nas_core.editors import METHODS as METHODS_BASE
@@ -200,7 +201,7 @@ def run_method(
                  "eval_seconds": round(time.perf_counter() - t1, 2), "compute_dtype": session.compute_dtype,
                  "retention_sample": {"seed": settings.retention_seed, "size": settings.retention_sample,
                                       "indices": sample}, "v_norm_before_mean": _v_norm_mean(session, log_mark),
-                 "machine": precision.cpu_facts()["cpu"], "code_version": _code_version()}
+                 "machine": precision.cpu_facts()["cpu"], "code_version": code_version()}
         points.append(point)
         log_mark = len(session.request_log)
         editing.write_checkpoint(session, ckpt_dir, {"horizon_points": points, "horizon_edits": done})
@@ -220,12 +221,6 @@ def _v_norm_mean(session: editing.EditSession, since: int) -> float | None:
     since the previous measurement): the feedback loop NAS breaks shows as its growth."""
     values = [r["v_norm_before"] for r in session.request_log[since:]]
     return round(sum(values) / len(values), 3) if values else None
-
-
-def _code_version() -> str:
-    from flows.refresh import code_version
-
-    return code_version()
 
 
 def _fmt(x: float | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -50,4 +51,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> str:
     return atomic_write_chunks(path, [data])
 
 
-__all__ = ["CHUNK", "atomic_write_bytes", "atomic_write_chunks", "sha256_file"]
+def code_version(repo: Path | None = None) -> str:
+    """The git commit of the code (``-dirty`` with uncommitted changes), or ``unknown``."""
+    cwd = repo or Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+__all__ = ["CHUNK", "code_version", "atomic_write_bytes", "atomic_write_chunks", "sha256_file"]

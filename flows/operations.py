@@ -53,6 +53,15 @@ def verify_lineage(params: Params, ledger: Ledger, version: str | None, missing_
     return problems
 
 
+def _forecast(params: Params, ledger: Ledger, version: str) -> dict[str, float | None] | None:
+    from flows.refresh import lineage_forecast
+
+    try:
+        return lineage_forecast(ledger, version, params.model_config().collapse.max_norm_ratio)
+    except LedgerDamaged:
+        return None
+
+
 def status(params: Params, nights: int = 5, verify: bool = False) -> dict[str, Any]:
     """Champion version, edits so far, worst norm ratio, the last nights' decisions, what the
     inbox holds, ledger damage and the champion's checkpoint check (``verify``: the whole lineage)."""
@@ -83,6 +92,7 @@ def status(params: Params, nights: int = 5, verify: bool = False) -> dict[str, A
         "integrity": integrity,
         "verified": "lineage" if verify else "champion",
         "unhashed_versions": [e.version for e in entries if e.event == "promote" and not e.files],
+        "forecast": _forecast(params, ledger, champ.version) if champ is not None and not damage else None,
         "recent": [{k: e.get(k) for k in ("time", "event", "batch_id", "version", "failed_checks", "problems",
                                           "from_version", "reason", "metrics", "norm_ratios")}
                    for e in entries[-nights:]],

@@ -94,6 +94,11 @@ class PromotionParams:
         max_norm_growth_per_edit: largest (||W_t||/||W_0|| - 1) per edit so far.
         max_skipped_fraction: share of the batch NAS may skip as outliers before the batch
             is rejected (a skipped fact is not in the model).
+        forecast_warn_nights: a night whose norm forecast (``nas_core.collapse.forecast``:
+            edits left before ``collapse.max_norm_ratio``, the worse of a linear and an
+            exponential fit, divided by the lineage's mean edits per night) falls below this
+            many nights is promoted with a warning (log, MLflow tag, ledger): time to plan a
+            consolidation before the gate starts refusing.
     """
 
     min_batch_efficacy: float = 80.0
@@ -102,9 +107,14 @@ class PromotionParams:
     min_retention_efficacy: float = 80.0
     max_norm_growth_per_edit: float = 0.01
     max_skipped_fraction: float = 0.2
+    forecast_warn_nights: float = 30.0
 
     def __post_init__(self) -> None:
+        if not self.forecast_warn_nights >= 0:
+            raise ValueError(f"promotion.forecast_warn_nights must be >= 0, not {self.forecast_warn_nights}")
         for f in dataclasses.fields(self):
+            if f.name == "forecast_warn_nights":
+                continue
             v = getattr(self, f.name)
             limit = 1.0 if f.name in ("max_norm_growth_per_edit", "max_skipped_fraction") else 100.0
             if not 0 <= v <= limit:

@@ -27,7 +27,6 @@ import fcntl
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -45,12 +44,12 @@ from flows.checkpoints import file_hashes
 from flows.config import REPO
 from flows.identity import identity_of
 from flows.inbox import BatchSnapshot, InboxScan, release, scan_inbox, store, take_snapshot
-from flows.io import sha256_file
+from flows.io import code_version, sha256_file
 from flows.ledger import Ledger
 from flows.params import Params, load_params
 from flows.tracking import PromotedCheckpoint, Tracker, norm_plot, registered_model_name, resolve_tracking_uri
 from flows.validate import BatchValidation, LedgerFact, batch_id_for, quarantine, validate_batch, write_report
-from nas_core.collapse import Check, norm_ratios
+from nas_core.collapse import Check, forecast, norm_ratios
 from nas_core.evaluate.counterfact import edit_metrics
 from nas_core.requests import EditRequest
 
@@ -75,18 +74,6 @@ def refresh_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def code_version() -> str:
-    """The git commit of the code (with ``-dirty`` for uncommitted changes), or ``unknown``."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def next_version(checkpoints: Path) -> str:
@@ -308,6 +295,24 @@ def _flat_metrics(outcome: dict[str, Any], diagnostics: list[dict[str, Any]]) ->
     return flat
 
 
+def lineage_forecast(ledger: Ledger, version: str | None, bound: float, current: dict[str, float] | None = None,
+                     edits: int = 0) -> dict[str, float | None]:
+    """The norm forecast of ``version``'s lineage (plus a candidate's ``current`` ratios at
+    ``edits``): further edits before ``bound`` by a linear and an exponential fit, the worse,
+    and the nights that is at the lineage's mean edits per night."""
+    lineage = ledger.lineage(version) if version else []
+    history = [(0, 1.0)] + [(e["edits_so_far"], max((e.get("norm_ratios") or {"": 1.0}).values())) for e in lineage]
+    nights = len(lineage)
+    if current:
+        history.append((edits, max(current.values())))
+        nights += 1
+    f = forecast(history, bound)
+    per_night = history[-1][0] / nights if nights else 0
+    worst = f.worst
+    return {"edits_left_linear": f.linear, "edits_left_exponential": f.exponential, "edits_left": worst,
+            "nights_left": worst / per_night if worst is not None and per_night else None}
+
+
 def _norm_history(ledger: Ledger, version: str | None, current: dict[str, float], edits: int) -> dict[str, list]:
     history: dict[str, list] = {}
     for entry in ledger.lineage(version) if version else []:
@@ -390,6 +395,16 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
                             session.state.edit_count)
     png = norm_plot(history, report_dir / "norms.png", f"{batch_id}: edited weight norms", "||W_t||_F / ||W_0||_F")
     tracker.log_artifact(run_id, png, "plots")
+    bound = params.model_config().collapse.max_norm_ratio
+    outlook = lineage_forecast(ledger, champ["version"] if champ else None, bound, outcome["norm_ratios"],
+                               session.state.edit_count)
+    tracker.log_metrics(run_id, {f"forecast.{k}": v for k, v in outlook.items() if v is not None},
+                        step=session.state.edit_count)
+    if outlook["nights_left"] is not None and outlook["nights_left"] < params.promotion.forecast_warn_nights:
+        logger.warning("%s: at the current rate the worst norm ratio reaches the bound in %.0f nights (%.0f edits; "
+                       "promotion.forecast_warn_nights %g)", batch_id, outlook["nights_left"], outlook["edits_left"],
+                       params.promotion.forecast_warn_nights)
+        tracker.tag_run(run_id, {"forecast_warning": f"{outlook['nights_left']:.0f} nights left"})
     evaluation.write_metrics(report_dir / "metrics.json", {**flat}, verdict_of(checks), {
         "batch_id": batch_id, "batch_sha256": file_hash, "edits_so_far": session.state.edit_count})
     tracker.log_artifact(run_id, report_dir / "metrics.json")
@@ -399,7 +414,7 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
                                                                               if not d["skipped"]],
               "skipped_ids": [d["case_id"] for d in diagnostics if d["skipped"]],
               "metrics": flat, "checks": [dataclasses.asdict(c) for c in checks], "mlflow_run_id": run_id,
-              "edits_so_far": session.state.edit_count, "norm_ratios": outcome["norm_ratios"]}
+              "edits_so_far": session.state.edit_count, "norm_ratios": outcome["norm_ratios"], "forecast": outlook}
     if failed:
         _restore(session, saved)
         folder = quarantine(snap, validation, paths.resolve("quarantine"),

@@ -9,7 +9,7 @@ it to find each method's collapse point.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -144,3 +144,50 @@ def norm_growth_per_edit(ratios: Mapping[str, float], edits: int) -> float:
     if edits <= 0 or not ratios:
         return 0.0
     return max(r - 1.0 for r in ratios.values()) / edits
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """How many more edits a lineage takes before its worst norm ratio crosses ``bound``.
+
+    Attributes:
+        bound: the norm-ratio bound (``collapse.max_norm_ratio``).
+        edits: edits so far (the last point of the history).
+        linear: further edits by a line through (0, 1) fitted to the history; None when the
+            norm is not growing.
+        exponential: further edits by an exponential fitted to the excess ratio - 1 (at least
+            three points with a growing excess); None when it cannot be fitted.
+    """
+
+    bound: float
+    edits: int
+    linear: float | None
+    exponential: float | None
+
+    @property
+    def worst(self) -> float | None:
+        """The smaller of the two (the one a gate should believe)."""
+        known = [x for x in (self.linear, self.exponential) if x is not None]
+        return min(known) if known else None
+
+
+def forecast(history: Sequence[tuple[int, float]], bound: float) -> Forecast:
+    """Forecast from ``(edits, max norm ratio)`` points, oldest first (see :class:`Forecast`)."""
+    pts = [(float(x), y - 1.0) for x, y in history if x > 0]
+    edits = int(max((x for x, _ in history), default=0))
+    excess_bound = bound - 1.0
+    linear = exponential = None
+    if pts:
+        slope = sum(x * y for x, y in pts) / sum(x * x for x, _ in pts)
+        if slope > 0:
+            linear = max(excess_bound / slope - edits, 0.0)
+    growing = [(x, y) for x, y in pts if y > 0]
+    if len(growing) >= 3:
+        mx = sum(x for x, _ in growing) / len(growing)
+        my = sum(math.log(y) for _, y in growing) / len(growing)
+        sxx = sum((x - mx) ** 2 for x, _ in growing)
+        if sxx > 0:
+            rate = sum((x - mx) * (math.log(y) - my) for x, y in growing) / sxx
+            if rate > 0:
+                exponential = max((math.log(excess_bound) - (my - rate * mx)) / rate - edits, 0.0)
+    return Forecast(bound, edits, linear, exponential)

@@ -79,3 +79,30 @@ def test_variants_are_methods_of_the_shipped_configs():
     assert cfg.method("memit-plain").use_key_cache is False and cfg.method("memit").use_key_cache is True
     assert cfg.method("rome-classic", nas=True).prefix_consistent is False
     assert cfg.method("rome-classic", nas=True).nas.enabled
+
+
+def test_fall_of_rome_counts_blow_ups_by_kind(tok):
+    from flows import fall_of_rome
+    from flows.editing import open_session
+    from nas_core.deltas import weights_hash
+    from nas_core.requests import EditRequest
+
+    reqs = [EditRequest("a", "{} speaks", "Danielle Darrieux", "English", "French"),
+            EditRequest("b", "The capital of {} is", "France", "Rome", "Paris"),
+            EditRequest("c", "{} is in", "Tokyo", "Africa", "Asia")]
+    kinds = fall_of_rome.split_cases(reqs, 5)
+    assert [r.case_id for r in kinds["subject_first"]] == ["a", "c"] and [r.case_id for r in kinds["ordinary"]] == ["b"]
+    model = tiny_model("llama")
+    before = weights_hash(model)
+    settings = RomeSettings(layers=(0,), nas=OFF, values=VALUES, prefix_consistent=False)
+    session = open_session(model, tok, "tiny", "rome-classic", settings, {0: torch.eye(64, dtype=torch.float64)},
+                           before, None)
+    canary = list(range(1, 60))
+    rows = [fall_of_rome.edit_alone(session, r, canary, 16) for r in reqs]
+    assert weights_hash(model) == before  # every edit is undone
+    assert all(r["error"] is None and r["update_norm"] > 0 for r in rows)
+    s = fall_of_rome.FallSettings(norm_factor=1.5)
+    judged = fall_of_rome.verdicts(rows + [{**rows[0], "update_norm": 1e9, "case_id": "z"}], 1e9, s)
+    assert judged[-1]["blown_up"] and "norm" in judged[-1]["why"][0]
+    summ = fall_of_rome.summary({"subject_first": judged[:2], "ordinary": judged[2:]})
+    assert summ["ordinary"]["edits"] == 2 and summ["ordinary"]["blown_up"] >= 1
