@@ -736,9 +736,9 @@ def status(
     f = s.get("forecast") or {}
     if f.get("edits_left") is not None:
         nights = f" (about {f['nights_left']:.0f} nights at the lineage's rate)" if f.get("nights_left") else ""
-        out.print(f"forecast: the norm bound is reached in {f['edits_left']:.0f} more edits{nights}; linear fit "
-                  f"{f['edits_left_linear'] or float('nan'):.0f}, exponential fit "
-                  f"{f['edits_left_exponential'] or float('nan'):.0f}")
+        fits = ", ".join(f"{name} fit {'n/a' if f[key] is None else format(f[key], '.0f')}"
+                         for name, key in (("linear", "edits_left_linear"), ("exponential", "edits_left_exponential")))
+        out.print(f"forecast: the norm bound is reached in {f['edits_left']:.0f} more edits{nights}; {fits}")
     if s["weights_hash"]:
         out.print(f"weights hash: {s['weights_hash']}", soft_wrap=True)
     out.print(f"inbox: {', '.join(s['inbox']) or 'no batches'}")
