@@ -237,28 +237,49 @@ def collapse_point(points: list[dict[str, Any]]) -> int | None:
     return next((p["edits"] for p in points if p["collapsed"]), None)
 
 
+#: (point key, panel title, log scale) of horizon.png.
+PANELS = (
+    ("norm_ratio_max", "max ||W_t|| / ||W_0|| (log)", True),
+    ("editing_score", "editing score (retention)", False),
+    ("perplexity_ratio", "canary perplexity / base", False),
+    ("v_norm_before_mean", "mean ||v*|| before NAS", False),
+)
+
+
+def _series(label: str, res: dict[str, Any], base_point: dict[str, Any], key: str) -> list[tuple[int, float]]:
+    first = [] if key == "v_norm_before_mean" else [(0, base_point.get(key))]
+    pts = first + [(p["edits"], p.get(key, p["metrics"].get(key))) for p in res["points"]]
+    return [(x, y) for x, y in pts if y is not None]
+
+
 def plot(results: dict[str, Any], path: Path) -> Path:
-    """horizon.png: norm ratio, editing score and perplexity ratio vs edits, one line per method."""
+    """horizon.png: norm ratio (log), editing score, perplexity ratio and mean ||v*|| vs edits,
+    one line per method (dashed without NAS), each method's collapse point marked with an x."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("norm_ratio_max", "max ||W_t|| / ||W_0||"), ("editing_score", "editing score (retention)"),
-              ("perplexity_ratio", "canary perplexity / base"))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, (key, title) in zip(axes, panels, strict=True):
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(19, 4.4))
+    for ax, (key, title, log_scale) in zip(axes, PANELS, strict=True):
         for label, res in results["methods"].items():
-            pts = [(0, results["base_point"].get(key))] + [(p["edits"], p["metrics"].get(key)) for p in res["points"]]
-            pts = [(x, y) for x, y in pts if y is not None]
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, label=label,
-                    linestyle="-" if label.endswith("+nas") else "--")
+            pts = _series(label, res, results["base_point"], key)
+            if not pts:
+                continue
+            line, = ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, label=label,
+                            linestyle="-" if label.endswith("+nas") else "--")
+            cp = res.get("collapse_point")
+            hit = [(x, y) for x, y in pts if x == cp]
+            if hit:
+                ax.plot(*hit[0], marker="x", ms=11, mew=2.5, color=line.get_color())
+        if log_scale:
+            ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("edits so far")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Editing horizon: {results['model']} ({results['settings']['stream_length']} CounterFact edits, "
-                 f"batch {results['settings']['batch_size']})")
+                 f"batch {results['settings']['batch_size']}; x = collapse point)")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

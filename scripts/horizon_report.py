@@ -38,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("study", type=Path)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--png", type=Path, default=None, help="also draw horizon.png (flows.horizon.plot) here")
     args = ap.parse_args()
     methods = {}
     for f in sorted(args.study.glob("*/points.json")):
@@ -45,6 +46,14 @@ def main() -> None:
         doc["norm_fit"] = fit(doc["points"])
         methods[doc["method"]] = doc
     report = {"study": args.study.name, "methods": methods}
+    if args.png and methods:
+        from flows.horizon import plot
+
+        first = next(iter(methods.values()))["points"]
+        edits = max(p["edits"] for doc in methods.values() for p in doc["points"])
+        plot({"model": args.study.name.rsplit("-", 1)[0], "settings": {"stream_length": edits,
+              "batch_size": first[0].get("batch_size", 10)},
+              "base_point": {"norm_ratio_max": 1.0, "perplexity_ratio": 1.0}, "methods": methods}, args.png)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n", encoding="utf-8")
