@@ -136,7 +136,26 @@ def stats_flops_per_token(model, spec, layers, seq_len: int) -> dict[str, float]
     return {"forward": float(forward), "covariance": float(covariance), "total": float(forward + covariance)}
 
 
-def time_stats(model, tok, layers, settings, tokens: int, progress=None) -> dict[str, Any]:
+def max_principal_angle(cov_a: torch.Tensor, cov_b: torch.Tensor, threshold: float,
+                        relative: float | None) -> dict[str, float]:
+    """The largest principal angle (degrees) between AlphaEdit's null spaces of two
+    covariances, and their dimensions: how far a projector built from ``cov_b`` is from
+    the one built from ``cov_a``."""
+    from nas_core.linalg import nullspace_projector
+
+    bases = []
+    for c in (cov_a, cov_b):
+        evals, evecs = torch.linalg.eigh(nullspace_projector(c, threshold, relative))
+        bases.append(evecs[:, evals > 0.5])  # the projector's eigenvalue-1 directions
+    a, b = bases
+    if a.shape[1] == 0 or b.shape[1] == 0:
+        return {"dim_a": a.shape[1], "dim_b": b.shape[1], "max_angle_deg": 90.0}
+    # min(dim_a, dim_b) principal angles: the smaller space measured against the larger.
+    s = torch.linalg.svdvals(a.T @ b).clamp(max=1.0)
+    return {"dim_a": a.shape[1], "dim_b": b.shape[1], "max_angle_deg": float(torch.rad2deg(torch.arccos(s.min())))}
+
+
+def time_stats(model, tok, layers, settings, tokens: int, progress=None, forward_dtype=None) -> dict[str, Any]:
     """Time the one-pass covariance measurement over ``tokens`` corpus tokens (nothing is cached)."""
     from nas_core.spec import spec_for
     from nas_core.stats import second_moment, token_batches
@@ -146,7 +165,7 @@ def time_stats(model, tok, layers, settings, tokens: int, progress=None) -> dict
     spec = spec_for(model)
     t0 = time.perf_counter()
     sm = second_moment(model, spec, layers, token_batches(ids, settings.seq_len, settings.batch_size),
-                       progress=progress)
+                       progress=progress, forward_dtype=forward_dtype)
     seconds = time.perf_counter() - t0
     flops = stats_flops_per_token(model, spec, layers, settings.seq_len)
     peak = gemm_peak_gflops()
@@ -155,4 +174,5 @@ def time_stats(model, tok, layers, settings, tokens: int, progress=None) -> dict
             "flops_per_token": flops, "achieved_gflops": flops["total"] * sm.tokens / seconds / 1e9,
             "gemm_peak_gflops": peak, "threads": torch.get_num_threads(),
             "floor_seconds_250k": flops["total"] * 250_000 / (peak * 1e9),
-            "seconds_250k_at_this_rate": 250_000 * seconds / sm.tokens}
+            "seconds_250k_at_this_rate": 250_000 * seconds / sm.tokens, "cov": sm.cov,
+            "forward_dtype": str(forward_dtype or torch.float32).removeprefix("torch.")}

@@ -452,18 +452,39 @@ def bench_stats(
     model: ModelOpt = "smollm2-135m",
     tokens: Annotated[int, typer.Option(help="corpus tokens to measure over")] = 250_000,
     config: ConfigOpt = None,
+    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="also run the pass with a bfloat16 forward and "
+                                       "report its time and its null-space difference")] = False,
     out_file: Annotated[Path, typer.Option("--out")] = Path("bench/stats.json"),
 ) -> None:
-    """Time the one-pass covariance statistics (nothing cached) against this machine's GEMM roofline."""
-    from flows import bench
+    """Time the one-pass covariance statistics (nothing cached) against this machine's GEMM roofline.
+
+    Example: nas bench stats --tokens 250000 --bf16
+    """
+    from flows import bench, precision
 
     cfg = _config(model, config)
     m, tok, name, _ = _load(model)
     layers = cfg.all_layers()
+    out.print(precision.describe(cfg.method("alphaedit")).split(";")[0], highlight=False)
     with _progress() as bar:
         task = bar.add_task("covariance", total=tokens, rate="")
         r = bench.time_stats(m, tok, layers, cfg.stats, tokens, progress=lambda n: bar.advance(task, n))
-    bench.write_json(out_file, {"model": name, **r})
+    cov32 = r.pop("cov")
+    if bf16:
+        with _progress() as bar:
+            task = bar.add_task("covariance (bf16 forward)", total=tokens, rate="")
+            rb = bench.time_stats(m, tok, layers, cfg.stats, tokens, progress=lambda n: bar.advance(task, n),
+                                  forward_dtype=torch.bfloat16)
+        a = cfg.alphaedit
+        cut = (a.nullspace_threshold, a.nullspace_relative_threshold)
+        angles = {layer: bench.max_principal_angle(cov32[layer], c, *cut)
+                  for layer, c in rb.pop("cov").items() if layer in a.layers}
+        r["bf16"] = {**rb, "null_space_vs_float32": angles}
+        out.print(f"bf16 forward: {rb['seconds']:.1f} s ({rb['tokens_per_s']:.0f} tokens/s; float32 forward "
+                  f"{r['seconds']:.1f} s); 250k tokens at this rate: {rb['seconds_250k_at_this_rate']:.0f} s")
+        out.print("  largest principal angle between the float32 and bf16 null spaces: " + ", ".join(
+            f"L{k} {v['max_angle_deg']:.2f} deg (dim {v['dim_a']} vs {v['dim_b']})" for k, v in angles.items()))
+    bench.write_json(out_file, {"model": name, **r, **precision.cpu_facts()})
     f = r["flops_per_token"]
     out.print(f"{name}: {r['tokens']} tokens, layers {layers} in one pass: {r['seconds']:.1f} s "
               f"({r['tokens_per_s']:.0f} tokens/s, {r['threads']} threads); 250k tokens at this rate: "

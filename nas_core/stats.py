@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nas_core.hooks import capture, stop_after
+from nas_core.hooks import capture, compute_in, stop_after
 from nas_core.spec import ModelSpec, get_module
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,13 @@ def second_moment(
     layers: Sequence[int],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     progress: Callable[[int], None] | None = None,
+    forward_dtype: torch.dtype | None = None,
 ) -> SecondMoment:
     """Stream ``batches`` of ``(input_ids (B, T), attention_mask (B, T))`` through the model.
 
     Only tokens with mask 1 are counted. ``progress(tokens_in_batch)`` is called per batch.
+    ``forward_dtype`` (e.g. bfloat16 where native) runs the blocks up to the deepest layer in
+    that dtype; the keys are upcast and the products stay float32, the sums float64.
     """
     if not layers:
         raise ValueError("no layers to measure")
@@ -61,6 +64,9 @@ def second_moment(
                 for layer in layers
             }
             stack.enter_context(stop_after(get_module(model, spec.layer_name(deepest))))
+            if forward_dtype is not None:
+                blocks = [get_module(model, spec.layer_name(i)) for i in range(deepest + 1)]
+                stack.enter_context(compute_in(blocks, forward_dtype))
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         keep = mask.reshape(-1).bool()
         for layer, rec in caps.items():

@@ -104,3 +104,22 @@ def test_a_session_takes_the_recorded_path(tok):
     assert session.compute_dtype == "bfloat16" and session.editor.settings.values.compute_dtype == "bfloat16"
     session.apply(REQS[:1])
     assert session.request_log[0]["nll_end"] < session.request_log[0]["nll_start"]
+
+
+def test_statistics_with_a_bf16_forward_stay_close_and_restore_the_model():
+    from flows.bench import max_principal_angle
+    from nas_core.stats import second_moment, token_batches
+
+    model = tiny_model("llama", layers=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = [(7 * i) % 90 + 3 for i in range(400)]
+    f32 = second_moment(model, spec_for(model), [0, 1], token_batches(ids, 32, 4))
+    b16 = second_moment(model, spec_for(model), [0, 1], token_batches(ids, 32, 4), forward_dtype=torch.bfloat16)
+    for name, t in model.state_dict().items():
+        assert t.dtype == before[name].dtype and torch.equal(t, before[name]), name
+    for layer in (0, 1):
+        assert b16.cov[layer].dtype == torch.float64
+        rel = (b16.cov[layer] - f32.cov[layer]).norm() / f32.cov[layer].norm()
+        assert float(rel) < 0.02, rel  # stated tolerance: 2% of ||C|| on the tiny model
+    same = max_principal_angle(f32.cov[1], f32.cov[1], 0.0, 0.5)
+    assert same["max_angle_deg"] < 1e-3 and same["dim_a"] == same["dim_b"] > 0
