@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -85,7 +86,7 @@ from typing import Any
 from flows.config import REPO
 from flows.editing import replace_dir
 from flows.identity import FactIdentity, identity_of, latest_facts
-from flows.io import sha256_file
+from flows.io import sha256_file  # noqa: F401 (re-exported: callers hash batches with it)
 from flows.ledger import Ledger
 from flows.params import Params, load_params
 from nas_core.requests import EditRequest, SchemaPolicy, parse_fact_jsonl
@@ -212,7 +213,11 @@ def batch_requests(path: Path, policy: SchemaPolicy | None = None) -> list[EditR
     translation; ``parse_fact_jsonl`` drops a byte-order mark). An accepted batch passed
     validation with no problem at all, so every record is a request.
     """
-    report = parse_fact_jsonl(Path(path).read_bytes().decode("utf-8"), policy)
+    return _parse_accepted(Path(path), Path(path).read_bytes(), policy)
+
+
+def _parse_accepted(path: Path, data: bytes, policy: SchemaPolicy | None) -> list[EditRequest]:
+    report = parse_fact_jsonl(data.decode("utf-8"), policy)
     if report.problems:
         raise ValueError(f"accepted batch {path} no longer parses cleanly: {report.problems[0]}")
     return list(report.requests)
@@ -265,11 +270,12 @@ def lineage_batches(ledger: Ledger, version: str | None, repo: Path, batch_size:
         path = resolve(entry["accepted_path"], repo)
         if not path.is_file():
             raise FileNotFoundError(f"{entry['version']}: accepted batch {path} is missing (dvc pull?)")
-        digest = sha256_file(path)
+        data = path.read_bytes()  # one read: the bytes hashed are the bytes parsed
+        digest = hashlib.sha256(data).hexdigest()
         if digest != entry["file_sha256"]:
             raise ValueError(f"{entry['version']}: {path} hashes to {digest[:12]}, the ledger recorded "
                              f"{entry['file_sha256'][:12]}: the accepted batch was altered")
-        requests = batch_requests(path, policy)
+        requests = _parse_accepted(path, data, policy)
         skipped = tuple(entry.get("skipped_ids", ()))
         applied = [r.case_id for r in requests if r.case_id not in set(skipped)]
         if applied != list(entry["request_ids"]):
@@ -282,12 +288,12 @@ def lineage_batches(ledger: Ledger, version: str | None, repo: Path, batch_size:
     return out
 
 
-def held_facts(batches: Sequence[LineageBatch]) -> list[tuple[EditRequest, str]]:
+def held_facts(batches: Sequence[LineageBatch], confusables: bool = True) -> list[tuple[EditRequest, str]]:
     """``(request, batch id)`` of every fact the champion holds, oldest first: a later record
     of the same fact (:mod:`flows.identity`) replaces an earlier one. The night's retention
     set and ledger facts (``flows.refresh.lineage_requests``) are this list."""
     pairs = [(r, b.batch_id) for b in batches for r in b.requests if r.case_id in set(b.request_ids)]
-    return latest_facts(pairs, lambda pair: _identity(pair[0]))
+    return latest_facts(pairs, lambda pair: _identity(pair[0], confusables))
 
 
 def held_requests(batches: Sequence[LineageBatch]) -> list[EditRequest]:
@@ -295,8 +301,8 @@ def held_requests(batches: Sequence[LineageBatch]) -> list[EditRequest]:
     return [r for r, _ in held_facts(batches)]
 
 
-def _identity(r: EditRequest) -> FactIdentity:
-    return identity_of(r.subject, r.relation_id, r.prompt)
+def _identity(r: EditRequest, confusables: bool = True) -> FactIdentity:
+    return identity_of(r.subject, r.relation_id, r.prompt, confusables)
 
 
 def retention_requests(batches: Sequence[LineageBatch]) -> list[EditRequest]:

@@ -53,12 +53,7 @@ def read_verified(folder: Path, recorded: Mapping[str, str] | None = None) -> tu
     for name, want in (recorded or {}).items():
         if name in actual and actual[name] != want:
             raise _mismatch(folder, name, actual[name], want, "the ledger")
-    try:
-        manifest = json.loads(data[MANIFEST].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointTampered(f"checkpoint {folder.name}: {MANIFEST} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise CheckpointTampered(f"checkpoint {folder.name}: {MANIFEST} is not a JSON object")
+    manifest = _parse_manifest(folder, data[MANIFEST])
     for name, want in (manifest.get("files") or {}).items():
         if name in actual and actual[name] != want:
             raise _mismatch(folder, name, actual[name], want, MANIFEST)
@@ -66,8 +61,32 @@ def read_verified(folder: Path, recorded: Mapping[str, str] | None = None) -> tu
 
 
 def verify_checkpoint(folder: Path, recorded: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Check every file of the checkpoint (see :func:`read_verified`); returns the manifest."""
-    return read_verified(folder, recorded)[1]
+    """Check every file of the checkpoint against both records (as :func:`read_verified`, but
+    the tensor files are hashed in chunks, never held); returns the manifest."""
+    folder = Path(folder)
+    for name in FILES:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a checkpoint: {name} is missing")
+    blob = (folder / MANIFEST).read_bytes()  # small; parsed from the very bytes hashed
+    actual = {**file_hashes(folder, TENSOR_FILES), MANIFEST: hashlib.sha256(blob).hexdigest()}
+    for name, want in (recorded or {}).items():
+        if name in actual and actual[name] != want:
+            raise _mismatch(folder, name, actual[name], want, "the ledger")
+    manifest = _parse_manifest(folder, blob)
+    for name, want in (manifest.get("files") or {}).items():
+        if name in actual and actual[name] != want:
+            raise _mismatch(folder, name, actual[name], want, MANIFEST)
+    return manifest
+
+
+def _parse_manifest(folder: Path, blob: bytes) -> dict[str, Any]:
+    try:
+        manifest = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointTampered(f"checkpoint {folder.name}: {MANIFEST} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointTampered(f"checkpoint {folder.name}: {MANIFEST} is not a JSON object")
+    return manifest
 
 
 __all__ = ["FILES", "MANIFEST", "TENSOR_FILES", "CheckpointTampered", "file_hashes", "read_verified",

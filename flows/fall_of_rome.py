@@ -11,6 +11,7 @@ whose subject is the first token of the prompt and for ordinary ones.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -67,13 +68,15 @@ def edit_alone(session: editing.EditSession, req: EditRequest, canary: list[int]
 
 def verdicts(rows: list[dict[str, Any]], base_ppl: float, s: FallSettings) -> list[dict[str, Any]]:
     """Each row with ``blown_up`` (and why) against the method's median update norm."""
-    norms = [r["update_norm"] for r in rows if r["error"] is None]
+    norms = [r["update_norm"] for r in rows if r["error"] is None and math.isfinite(r["update_norm"])]
     median = statistics.median(norms) if norms else float("nan")
     out = []
     for r in rows:
         why = []
         if r["error"] is not None:
             why.append("refused")
+        elif not (math.isfinite(r["perplexity"]) and math.isfinite(r["update_norm"])):
+            why.append("non-finite perplexity or update")  # a NaN model is the worst blow-up
         else:
             if r["perplexity"] > s.ppl_factor * base_ppl:
                 why.append(f"ppl x{r['perplexity'] / base_ppl:.1f}")

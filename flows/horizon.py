@@ -114,6 +114,18 @@ def study_dir(root: Path, model_name: str, settings: HorizonSettings, source: Pa
     return root / f"{model_name}-{key}"
 
 
+def _other_methods(out: Path) -> dict[str, Any]:
+    """Every method the study folder holds points of (``*/points.json``), as results entries:
+    methods run by another process or an earlier invocation are kept in ``results.json``."""
+    found = {}
+    for f in sorted(out.glob("*/points.json")):
+        doc = json.loads(f.read_text(encoding="utf-8"))
+        pts = doc["points"]
+        found[doc["method"]] = {"points": pts, "collapse_point": collapse_point(pts),
+                                "final": pts[-1] if pts else {"metrics": {}}}
+    return found
+
+
 def next_measurement(done: int, settings: HorizonSettings) -> int:
     """The edit count of the first measurement after ``done`` edits."""
     if settings.eval_every_dense and done < settings.dense_until:
@@ -168,6 +180,9 @@ def run_method(
         anchor = float(rec["reference_norm"])
     ckpt_dir = out / label / "checkpoint"
     resume = ckpt_dir if (ckpt_dir / "manifest.json").is_file() else None
+    if resume is not None:  # a resumed method keeps the precision path its points were measured on
+        recorded = json.loads((resume / "manifest.json").read_text(encoding="utf-8"))["settings"]["values"]
+        s = precision.with_path(s, recorded.get("compute_dtype", "float32"))
     session = editing.open_session(model, tok, model_name, method, s, cov, base_hash, anchor, resume)
     points: list[dict[str, Any]] = []
     done = 0
@@ -329,6 +344,7 @@ def horizon_study(
         final = points[-1] if points else {"metrics": {}}
         results["methods"][label] = {"points": points, "collapse_point": collapse_point(points),
                                      "final": final}
+        results["methods"] = {**_other_methods(out), **results["methods"]}  # a second process's methods stay
         editing.atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=True))
     png = plot(results, out / "horizon.png")
     log_to_mlflow(results, out / "results.json", png, tracking_uri)

@@ -107,10 +107,8 @@ def take_snapshot(path: Path, max_bytes: int) -> BatchSnapshot:
     """
     path = Path(path)
     link = os.readlink(path) if path.is_symlink() else None
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fd = _open_regular(path)
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotARegularFile(errno.EINVAL, f"{path} is {_kind(os.fstat(fd).st_mode)}, not a batch file")
         digest, kept, size = hashlib.sha256(), [], 0
         for chunk in iter(lambda: handle.read(CHUNK), b""):
             digest.update(chunk)
@@ -120,6 +118,25 @@ def take_snapshot(path: Path, max_bytes: int) -> BatchSnapshot:
             elif kept:
                 kept = []  # grew past the limit: stop holding it
     return BatchSnapshot(path, digest.hexdigest(), size, b"".join(kept) if size <= max_bytes else None, link)
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only fd of ``path`` if it is a regular file; never blocks (a FIFO), never leaks."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotARegularFile(errno.EINVAL, f"{path} is {_kind(mode)}, not a batch file")
+    return fd
+
+
+def _sha256_regular(path: Path) -> str:
+    """sha256 of ``path`` read through :func:`_open_regular` (NotARegularFile otherwise)."""
+    digest = hashlib.sha256()
+    with os.fdopen(_open_regular(path), "rb") as handle:
+        for chunk in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def store(snapshot: BatchSnapshot, target: Path) -> str:
@@ -161,8 +178,8 @@ def release(snapshot: BatchSnapshot) -> str | None:
         path.unlink()
         return None
     try:
-        current = sha256_file(path)
-    except OSError as exc:
+        current = _sha256_regular(path)
+    except OSError as exc:  # NotARegularFile included: a FIFO swapped in is left alone
         return f"{path.name}: could not be re-read after the night stored it ({exc}); left in the inbox"
     if current != snapshot.sha256:
         return (f"{path.name} was rewritten while the night ran (sha256 {snapshot.sha256[:12]} was edited, the file "

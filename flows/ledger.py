@@ -172,13 +172,24 @@ class Ledger:
         return entry
 
     def _repair_torn_tail(self) -> None:
-        # A torn last line (no newline) would glue onto the next entry; end it first.
-        if self.path.is_file() and self.path.stat().st_size:
-            with self.path.open("rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    with self.path.open("ab") as g:
-                        g.write(b"\n")
+        """Set a torn last line (an interrupted append: no newline) aside before appending.
+
+        Ending it with a newline would leave a damaged line in the middle of the ledger, which
+        every later read refuses; its bytes go to ``ledger.jsonl.torn-TIME`` and are cut off.
+        """
+        if not (self.path.is_file() and self.path.stat().st_size):
+            return
+        data = self.path.read_bytes()
+        if data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        aside = self.path.with_name(f"{self.path.name}.torn-{now().replace(':', '')}")
+        aside.write_bytes(data[keep:])
+        with self.path.open("r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        log.warning("ledger %s: an interrupted write left a torn last line; set aside in %s", self.path, aside)
 
     def champion(self) -> LedgerEntry | None:
         """The promote/rollback/manual_promote entry that set the current champion (None: the base model)."""

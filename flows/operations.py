@@ -119,7 +119,8 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
             raise FileNotFoundError(f"checkpoint {ckpt} is missing (restore it with `dvc pull` / `dvc repro`)")
         recorded = verify_checkpoint(ckpt, promo.files).get("weights_hash")
         if recorded != promo["weights_hash"]:
-            raise ValueError(f"{ckpt} holds weights {recorded[:12]}, the ledger promoted {promo['weights_hash'][:12]}")
+            raise ValueError(f"{ckpt} holds weights {str(recorded)[:12]}, the ledger promoted "
+                             f"{promo['weights_hash'][:12]}")
         champ = ledger.champion()
         if champ is not None and champ["version"] == version:
             raise ValueError(f"{version} is already the champion")

@@ -38,7 +38,7 @@ def cpu_facts() -> dict[str, object]:
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 matrix products natively."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and bool(cpu_facts()["bf16_flags"])
 
 

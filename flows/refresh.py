@@ -43,7 +43,7 @@ from flows.audit import held_facts, lineage_batches, machine_info, record_promot
 from flows.checkpoints import file_hashes
 from flows.config import REPO
 from flows.identity import identity_of
-from flows.inbox import BatchSnapshot, InboxScan, release, scan_inbox, store, take_snapshot
+from flows.inbox import BatchSnapshot, InboxScan, NotARegularFile, release, scan_inbox, store, take_snapshot
 from flows.io import code_version, sha256_file
 from flows.ledger import Ledger
 from flows.params import Params, load_params
@@ -124,7 +124,7 @@ def lineage_requests(ledger: Ledger, version: str | None, params: Params) -> tup
     """Every request the champion holds and its ledger facts: ``flows.audit.held_facts`` of the
     lineage, each accepted batch checked against the ledger's hash (the audit's own code)."""
     batches = lineage_batches(ledger, version, REPO, params.edit.batch_size, params.validation.schema_policy())
-    pairs = held_facts(batches)
+    pairs = held_facts(batches, params.validation.fold_confusables)
     return [r for r, _ in pairs], [LedgerFact.from_request(r, b) for r, b in pairs]
 
 
@@ -536,7 +536,13 @@ def nightly_refresh(params_file: str = str(REPO / "params.yaml")) -> list[dict[s
         sync_champion_alias(ledger, tracker, registered_model_name(loaded["name"]))
         results = []
         for path in batches:
-            results.append(process_batch(path, params, ledger, tracker, loaded))
+            try:
+                results.append(process_batch(path, params, ledger, tracker, loaded))
+            except (FileNotFoundError, IsADirectoryError, NotARegularFile) as err:
+                # The entry vanished or changed kind since the scan (a link whose target went,
+                # an upload renamed away): nothing was read or edited; the rest of the night goes on.
+                logger.warning("inbox entry %r could not be read as a batch (%s): left alone", path.name, err)
+                results.append({"batch": path.name, "outcome": "unreadable"})
         if any(r["outcome"] in ("promoted", "rejected", "quarantined") for r in results):
             record_audit(Path(params_file))
         return results

@@ -91,6 +91,7 @@ class PromotedCheckpoint:
     batch_id: str | None = None
     run_id: str | None = None
     model_version: str | None = None
+    files: Mapping[str, str] | None = None  # the ledger's sha256 of every checkpoint file
 
     @classmethod
     def from_entry(cls, entry: Mapping[str, Any], root: Path, checkpoints: Path | None = None) -> PromotedCheckpoint:
@@ -117,6 +118,7 @@ class PromotedCheckpoint:
             batch_id=text("batch_id"),
             run_id=text("mlflow_run_id"),
             model_version=text("model_version"),
+            files=dict(entry.get("files") or {}) or None,
         )
 
 
@@ -770,8 +772,10 @@ def _checkpoint_problem(promo: PromotedCheckpoint) -> str | None:
         log.warning("cannot re-register %s: %s lacks %s", promo.version_label, promo.checkpoint, ", ".join(absent))
         return "missing"
     try:
-        recorded = json.loads((promo.checkpoint / "manifest.json").read_text(encoding="utf-8")).get("weights_hash")
-    except (OSError, ValueError, AttributeError) as exc:
+        from flows.checkpoints import verify_checkpoint
+
+        recorded = verify_checkpoint(promo.checkpoint, promo.files).get("weights_hash")
+    except (OSError, ValueError, AttributeError) as exc:  # CheckpointTampered is a ValueError
         log.warning("cannot re-register %s: unreadable manifest in %s (%s)", promo.version_label, promo.checkpoint, exc)
         return "mismatched"
     if promo.weights_hash is not None and recorded != promo.weights_hash:

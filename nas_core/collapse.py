@@ -182,7 +182,7 @@ def forecast(history: Sequence[tuple[int, float]], bound: float) -> Forecast:
         if slope > 0:
             linear = max(excess_bound / slope - edits, 0.0)
     growing = [(x, y) for x, y in pts if y > 0]
-    if len(growing) >= 3:
+    if len(growing) >= 3 and excess_bound > 0:
         mx = sum(x for x, _ in growing) / len(growing)
         my = sum(math.log(y) for _, y in growing) / len(growing)
         sxx = sum((x - mx) ** 2 for x, _ in growing)

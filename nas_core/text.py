@@ -10,23 +10,31 @@ whether a text shows anything at all. Both are pure.
 from __future__ import annotations
 
 import unicodedata
+from types import MappingProxyType
 
 # Letters of the Lo/So categories that render as nothing: Hangul fillers and the braille blank.
 _BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 # Cyrillic and Greek letters that render like a Latin letter (the common part of Unicode's
-# confusables.txt for these scripts); used only when a policy folds confusables.
-_CONFUSABLES = str.maketrans(
-    {
-        "а": "a", "е": "e", "о": "o", "р": "p", "с": "c", "у": "y", "х": "x", "і": "i", "ј": "j",
-        "ѕ": "s", "ԁ": "d", "һ": "h", "ԛ": "q", "ԝ": "w", "ӏ": "l",
-        "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C",
-        "Т": "T", "Х": "X", "У": "Y", "І": "I", "Ј": "J", "Ѕ": "S",
-        "ο": "o", "ν": "v", "ρ": "p", "ι": "i", "κ": "k", "υ": "u",
-        "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N",
-        "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X",
-    }
+# confusables.txt for these scripts); used only when a policy folds confusables. Capitals
+# first: the table is keyed on casefolded letters (see _confusables_table), and where a
+# capital and a small letter of one script fold together the capital's look-alike wins.
+_CONFUSABLE_PAIRS = (
+    "АA ВB ЕE КK МM НH ОO РP СC ТT ХX УY ІI ЈJ ЅS "
+    "ΑA ΒB ΕE ΖZ ΗH ΙI ΚK ΜM ΝN ΟO ΡP ΤT ΥY ΧX "
+    "аa еe оo рp сc уy хx іi јj ѕs ԁd һh ԛq ԝw ӏl οo ρp ιi κk"
 )
+
+
+def _confusables_table() -> dict[int, str]:
+    table: dict[int, str] = {}
+    for pair in _CONFUSABLE_PAIRS.split():
+        key, latin = pair[0].casefold(), pair[1].casefold()
+        table.setdefault(ord(key), latin)
+    return table
+
+
+_CONFUSABLES = MappingProxyType(_confusables_table())
 
 
 def is_invisible(char: str) -> bool:
@@ -56,11 +64,10 @@ def fold(text: str, confusables: bool = False) -> str:
         if cat == "Cf" or "\ufe00" <= ch <= "\ufe0f" or "\U000e0100" <= ch <= "\U000e01ef":
             continue  # zero-width (non-)joiners, bidi marks, variation selectors: no letter of their own
         kept.append(" " if ch.isspace() or cat[0] == "Z" or ch in _BLANK_LETTERS else ch)
-    out = " ".join("".join(kept).split())
-    if confusables:
-        out = out.translate(_CONFUSABLES)
-    # casefold, then NFKC again: casefolding can produce sequences that compose.
-    return unicodedata.normalize("NFKC", out.casefold())
+    # casefold, then NFKC again (casefolding can produce sequences that compose), then the
+    # look-alikes: keyed on casefolded letters, so "КИЕВ" and "киев" fold alike.
+    out = unicodedata.normalize("NFKC", " ".join("".join(kept).split()).casefold())
+    return out.translate(_CONFUSABLES) if confusables else out
 
 
 __all__ = ["fold", "has_visible", "is_invisible"]

@@ -109,3 +109,9 @@ def test_a_missing_relation_id_is_a_warning_only(tmp_path, tok):
     path.write_text(json.dumps(rec("c1", subject="Pantheon", relation_id=None)) + "\n", encoding="utf-8")
     v = validate_batch(path, tok, ())
     assert v.passed and [(w.rule, w.severity) for w in v.warnings] == [("relation_id_missing", "warn")]
+
+
+@pytest.mark.parametrize(("a", "b"), [("\u041a\u0418\u0415\u0412", "\u043a\u0438\u0435\u0432"),  # KIEV in Cyrillic
+                                      ("\u0391\u0398\u0397\u039d\u0391", "\u03b1\u03b8\u03b7\u03bd\u03b1")])
+def test_folding_look_alikes_keeps_case_insensitivity(a, b):
+    assert fold(a, confusables=True) == fold(b, confusables=True)

@@ -259,3 +259,15 @@ def test_nas_validate_runs_the_nights_checks_without_moving_anything(tiny_folder
     assert {(p["line"], p["rule"], p["severity"]) for p in doc[1]["problems"]} >= {(2, "missing_field", "record")}
     assert good.is_file() and bad.is_file() and not (tmp_path / "quarantine").exists()
     assert load_params(params_file).validation.max_problems_per_rule == 50
+
+
+def test_a_torn_last_line_is_set_aside_and_the_ledger_stays_readable(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger.append("quarantine", batch_id="a", file_sha256="a" * 64)
+    with ledger.path.open("ab") as f:
+        f.write(b'{"event": "promote", "vers')  # a crash in the middle of an append
+    assert len(ledger.entries()) == 1  # the torn tail is ignored while it is last
+    ledger.append("quarantine", batch_id="b", file_sha256="b" * 64)
+    assert [e["batch_id"] for e in ledger.entries()] == ["a", "b"]  # and never becomes damage
+    (aside,) = tmp_path.glob("ledger.jsonl.torn-*")
+    assert aside.read_bytes() == b'{"event": "promote", "vers'

@@ -85,7 +85,10 @@ def test_auto_is_resolved_at_the_edge_never_in_nas_core(tok, monkeypatch):
     assert precision.resolve(settings, torch.device("cpu")).values.compute_dtype == "bfloat16"
     monkeypatch.setattr(precision, "cpu_facts", lambda: {"cpu": "x", "bf16_flags": []})
     assert precision.resolve(settings, torch.device("cpu")).values.compute_dtype == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert precision.resolve(settings, torch.device("cuda")).values.compute_dtype == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a pre-Ampere GPU
+    assert precision.resolve(settings, torch.device("cuda")).values.compute_dtype == "float32"
     fixed = dataclasses.replace(settings, values=VALUES)
     assert precision.resolve(fixed, torch.device("cuda")) is fixed  # a concrete path is never changed
     assert "no native bf16" in precision.describe(precision.resolve(settings, torch.device("cpu")))
