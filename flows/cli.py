@@ -748,7 +748,9 @@ def status(
         console.print(f"[red]integrity: {line}[/]", highlight=False, soft_wrap=True)
     champ = f"{s['champion']} (set by {s['champion_set_by']})" if s["champion"] else "the base model"
     checked = "lineage" if verify else "champion checkpoint"
-    out.print(f"champion: {champ}; {checked} {'FAILED its check' if s['integrity'] else 'verified'}")
+    verdict = "not checked (the ledger is damaged)" if s["ledger_damage"] else \
+        "FAILED its check" if s["integrity"] else "verified"
+    out.print(f"champion: {champ}; {checked} {verdict}")
     if s["unhashed_versions"]:
         out.print("promoted before file hashes were recorded (weights hash checked only): "
                   + ", ".join(s["unhashed_versions"]))
