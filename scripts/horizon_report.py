@@ -17,6 +17,23 @@ import math
 from pathlib import Path
 
 
+def cp60(points: list[dict]) -> int | None:
+    """CP@60: the first measurement with an editing score below 60 or a perplexity above 2x."""
+    for p in points:
+        m = p["metrics"]
+        if (m.get("editing_score") is not None and m["editing_score"] < 60) or m.get("perplexity_ratio", 1) > 2:
+            return p["edits"]
+    return None
+
+
+def verdict_point(points: list[dict]) -> tuple[int | None, list[str]]:
+    """The product's collapse verdict (collapse settings of the model config): first point and its failed checks."""
+    for p in points:
+        if p["collapsed"]:
+            return p["edits"], p["failed_checks"]
+    return None, []
+
+
 def fit(points: list[dict]) -> dict[str, float | str | None]:
     """Least-squares fits of the norm-ratio excess r - 1 against edits: linear through 0, and
     log-linear (exponential); the one with the smaller squared error in r wins."""
@@ -44,6 +61,8 @@ def main() -> None:
     for f in sorted(args.study.glob("*/points.json")):
         doc = json.loads(f.read_text(encoding="utf-8"))
         doc["norm_fit"] = fit(doc["points"])
+        doc["cp60"] = cp60(doc["points"])
+        doc["verdict_collapse"], doc["verdict_failed_checks"] = verdict_point(doc["points"])
         methods[doc["method"]] = doc
     report = {"study": args.study.name, "methods": methods}
     if args.png and methods:
@@ -57,8 +76,8 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n", encoding="utf-8")
-    head = f"{'method':18s} {'edits':>6s} {'CP@60':>7s} {'score':>6s} {'ES/PS/NS':>17s} {'ppl':>6s} {'norm':>7s} " \
-           f"{'growth/edit':>11s} {'fit':>11s} {'||v*||':>7s} {'s/edit':>6s}"
+    head = (f"{'method':18s} {'edits':>6s} {'CP@60':>7s} {'verdict':>8s} {'score':>6s} {'ES/PS/NS':>17s} {'ppl':>6s} "
+            f"{'norm':>7s} {'growth/edit':>11s} {'fit':>11s} {'||v*||':>7s} {'s/edit':>6s}")
     print(head)
     for label, doc in methods.items():
         last = doc["points"][-1]
@@ -67,13 +86,16 @@ def main() -> None:
         def f(key, fmt="{:.1f}", m=m):
             return "-" if m.get(key) is None else fmt.format(m[key])
 
-        cp = doc["collapse_point"]
+        cp, vp = doc["cp60"], doc["verdict_collapse"]
         slope = doc["norm_fit"].get("slope_per_edit")
-        print(f"{label:18s} {last['edits']:6d} {str(cp) if cp else 'none':>7s} {f('editing_score'):>6s} "
+        print(f"{label:18s} {last['edits']:6d} {str(cp) if cp else 'none':>7s} {str(vp) if vp else 'none':>8s} "
+              f"{f('editing_score'):>6s} "
               f"{f('efficacy_success') + '/' + f('generalisation_success') + '/' + f('specificity_success'):>17s} "
               f"{f('perplexity_ratio', '{:.2f}'):>6s} {f('norm_ratio_max', '{:.3f}'):>7s} "
               f"{'-' if slope is None else f'{slope:.2e}':>11s} {str(doc['norm_fit'].get('better_fit')):>11s} "
               f"{last.get('v_norm_before_mean') or '-':>7} {last['seconds_per_edit']:6.2f}")
+        if vp:
+            print(f"{'':18s} verdict at {vp}: {', '.join(doc['verdict_failed_checks'])}")
         machines = {(p.get("machine"), p.get("code_version")) for p in doc["points"]}
         print(f"{'':18s} measured on: {'; '.join(f'{mach} @ {str(code)[:12]}' for mach, code in machines)}")
 
