@@ -72,7 +72,8 @@ def main() -> None:
         edits = max(p["edits"] for doc in methods.values() for p in doc["points"])
         plot({"model": args.study.name.rsplit("-", 1)[0], "settings": {"stream_length": edits,
               "batch_size": first[0].get("batch_size", 10)},
-              "base_point": {"norm_ratio_max": 1.0, "perplexity_ratio": 1.0}, "methods": methods}, args.png)
+              "base_point": {"norm_ratio_max": 1.0, "perplexity_ratio": 1.0},
+              "methods": {k: {**v, "collapse_point": v["cp60"]} for k, v in methods.items()}}, args.png)  # x = CP@60
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n", encoding="utf-8")
