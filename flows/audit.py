@@ -206,17 +206,9 @@ def machine_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> d
 
 # --- the champion's lineage ------------------------------------------------------------------------
 
-def batch_requests(path: Path, policy: SchemaPolicy | None = None) -> list[EditRequest]:
-    """The requests of an accepted batch, in file order: the ``validation.requests`` the flow applied.
-
-    Decoded exactly as ``flows.validate.validate_batch`` decodes (UTF-8 bytes, no newline
-    translation; ``parse_fact_jsonl`` drops a byte-order mark). An accepted batch passed
-    validation with no problem at all, so every record is a request.
-    """
-    return _parse_accepted(Path(path), Path(path).read_bytes(), policy)
-
-
 def _parse_accepted(path: Path, data: bytes, policy: SchemaPolicy | None) -> list[EditRequest]:
+    """The requests of an accepted batch's bytes, in file order: the ``validation.requests`` the
+    flow applied (decoded as the night decodes; an accepted batch has no refusing problem)."""
     report = parse_fact_jsonl(data.decode("utf-8"), policy)
     if report.problems:
         raise ValueError(f"accepted batch {path} no longer parses cleanly: {report.problems[0]}")

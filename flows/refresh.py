@@ -111,13 +111,6 @@ def free_target(path: Path, folder: Path) -> Path:
     return target
 
 
-def move_unique(path: Path, folder: Path) -> Path:
-    """Move ``path`` into ``folder`` untouched, never overwriting."""
-    target = free_target(path, folder)
-    os.replace(path, target)
-    return target
-
-
 # --- what the champion knows ------------------------------------------------------------------
 
 def lineage_requests(ledger: Ledger, version: str | None, params: Params) -> tuple[list[EditRequest], list[LedgerFact]]:
