@@ -20,7 +20,7 @@ from flows.editing import DATA, SHARED_DATA, WIKITEXT, atomic_write_text, corpus
 from nas_core.collapse import CollapseSettings, HealthSnapshot, Verdict, norm_growth_per_edit, verdict
 from nas_core.evaluate.counterfact import edit_metrics
 from nas_core.evaluate.fluency import fluency
-from nas_core.evaluate.health import option_accuracy, option_items, perplexity
+from nas_core.evaluate.health import SCORING_VERSION, option_accuracy, option_items, perplexity
 from nas_core.requests import EditRequest
 from nas_core.settings import EvalSettings
 
@@ -89,7 +89,8 @@ def health_metrics(model: nn.Module, tok, settings: EvalSettings, canary: Sequen
     t0 = time.perf_counter()
     out = {"perplexity": perplexity(model, canary, settings.canary_window, batch_size=4)}
     for task, records in general.items():
-        out[f"general.{task}"] = option_accuracy(model, tok, option_items(task, records), settings.batch_size)
+        out[f"general.{task}"] = option_accuracy(model, tok, option_items(task, records), settings.batch_size,
+                                                     settings.batch_tokens)
     accs = [v for k, v in out.items() if k.startswith("general.")]
     if accs:
         out["general_mean"] = sum(accs) / len(accs)
@@ -106,7 +107,7 @@ def base_reference(model: nn.Module, tok, model_name: str, base_hash: str, setti
     canary, source = canary_ids(tok, settings)
     general = general_records(settings)
     key = digest({"base": base_hash, "settings": dataclasses.asdict(settings), "canary": canary,
-                  "general": {t: len(r) for t, r in general.items()}})
+                  "general": {t: len(r) for t, r in general.items()}, "scoring": SCORING_VERSION})
     path = cache_root / model_name / f"base-{key}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
@@ -140,7 +141,8 @@ def evaluate(
         edits: edits applied so far (for the norm growth per edit).
         health: also score canary perplexity and general tasks (the expensive part).
     """
-    metrics: dict[str, float | None] = dict(edit_metrics(model, tok, requests, settings.batch_size).as_dict())
+    metrics: dict[str, float | None] = dict(edit_metrics(model, tok, requests, settings.batch_size,
+                                                                 settings.batch_tokens).as_dict())
     if with_fluency:
         prompts = [p for r in requests for p in r.generation_prompts][: settings.fluency_prompts]
         metrics["fluency"] = fluency(model, tok, prompts, settings.fluency_new_tokens)

@@ -253,7 +253,7 @@ def evaluate_candidate(session: editing.EditSession, new: list[EditRequest], ret
     cfg = params.model_config()
     names = list(session.base)
     ratios = norm_ratios(editing.frobenius_norms(session.model, names), session.original_norms)
-    batch = edit_metrics(session.model, session.tok, new, cfg.eval.batch_size).as_dict()
+    batch = edit_metrics(session.model, session.tok, new, cfg.eval.batch_size, cfg.eval.batch_tokens).as_dict()
     retention, result = evaluation.evaluate(session.model, session.tok, retained + new, cfg.eval, base_ref, ratios,
                                             session.state.edit_count, cfg.collapse)
     return {"batch": batch, "retention": retention, "collapse_checks": result.checks, "norm_ratios": ratios}

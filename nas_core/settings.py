@@ -219,7 +219,10 @@ class EvalSettings:
         canary_window: tokens per perplexity window.
         fluency_prompts: at most this many generation prompts (from the requests).
         fluency_new_tokens: greedy tokens generated per fluency prompt.
-        batch_size: rows per scoring forward pass.
+        batch_size: at most this many rows per scoring forward pass.
+        batch_tokens: at most this many padded tokens (rows x longest row) per scoring
+            forward pass; rows are batched by length. Bounds the activations of a pass
+            (the MLP's rows x d_ff products) whatever the prompts' lengths.
     """
 
     general_tasks: tuple[str, ...] = ("sst2", "mrpc", "cola", "rte", "nli", "mmlu")
@@ -229,8 +232,10 @@ class EvalSettings:
     fluency_prompts: int = 10
     fluency_new_tokens: int = 40
     batch_size: int = 32
+    batch_tokens: int = 4096
 
     def __post_init__(self) -> None:
+        _check(self.batch_tokens >= 1, "eval.batch_tokens must be >= 1")
         if self.general_items < 0 or self.canary_tokens < 2 or self.canary_window < 2:
             raise ValueError("eval: general_items >= 0, canary_tokens >= 2 and canary_window >= 2 are required")
         if self.fluency_prompts < 0 or self.fluency_new_tokens < 1 or self.batch_size < 1:

@@ -13,7 +13,7 @@ from nas_core.collapse import CollapseSettings, HealthSnapshot, norm_growth_per_
 from nas_core.evaluate.counterfact import edit_metrics, harmonic_mean
 from nas_core.evaluate.fluency import fluency, greedy_generations, ngram_entropy
 from nas_core.evaluate.health import OptionItem, option_accuracy, option_items, perplexity
-from nas_core.evaluate.scoring import target_scores
+from nas_core.evaluate.scoring import length_batches, target_scores
 from nas_core.prompts import encode, target_ids
 from nas_core.requests import EditRequest, NeighbourhoodPrompt
 
@@ -108,6 +108,26 @@ def test_target_scores_match_hand_computation(wtok, bigram):
     assert s.total_nll[0].item() == pytest.approx(expected * len(ids), rel=1e-5)
     # Only the first token is top-1 (the rest of the table is flat: argmax picks token 0, not the target).
     assert s.token_accuracy[0].item() == pytest.approx(1 / len(ids))
+
+
+def test_length_batches_bound_rows_and_tokens():
+    lengths = [5, 30, 2, 2, 9, 40, 7, 3]
+    batches = length_batches(lengths, max_rows=3, max_tokens=20)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every row exactly once
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 20  # a too-long row goes alone
+    assert [5] in batches and [1] in batches
+
+
+def test_target_scores_do_not_depend_on_batching(wtok, bigram):
+    prompts = ["The capital of France is", "Tokyo is a city in", "The Eiffel Tower is located in the city of", "A"]
+    targets = ["Paris Rome", "Asia", "Paris", "B C D"]
+    bigram.set(last(wtok, prompts[0]), target_ids(wtok, "Paris")[0], 4.0)
+    whole = target_scores(bigram, wtok, prompts, targets)
+    one_by_one = target_scores(bigram, wtok, prompts, targets, batch_size=64, batch_tokens=1)
+    for a, b in zip(whole.__dict__.values(), one_by_one.__dict__.values(), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_edit_metrics_success_magnitude_and_score(wtok, bigram):

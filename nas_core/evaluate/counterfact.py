@@ -78,7 +78,8 @@ def _macro(per_request: list[list[float]]) -> float | None:
 
 
 @torch.no_grad()
-def edit_metrics(model: nn.Module, tok, requests: Sequence[EditRequest], batch_size: int = 64) -> EditMetrics:
+def edit_metrics(model: nn.Module, tok, requests: Sequence[EditRequest], batch_size: int = 64,
+                 batch_tokens: int = 4096) -> EditMetrics:
     """CounterFact metrics of ``model`` on ``requests`` (see the module docstring)."""
     prompts: list[str] = []
     targets: list[str] = []
@@ -98,7 +99,7 @@ def edit_metrics(model: nn.Module, tok, requests: Sequence[EditRequest], batch_s
             pairs.append((i, "specificity", *add(nb.prompt, nb.target, r.target_new)))
     if not prompts:
         return EditMetrics(0, *([None] * 10))
-    scores = target_scores(model, tok, prompts, targets, batch_size)
+    scores = target_scores(model, tok, prompts, targets, batch_size, batch_tokens)
     prob = torch.exp(-scores.nll.double())
 
     kinds = ("efficacy", "generalisation", "specificity")

@@ -31,11 +31,25 @@ class TargetScores:
     total_nll: torch.Tensor
 
 
+def length_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped shortest first into batches of at most ``max_rows`` rows and
+    ``max_tokens`` padded tokens (rows x the longest row; a longer row goes alone)."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+        cur = batches[-1] if batches else None
+        if cur is None or len(cur) >= max_rows or (len(cur) + 1) * lengths[i] > max_tokens:
+            batches.append([i])
+        else:
+            cur.append(i)
+    return batches
+
+
 @torch.no_grad()
 def target_scores(
-    model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64
+    model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64,
+    batch_tokens: int = 4096,
 ) -> TargetScores:
-    """Score each target continuing its filled prompt, in batches of ``batch_size`` rows.
+    """Score each target continuing its filled prompt, batched by length (``length_batches``).
 
     A leading space is added to each target by tokenisation (``prompts.target_ids``); the
     sequence is ``prompt ids + target ids`` so scoring sees the tokens an edit wrote.
@@ -44,9 +58,9 @@ def target_scores(
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     device = next(model.parameters()).device
     nll_out, acc_out, total_out = (torch.empty(len(prompts)) for _ in range(3))
-    for start in range(0, len(prompts), batch_size):
-        chunk = zip(prompts[start : start + batch_size], targets[start : start + batch_size], strict=True)
-        rows = [tokenise_filled(tok, p, target_ids(tok, t)) for p, t in chunk]
+    every = [tokenise_filled(tok, p, target_ids(tok, t)) for p, t in zip(prompts, targets, strict=True)]
+    for idx in length_batches([len(r.ids) for r in every], batch_size, batch_tokens):
+        rows = [every[i] for i in idx]
         ids, mask = pad_batch(rows, pad_token_id(tok), device)
         hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         r_idx = [i for i, r in enumerate(rows) for _ in r.target]
@@ -59,20 +73,21 @@ def target_scores(
         hit = (logp.argmax(-1) == t_ids).float()
         total = torch.zeros(len(rows), device=device).index_add(0, owner, tok_nll)
         hits = torch.zeros(len(rows), device=device).index_add(0, owner, hit)
-        end = start + len(rows)
-        total_out[start:end] = total.cpu()
-        nll_out[start:end] = (total / lengths).cpu()
-        acc_out[start:end] = (hits / lengths).cpu()
+        where = torch.tensor(idx)
+        total_out[where] = total.cpu()
+        nll_out[where] = (total / lengths).cpu()
+        acc_out[where] = (hits / lengths).cpu()
     return TargetScores(nll=nll_out, token_accuracy=acc_out, total_nll=total_out)
 
 
 @torch.no_grad()
 def next_token_logprobs(
-    model: nn.Module, tok, prompts: Sequence[str], candidates: Sequence[Sequence[int]], batch_size: int = 32
+    model: nn.Module, tok, prompts: Sequence[str], candidates: Sequence[Sequence[int]], batch_size: int = 32,
+    batch_tokens: int = 4096,
 ) -> list[torch.Tensor]:
     """log p(candidate token | prompt) for each prompt's candidate ids: one forward row per prompt.
 
-    Prompts are batched in order of length (less padding); results come back in input order.
+    Prompts are batched by length (``length_batches``); results come back in input order.
 
     Returns:
         one (len(candidates[i]),) float32 tensor per prompt.
@@ -81,10 +96,8 @@ def next_token_logprobs(
         raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
     device = next(model.parameters()).device
     rows = [tokenise_filled(tok, p) for p in prompts]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
     out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in length_batches([len(r.ids) for r in rows], batch_size, batch_tokens):
         ids, mask = pad_batch([rows[i] for i in idx], pad_token_id(tok), device)
         hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         last = torch.tensor([len(rows[i].ids) - 1 for i in idx], device=device)
@@ -95,10 +108,11 @@ def next_token_logprobs(
 
 
 def target_nll(
-    model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64
+    model: nn.Module, tok, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64,
+    batch_tokens: int = 4096,
 ) -> torch.Tensor:
     """(N,) mean per-token NLL of each target continuing its prompt (see ``target_scores``)."""
-    return target_scores(model, tok, prompts, targets, batch_size).nll
+    return target_scores(model, tok, prompts, targets, batch_size, batch_tokens).nll
 
 
 def prefers_new(model: nn.Module, tok, prompts: Sequence[str], new: Sequence[str], true: Sequence[str]) -> torch.Tensor:
