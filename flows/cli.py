@@ -428,14 +428,24 @@ def bench_speed(
     cases: int = 10,
     pilots: Annotated[int | None, typer.Option(help="override the NAS pilot count")] = None,
     compute_dtype: ComputeOpt = None,
+    stream: Annotated[int | None, typer.Option(help="instead: edit a stream of N CounterFact requests, "
+                                                    "measured like the horizon study, and print the "
+                                                    "amortised s/edit with measurements")] = None,
+    batch_size: Annotated[int, typer.Option(help="requests per edit call of --stream")] = 10,
     out_file: Annotated[Path, typer.Option("--out")] = Path("bench/speed.json"),
 ) -> None:
     """Single-request edits vs one batch of the same requests: seconds per edit and efficacy.
 
+    With --stream N: the throughput of a long stream (the horizon study's flow and measurement
+    schedule for one method, in bench/stream/), where the time goes, and the amortised target.
     Example: nas bench speed --compute-dtype bfloat16 --pilots 30
+    Example: nas bench speed --stream 1000 --batch-size 10
     """
     from flows import bench, precision
 
+    if stream is not None:
+        _stream_speed(model, f"{method}{'+nas' if nas else ''}", stream, batch_size, pilots, compute_dtype)
+        return
     session = _session(model, method, nas, pilots=pilots, settings_fn=_with_dtype(compute_dtype))
     r = bench.speed(session, bench.counterfact_cases(cases))
     r.update({"compute_dtype": session.compute_dtype, **precision.cpu_facts()})
@@ -445,6 +455,34 @@ def bench_speed(
     out.print(f"  single edit: median {r['single_median_s']:.2f} s (efficacy {r['single_efficacy']:.0%})")
     out.print(f"  batch of {cases}: {r['batch_per_edit_s']:.2f} s/edit (efficacy {r['batch_efficacy']:.0%}); "
               f"{r['speedup_per_edit']:.1f}x faster per edit; phases {r['batch_timings']}")
+
+
+def _stream_speed(model: str, label: str, n: int, batch_size: int, pilots: int | None, compute_dtype) -> None:
+    """``nas bench speed --stream``: one method of the horizon flow, its phases and the target."""
+    from flows import precision, prefect_runtime
+    from flows.horizon import DEFAULT_STREAM, HorizonSettings, amortised_line, horizon_study
+
+    try:
+        settings = HorizonSettings(methods=(label,), stream_length=n, batch_size=batch_size, eval_every=250,
+                                   eval_every_dense=100, dense_until=1000, pilots=pilots or 50,
+                                   compute_dtype=compute_dtype or "auto")
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    prefect_runtime.claim_night()
+    res = horizon_study(model, settings, DEFAULT_STREAM, Path("bench/stream"), None)
+    points = res["methods"][label]["points"]
+    table = Table("edits", "s/edit editing", "with measurements", "values", "keys", "solve", "write", "measure",
+                  title=f"{label} on {res['model']}: a stream of {n} at batch {batch_size} (cumulative seconds)")
+    for p in points:
+        ph = p.get("phase_seconds", {})
+        measured = sum(q["eval_seconds"] for q in points if q["edits"] <= p["edits"])
+        table.add_row(str(p["edits"]), f"{p['seconds_per_edit']:.2f}", f"{p.get('seconds_per_edit_all', 0):.2f}",
+                      *(f"{ph.get(k, 0):.0f}" for k in ("values", "keys", "solve", "write")), f"{measured:.0f}")
+    out.print(table)
+    out.print(precision.describe_machine(), highlight=False)
+    line = amortised_line(label, points, settings)
+    if line:
+        out.print(line, highlight=False)
 
 
 @bench_app.command("stats")
@@ -608,7 +646,7 @@ def bench_horizon(
     Example: nas bench horizon --methods memit,memit+nas --stream-length 3000 --batch-size 10
     --eval-every 250 --eval-every-dense 100 --dense-until 1000 --compute-dtype auto
     """
-    from flows import prefect_runtime
+    from flows import precision, prefect_runtime
     from flows.horizon import DEFAULT_STREAM, HorizonSettings, horizon_study
 
     try:
@@ -625,6 +663,7 @@ def bench_horizon(
     t0 = time.perf_counter()
     res = horizon_study(model, settings, source or DEFAULT_STREAM, out_root, tracking_uri)
     table = Table("method", "collapse point", "editing score", "ES/PS/NS", "ppl ratio", "norm ratio", "s/edit",
+                  "with measurements",
                   title=f"horizon study: {res['model']}, {settings.stream_length} edits, batch {settings.batch_size}")
     for label, r in res["methods"].items():
         m = r["final"]["metrics"]
@@ -636,8 +675,10 @@ def bench_horizon(
         table.add_row(label, f"{cp} edits" if cp else f"none within {stream_length}", f("editing_score"),
                       f"{f('efficacy_success')}/{f('generalisation_success')}/{f('specificity_success')}",
                       f("perplexity_ratio", "{:.2f}"), f("norm_ratio_max", "{:.3f}"),
-                      f"{r['final'].get('seconds_per_edit', float('nan')):.2f}")
+                      f"{r['final'].get('seconds_per_edit', float('nan')):.2f}",
+                      f"{r['final'].get('seconds_per_edit_all', float('nan')):.2f}")
     out.print(table)
+    out.print(precision.describe_machine(), highlight=False)
     out.print(f"wrote {res['results_path']} and {res['plot_path']} in {time.perf_counter() - t0:.0f} s")
 
 

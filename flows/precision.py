@@ -10,6 +10,7 @@ path instead of resolving ``auto`` again on its own machine.
 from __future__ import annotations
 
 import dataclasses
+import os
 from functools import cache
 from pathlib import Path
 
@@ -55,11 +56,16 @@ def with_path(settings, compute_dtype: str):
     return dataclasses.replace(settings, values=dataclasses.replace(settings.values, compute_dtype=compute_dtype))
 
 
-def describe(settings) -> str:
-    """One line for benchmarks and logs: the CPU, its bf16 capability, the path taken."""
+def describe_machine() -> str:
+    """The CPU, its bf16 capability, its cores and torch's threads, for every benchmark's output."""
     facts = cpu_facts()
     flags = ", ".join(facts["bf16_flags"]) or "no native bf16"
-    return f"cpu {facts['cpu']} ({flags}); v* compute dtype {settings.values.compute_dtype}"
+    return f"cpu {facts['cpu']} ({flags}), {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-__all__ = ["BF16_CPU_FLAGS", "cpu_facts", "describe", "native_bf16", "resolve", "with_path"]
+def describe(settings) -> str:
+    """One line for benchmarks and logs: the machine and the v* path taken."""
+    return f"{describe_machine()}; v* compute dtype {settings.values.compute_dtype}"
+
+
+__all__ = ["BF16_CPU_FLAGS", "cpu_facts", "describe", "describe_machine", "native_bf16", "resolve", "with_path"]

@@ -76,3 +76,20 @@ def test_adding_a_method_keeps_the_study_folder(tmp_path):
     a = study_dir(tmp_path, "m", HorizonSettings(methods=("memit",)), tmp_path / "s.json")
     b = study_dir(tmp_path, "m", HorizonSettings(methods=("memit", "alphaedit+nas")), tmp_path / "s.json")
     assert a == b != study_dir(tmp_path, "m", HorizonSettings(batch_size=7), tmp_path / "s.json")
+
+
+def test_amortised_line_judges_only_the_targets_stream(monkeypatch):
+    from flows import horizon, precision
+
+    monkeypatch.setattr(precision, "cpu_facts", lambda: {"cpu": "x", "bf16_flags": ["amx_bf16"]})
+    pts = [{"edits": e, "seconds_per_edit": 0.8, "seconds_per_edit_all": s, "phase_seconds": {"values": 1.0}}
+           for e, s in ((500, 0.9), (1000, 1.2), (1250, 0.5))]
+    ten = HorizonSettings(methods=("alphaedit+nas",), batch_size=10)
+    line = horizon.amortised_line("alphaedit+nas", pts, ten)
+    assert "1.20 s/edit amortised over 1000 edits" in line and "(missed)" in line  # 1250 is past the window
+    assert "(met)" in horizon.amortised_line("alphaedit+nas", [{**pts[1], "seconds_per_edit_all": 0.99}], ten)
+    assert "not the target's stream" in horizon.amortised_line("memit", pts, ten)
+    assert "not the target's stream" in horizon.amortised_line("alphaedit+nas", pts[:1], ten)
+    monkeypatch.setattr(precision, "cpu_facts", lambda: {"cpu": "x", "bf16_flags": []})
+    assert "target <= 2.0 s" in horizon.amortised_line("alphaedit+nas", pts, ten)
+    assert horizon.amortised_line("alphaedit+nas", [{"edits": 10, "seconds_per_edit": 1.0}], ten) is None

@@ -91,8 +91,7 @@ class AlphaEditEditor:
             return resid.double() @ a_inv_pk.T  # (d_out, d_in)
 
         deltas, keys, norms = sweep_layers(model, tok, spec, kept, tg.z, s.layers,
-                                           s.values.prefixes, solve)
-        clock.lap("solve", t)
+                                           s.values.prefixes, solve, clock)
         new_state = state.with_keys(keys, edited=len(kept), skipped=len(requests) - len(kept),
                                     inverses=inverses)
         return EditResult(deltas, new_state, diagnostics(requests, tg), norms, clock.times)

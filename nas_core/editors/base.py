@@ -149,11 +149,13 @@ def sweep_layers(
     layers: Sequence[int],
     prefixes: Sequence[str],
     solve: LayerSolve,
+    clock: Stopwatch | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor], dict[int, float]]:
     """Spread the residual Z - H over ``layers`` and write each layer's update.
 
     For the j-th of T layers, R = (Z - H) / (T - j), where H is re-read after every earlier
-    layer of the batch was written (MEMIT's spread).
+    layer of the batch was written (MEMIT's spread). ``clock`` gets the phases "keys" (the
+    reads at the subject), "solve" and "write".
 
     Returns:
         deltas by weight name (storage layout, float32), keys by layer (d_in, m) as used
@@ -164,6 +166,8 @@ def sweep_layers(
     used_keys: dict[int, torch.Tensor] = {}
     norms: dict[int, float] = {}
     earlier: tuple[object, ...] = ()
+    clock = clock or Stopwatch()
+    t = time.perf_counter()
     for j, layer in enumerate(layers):
         # Blocks below the layer written last are unchanged since the previous read: replay
         # them (bit-identical, 45% fewer block passes for five consecutive layers).
@@ -173,10 +177,13 @@ def sweep_layers(
         earlier = read.block_outputs
         keys = read.keys[layer].T  # (d_in, m)
         resid = ((z - read.hidden) / (len(layers) - j)).T  # (d_model, m)
+        t = clock.lap("keys", t)
         delta = solve(layer, keys, resid)  # (d_out, d_in)
+        t = clock.lap("solve", t)
         deltas[spec.weight_name(layer)] = add_to_weight(model, spec, layer, delta)
         used_keys[layer] = keys
         norms[layer] = float(delta.norm())
+        t = clock.lap("write", t)
     return deltas, used_keys, norms
 
 

@@ -71,8 +71,7 @@ class MemitEditor:
             return resid.double() @ x.T
 
         deltas, keys, norms = sweep_layers(model, tok, spec, kept, tg.z, s.layers,
-                                           s.values.prefixes, solve)
-        clock.lap("solve", t)
+                                           s.values.prefixes, solve, clock)
         new_state = state.with_keys(keys, edited=len(kept), skipped=len(requests) - len(kept),
                                     inverses=inverses)
         return EditResult(deltas, new_state, diagnostics(requests, tg), norms, clock.times)

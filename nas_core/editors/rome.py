@@ -60,11 +60,10 @@ class RomeEditor:
         for i, req in enumerate(kept):
             step = solve if s.prefix_consistent else self._classic_solve(model, tok, spec, req, tg.z[i])
             deltas, keys, _ = sweep_layers(model, tok, spec, [req], tg.z[i : i + 1], [layer],
-                                           s.values.prefixes, step)
+                                           s.values.prefixes, step, clock)
             all_keys.append(keys[layer])
             (name, d), = deltas.items()
             total = d if total is None else total + d
-        clock.lap("solve", t)
         new_state = state.with_keys({layer: torch.cat(all_keys, dim=1)}, edited=len(kept),
                                     skipped=len(requests) - len(kept))
         return EditResult({name: total}, new_state, diagnostics(requests, tg),
