@@ -124,10 +124,14 @@ def test_target_scores_do_not_depend_on_batching(wtok, bigram):
     prompts = ["The capital of France is", "Tokyo is a city in", "The Eiffel Tower is located in the city of", "A"]
     targets = ["Paris Rome", "Asia", "Paris", "B C D"]
     bigram.set(last(wtok, prompts[0]), target_ids(wtok, "Paris")[0], 4.0)
+    # Repeated prompts with one-token targets share a forward row; each pair keeps its own score.
+    prompts, targets = [*prompts, prompts[1], prompts[0]], [*targets, "Europe", "Paris"]
     whole = target_scores(bigram, wtok, prompts, targets)
     one_by_one = target_scores(bigram, wtok, prompts, targets, batch_size=64, batch_tokens=1)
-    for a, b in zip(whole.__dict__.values(), one_by_one.__dict__.values(), strict=True):
-        torch.testing.assert_close(a, b)
+    alone = [target_scores(bigram, wtok, [p], [t]) for p, t in zip(prompts, targets, strict=True)]
+    for field in ("nll", "token_accuracy", "total_nll"):
+        torch.testing.assert_close(getattr(whole, field), getattr(one_by_one, field))
+        torch.testing.assert_close(getattr(whole, field), torch.cat([getattr(a, field) for a in alone]))
 
 
 def test_edit_metrics_success_magnitude_and_score(wtok, bigram):
