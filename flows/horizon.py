@@ -61,6 +61,8 @@ class HorizonSettings:
         retention_seed: the sample's seed; the sample of every point is recorded with it.
         compute_dtype: the v* compute path (``auto``, ``float32``, ``bfloat16``); None keeps
             the model config's.
+        stop_after_collapse: a method stops after this many measurements past its CP@60
+            (``collapse_point``), before ``stream_length``.
 
     The defaults fit the 60-minute budget of a 2-core CPU with SmolLM2-135M: a measurement
     costs about 2 forward TFLOP (canary + general tasks + retention), about as much as 5
@@ -79,8 +81,11 @@ class HorizonSettings:
     retention_sample: int = 200
     retention_seed: int = 0
     compute_dtype: str | None = None
+    stop_after_collapse: int = 1
 
     def __post_init__(self) -> None:
+        if self.stop_after_collapse < 0:
+            raise ValueError("horizon: stop_after_collapse must be >= 0")
         if min(self.eval_every_dense, self.dense_until, self.retention_sample) < 0:
             raise ValueError("horizon: eval_every_dense, dense_until and retention_sample must be >= 0")
         if self.compute_dtype not in (None, "auto", "float32", "bfloat16"):
@@ -106,10 +111,10 @@ def stream_requests(source: Path, n: int) -> list[EditRequest]:
 def study_dir(root: Path, model_name: str, settings: HorizonSettings, source: Path) -> Path:
     """A folder per distinct study (same settings and stream -> same folder -> resumable).
 
-    The method list is not part of the key: a method added later joins the same study, and
-    the methods already measured are resumed, not redone.
+    The method list and the stopping rule are not part of the key: a method added later joins
+    the same study, and the methods already measured are resumed, not redone.
     """
-    shape = {k: v for k, v in dataclasses.asdict(settings).items() if k != "methods"}
+    shape = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("methods", "stop_after_collapse")}
     key = editing.digest({"model": model_name, "settings": shape, "source": source.name})
     return root / f"{model_name}-{key}"
 
@@ -122,7 +127,7 @@ def _other_methods(out: Path) -> dict[str, Any]:
         doc = json.loads(f.read_text(encoding="utf-8"))
         pts = doc["points"]
         found[doc["method"]] = {"points": pts, "collapse_point": collapse_point(pts),
-                                "final": pts[-1] if pts else {"metrics": {}}}
+                                "verdict_point": verdict_point(pts), "final": pts[-1] if pts else {"metrics": {}}}
     return found
 
 
@@ -197,7 +202,7 @@ def run_method(
     phases: dict[str, float] = dict(points[-1].get("phase_seconds", {})) if points else {}
     next_eval = next_measurement(done, settings)
     log_mark = len(session.request_log)
-    while done < len(stream):
+    while done < len(stream) and not past_collapse(points, settings):
         batch = stream[done : done + settings.batch_size]
         t0 = time.perf_counter()
         result = session.apply(batch)
@@ -232,7 +237,8 @@ def run_method(
         editing.write_checkpoint(session, ckpt_dir, {"horizon_points": points, "horizon_edits": done})
         # The points so far, readable while the study runs (scripts/horizon_report.py gathers them).
         editing.atomic_write_text(out / label / "points.json", json.dumps(
-            {"method": label, "points": points, "collapse_point": collapse_point(points)}, indent=1, allow_nan=True))
+            {"method": label, "points": points, "collapse_point": collapse_point(points),
+             "verdict_point": verdict_point(points)}, indent=1, allow_nan=True))
         logger.info("%s: %d edits, score %s, ppl x%.2f, norm x%.3f, %.2f s/edit (%.2f with measurements)%s",
                     label, done, _fmt(metrics.get("editing_score")), metrics.get("perplexity_ratio", float("nan")),
                     metrics.get("norm_ratio_max", float("nan")), edit_seconds / done, point["seconds_per_edit_all"],
@@ -279,9 +285,32 @@ def cfg_eval(cfg: ModelConfig, settings: HorizonSettings):
                                canary_tokens=settings.canary_tokens)
 
 
+#: CP@60, the literature's collapse point: the first measurement with an editing score below
+#: 60 or a canary perplexity above twice the base model's.
+CP_MIN_EDITING_SCORE = 60.0
+CP_MAX_PERPLEXITY_RATIO = 2.0
+
+
 def collapse_point(points: list[dict[str, Any]]) -> int | None:
-    """Edits at the first measured point whose verdict is collapse (None: never)."""
+    """Edits at the first point past CP@60 (None: never). The product's own verdict, with
+    every check of ``collapse``, is ``verdict_point``."""
+    for p in points:
+        m = p["metrics"]
+        low_score = m.get("editing_score") is not None and m["editing_score"] < CP_MIN_EDITING_SCORE
+        if low_score or m.get("perplexity_ratio", 1.0) > CP_MAX_PERPLEXITY_RATIO:
+            return p["edits"]
+    return None
+
+
+def verdict_point(points: list[dict[str, Any]]) -> int | None:
+    """Edits at the first point whose collapse verdict (the gate's checks) failed."""
     return next((p["edits"] for p in points if p["collapsed"]), None)
+
+
+def past_collapse(points: list[dict[str, Any]], settings: HorizonSettings) -> bool:
+    """Whether a method has measured ``stop_after_collapse`` points beyond its CP@60."""
+    cp = collapse_point(points)
+    return cp is not None and sum(p["edits"] > cp for p in points) >= settings.stop_after_collapse
 
 
 #: (point key, panel title, log scale) of horizon.png.
@@ -375,6 +404,7 @@ def horizon_study(
                             quote(base_weights), base_ref, out)
         final = points[-1] if points else {"metrics": {}}
         results["methods"][label] = {"points": points, "collapse_point": collapse_point(points),
+                                     "verdict_point": verdict_point(points),
                                      "final": final}
         results["methods"] = {**_other_methods(out), **results["methods"]}  # a second process's methods stay
         editing.atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=True))

@@ -30,21 +30,26 @@ class CollapseSettings:
             must stay at or below this (2: "perplexity more than doubles").
         max_general_drop: the mean general-task accuracy may fall at most this many
             percentage points below the base model's.
-        max_norm_ratio: no edited weight's ||W_t||_F / ||W_0||_F may exceed this. Measured
-            on SmolLM2-135M (README, horizon study and demo nights), every healthy run
-            stayed at or below 1.14 (r-ROME after 40 edits, perplexity x1.03) and grew
-            linearly: 3.3e-4 per edit for MEMIT, 4.8e-4 for AlphaEdit, 3.5e-3 for r-ROME,
-            with or without NAS. 1.5 is 3.5x the largest healthy excess, so it never fired
-            on a healthy run, and it stops a stream growing at those rates after about
-            140 (r-ROME) or 1000-1500 (MEMIT, AlphaEdit) edits, before the exponential
-            regime the papers report. No run within our horizon collapsed, so the bound is
-            not yet checked against a real SmolLM2 collapse.
+        max_norm_ratio: no edited weight's ||W_t||_F / ||W_0||_F may exceed this.
+
+    Derived from the long horizon study on SmolLM2-135M (docs/horizon.md,
+    ``scripts/gate_from_horizon.py``; batch 10, 3,000-edit CounterFact stream). The canary
+    perplexity crossed 2x (CP@60) at a norm ratio of 1.473 for MEMIT (after about 1,300
+    edits) and 1.470 for MEMIT+NAS (about 2,000): the damage follows the norm ratio, whatever
+    slowed its growth. ``max_norm_ratio`` 1.45 therefore refuses a night 0.02 of norm ratio
+    before that point: 60-80 edits at the measured growth rates, several nights of margin.
+    The editing score did not separate healthy from collapsed points (73.6-83.6 healthy,
+    73.7-74.6 collapsed): it falls late, after fluency, so 60 (the literature's CP@60) stays
+    as the last-resort floor. The general-task drop of a measurement with 10 items per task
+    had a standard deviation of 6.7 points over healthy points, so a 10-point bound needs
+    about 40 items per task to sit 3 standard deviations above the noise (the nights use
+    ``eval.general_items``).
     """
 
     min_editing_score: float = 60.0
     max_perplexity_ratio: float = 2.0
     max_general_drop: float = 10.0
-    max_norm_ratio: float = 1.5
+    max_norm_ratio: float = 1.45
 
     def __post_init__(self) -> None:
         _check(0 <= self.min_editing_score <= 100, "collapse.min_editing_score must be in [0, 100]")

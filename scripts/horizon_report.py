@@ -16,17 +16,10 @@ import json
 import math
 from pathlib import Path
 
-
-def cp60(points: list[dict]) -> int | None:
-    """CP@60: the first measurement with an editing score below 60 or a perplexity above 2x."""
-    for p in points:
-        m = p["metrics"]
-        if (m.get("editing_score") is not None and m["editing_score"] < 60) or m.get("perplexity_ratio", 1) > 2:
-            return p["edits"]
-    return None
+from flows.horizon import collapse_point
 
 
-def verdict_point(points: list[dict]) -> tuple[int | None, list[str]]:
+def verdict_checks(points: list[dict]) -> tuple[int | None, list[str]]:
     """The product's collapse verdict (collapse settings of the model config): first point and its failed checks."""
     for p in points:
         if p["collapsed"]:
@@ -51,18 +44,46 @@ def fit(points: list[dict]) -> dict[str, float | str | None]:
             "better_fit": "linear" if lin_err <= exp_err else "exponential", "points": n}
 
 
+#: (metric key or point key, title, format) of the series tables of --markdown.
+SERIES = (
+    ("editing_score", "editing score (retention sample)", "{:.1f}"),
+    ("perplexity_ratio", "canary perplexity / base", "{:.2f}"),
+    ("norm_ratio_max", "max ||W||/||W0||", "{:.3f}"),
+    ("v_norm_before_mean", "mean ||v*|| before NAS since the previous point", "{:.1f}"),
+    ("general_drop", "general-task drop (points)", "{:.1f}"),
+)
+
+
+def markdown_series(methods: dict[str, dict]) -> str:
+    """One markdown table per series: a row per measured edit count, a column per method."""
+    out = []
+    for key, title, fmt in SERIES:
+        edits = sorted({p["edits"] for doc in methods.values() for p in doc["points"]})
+        out += [f"{title}:", "", "| edits | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+        for e in edits:
+            cells = []
+            for doc in methods.values():
+                p = next((q for q in doc["points"] if q["edits"] == e), None)
+                v = None if p is None else p["metrics"].get(key, p.get(key))
+                cells.append("" if v is None else fmt.format(v))
+            out.append(f"| {e} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("study", type=Path)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None, help="also draw horizon.png (flows.horizon.plot) here")
+    ap.add_argument("--markdown", action="store_true", help="also print the series tables in markdown")
     args = ap.parse_args()
     methods = {}
     for f in sorted(args.study.glob("*/points.json")):
         doc = json.loads(f.read_text(encoding="utf-8"))
         doc["norm_fit"] = fit(doc["points"])
-        doc["cp60"] = cp60(doc["points"])
-        doc["verdict_collapse"], doc["verdict_failed_checks"] = verdict_point(doc["points"])
+        doc["cp60"] = collapse_point(doc["points"])
+        doc["verdict_collapse"], doc["verdict_failed_checks"] = verdict_checks(doc["points"])
         methods[doc["method"]] = doc
     report = {"study": args.study.name, "methods": methods}
     if args.png and methods:
@@ -99,6 +120,9 @@ def main() -> None:
             print(f"{'':18s} verdict at {vp}: {', '.join(doc['verdict_failed_checks'])}")
         machines = {(p.get("machine"), p.get("code_version")) for p in doc["points"]}
         print(f"{'':18s} measured on: {'; '.join(f'{mach} @ {str(code)[:12]}' for mach, code in machines)}")
+    if args.markdown:
+        print()
+        print(markdown_series(methods))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.horizon import HorizonSettings, collapse_point, plot
+from flows.horizon import HorizonSettings, collapse_point, past_collapse, plot, verdict_point
 
 
 def test_settings_reject_unknown_methods_and_bad_sizes():
@@ -26,11 +26,25 @@ def test_measurements_use_the_studys_health_sizes():
     assert (ev.general_items, ev.canary_tokens) == (7, 512)
 
 
-def test_collapse_point_is_the_first_collapsed_measurement():
-    points = [{"edits": 8, "collapsed": False}, {"edits": 16, "collapsed": True}, {"edits": 24, "collapsed": True}]
-    assert collapse_point(points) == 16
-    assert collapse_point(points[:1]) is None
+def _pt(edits, score, ppl, collapsed=False):
+    return {"edits": edits, "collapsed": collapsed, "metrics": {"editing_score": score, "perplexity_ratio": ppl}}
+
+
+def test_collapse_point_is_cp60_and_the_verdict_is_apart():
+    points = [_pt(8, 80, 1.1, collapsed=True), _pt(16, 75, 2.01), _pt(24, 59, 1.5)]
+    assert collapse_point(points) == 16  # perplexity above 2x; the gate's verdict fired earlier
+    assert verdict_point(points) == 8
+    assert collapse_point([points[0], points[2]]) == 24  # editing score below 60
+    assert collapse_point([_pt(8, None, 2.0)]) is None  # exactly 2x is not above it
     assert collapse_point([]) is None
+
+
+def test_a_method_stops_after_its_collapse():
+    s = HorizonSettings(stop_after_collapse=1)
+    points = [_pt(8, 80, 1.1), _pt(16, 75, 2.5)]
+    assert not past_collapse(points, s)
+    assert past_collapse([*points, _pt(24, 70, 2.9)], s)
+    assert past_collapse(points, HorizonSettings(stop_after_collapse=0))
 
 
 def test_plot_writes_a_png_with_a_line_per_method(tmp_path):
