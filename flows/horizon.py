@@ -173,27 +173,11 @@ def run_method(
 ) -> list[dict[str, Any]]:
     """Edit ``stream`` with one method from the base model; returns its measured points."""
     logger = get_run_logger()
-    method, nas = label.removesuffix("+nas"), label.endswith("+nas")
-    s = cfg.method(method, nas)
-    s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=settings.pilots))
-    if settings.compute_dtype is not None:
-        s = precision.with_path(s, settings.compute_dtype)
     materialise(model, base_weights, {})  # every method starts from the exact base weights
-    anchor = None
-    if nas:
-        rec, _, _ = editing.ensure_anchor(model, tok, model_name, method, s, base_hash)
-        anchor = float(rec["reference_norm"])
     ckpt_dir = out / label / "checkpoint"
-    resume = ckpt_dir if (ckpt_dir / "manifest.json").is_file() else None
-    if resume is not None:  # a resumed method keeps the precision path its points were measured on
-        recorded = json.loads((resume / "manifest.json").read_text(encoding="utf-8"))["settings"]["values"]
-        s = precision.with_path(s, recorded.get("compute_dtype", "float32"))
-    session = editing.open_session(model, tok, model_name, method, s, cov, base_hash, anchor, resume)
-    points: list[dict[str, Any]] = []
-    done = 0
-    if resume is not None:
-        man = json.loads((ckpt_dir / "manifest.json").read_text(encoding="utf-8"))
-        points, done = list(man["horizon_points"]), int(man["horizon_edits"])
+    session, points = _method_session(label, model, tok, model_name, cfg, settings, cov, base_hash, ckpt_dir)
+    done = points[-1]["edits"] if points else 0
+    if points:
         logger.info("%s: resuming after %d edits (%d points)", label, done, len(points))
     names = list(session.base)
     original = {n: session.original_norms[n] for n in names}
@@ -231,20 +215,48 @@ def run_method(
                  "seconds_per_edit_all": round((edit_seconds + measure_seconds) / done, 3),
                  "retention_sample": {"seed": settings.retention_seed, "size": settings.retention_sample,
                                       "indices": sample}, "v_norm_before_mean": _v_norm_mean(session, log_mark),
-                 "machine": precision.cpu_facts()["cpu"], "code_version": code_version()}
+                 "machine": precision.cpu_facts()["cpu"], "code_version": code_version(), "measured_at": editing.now()}
         points.append(point)
         log_mark = len(session.request_log)
-        editing.write_checkpoint(session, ckpt_dir, {"horizon_points": points, "horizon_edits": done})
-        # The points so far, readable while the study runs (scripts/horizon_report.py gathers them).
-        editing.atomic_write_text(out / label / "points.json", json.dumps(
-            {"method": label, "points": points, "collapse_point": collapse_point(points),
-             "verdict_point": verdict_point(points)}, indent=1, allow_nan=True))
+        _save_points(session, label, out, points)
         logger.info("%s: %d edits, score %s, ppl x%.2f, norm x%.3f, %.2f s/edit (%.2f with measurements)%s",
                     label, done, _fmt(metrics.get("editing_score")), metrics.get("perplexity_ratio", float("nan")),
                     metrics.get("norm_ratio_max", float("nan")), edit_seconds / done, point["seconds_per_edit_all"],
                     f", COLLAPSE ({', '.join(point['failed_checks'])})" if verdict.collapsed else "")
     materialise(model, base_weights, {})
     return points
+
+
+def _method_session(label: str, model, tok, model_name: str, cfg: ModelConfig, settings: HorizonSettings,
+                    cov: dict, base_hash: str, ckpt_dir: Path) -> tuple[editing.EditSession, list[dict[str, Any]]]:
+    """The method's session on the base model, or resumed from its checkpoint, and its points so far.
+
+    A resumed method keeps the precision path its points were measured on."""
+    method, nas = label.removesuffix("+nas"), label.endswith("+nas")
+    s = cfg.method(method, nas)
+    s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=settings.pilots))
+    if settings.compute_dtype is not None:
+        s = precision.with_path(s, settings.compute_dtype)
+    anchor = None
+    if nas:
+        rec, _, _ = editing.ensure_anchor(model, tok, model_name, method, s, base_hash)
+        anchor = float(rec["reference_norm"])
+    resume = ckpt_dir if (ckpt_dir / "manifest.json").is_file() else None
+    man = json.loads((resume / "manifest.json").read_text(encoding="utf-8")) if resume is not None else None
+    if man is not None:
+        s = precision.with_path(s, man["settings"]["values"].get("compute_dtype", "float32"))
+    session = editing.open_session(model, tok, model_name, method, s, cov, base_hash, anchor, resume)
+    return session, list(man["horizon_points"]) if man is not None else []
+
+
+def _save_points(session: editing.EditSession, label: str, out: Path, points: list[dict[str, Any]]) -> None:
+    """The method's checkpoint with its points, and points.json (readable while the study runs:
+    scripts/horizon_report.py gathers them)."""
+    done = points[-1]["edits"]
+    editing.write_checkpoint(session, out / label / "checkpoint", {"horizon_points": points, "horizon_edits": done})
+    editing.atomic_write_text(out / label / "points.json", json.dumps(
+        {"method": label, "points": points, "collapse_point": collapse_point(points),
+         "verdict_point": verdict_point(points)}, indent=1, allow_nan=True))
 
 
 #: The issue's throughput target: amortised seconds per edit, measurements included, over the
