@@ -217,6 +217,8 @@ def ensure_anchor(
     values = dataclasses.asdict(settings.values)
     if values["compute_dtype"] == "float32":
         del values["compute_dtype"]  # the key of every anchor calibrated before the setting existed
+    if values["attention"] == "default":
+        del values["attention"]  # likewise
     key = {"weights": base_hash, "layer": layer, "values": values,
            "pilots": settings.nas.pilots, "drop": settings.nas.drop_top_fraction, "seed": settings.nas.seed,
            "pilot_source": PILOT_SOURCE.name if PILOT_SOURCE.is_file() else FALLBACK_PILOTS.name}
@@ -290,15 +292,20 @@ class EditSession:
                                "layer_delta_norms": result.layer_delta_norms})
         return result
 
-    def use_compute_dtype(self, compute_dtype: str) -> None:
-        """Take a recorded precision path for the next edits (a replay of a night that took it)."""
-        if compute_dtype != self.settings.values.compute_dtype:
-            self.settings = precision.with_path(self.settings, compute_dtype)
+    def use_path(self, compute_dtype: str, attention: str) -> None:
+        """Take a recorded v* path for the next edits (a replay of a night that took it)."""
+        values = self.settings.values
+        if (compute_dtype, attention) != (values.compute_dtype, values.attention):
+            self.settings = precision.with_path(self.settings, compute_dtype, attention)
             self.editor.settings = self.settings
 
     @property
     def compute_dtype(self) -> str:
         return self.settings.values.compute_dtype
+
+    @property
+    def attention(self) -> str:
+        return self.settings.values.attention
 
     def norms(self) -> dict[str, dict[str, float]]:
         now_norms = frobenius_norms(self.model, list(self.base))

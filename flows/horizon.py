@@ -209,6 +209,7 @@ def run_method(
                  "failed_checks": [c.name for c in verdict.failed], "skipped": skipped,
                  "edit_seconds": round(edit_seconds, 2), "seconds_per_edit": round(edit_seconds / done, 3),
                  "eval_seconds": round(eval_seconds, 2), "compute_dtype": session.compute_dtype,
+                 "attention": session.attention,
                  # Where the time went so far: the editor's phases (the rest of edit_seconds is
                  # the session's bookkeeping) and the measurements, and the amortised cost of both.
                  "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
@@ -244,7 +245,7 @@ def _method_session(label: str, model, tok, model_name: str, cfg: ModelConfig, s
     resume = ckpt_dir if (ckpt_dir / "manifest.json").is_file() else None
     man = json.loads((resume / "manifest.json").read_text(encoding="utf-8")) if resume is not None else None
     if man is not None:
-        s = precision.with_path(s, man["settings"]["values"].get("compute_dtype", "float32"))
+        s = precision.with_path(s, *precision.recorded_path(man["settings"]["values"]))
     session = editing.open_session(model, tok, model_name, method, s, cov, base_hash, anchor, resume)
     return session, list(man["horizon_points"]) if man is not None else []
 

@@ -51,9 +51,19 @@ def resolve(settings, device: torch.device):
     return dataclasses.replace(settings, values=dataclasses.replace(settings.values, compute_dtype=chosen))
 
 
-def with_path(settings, compute_dtype: str):
-    """``settings`` forced onto a recorded precision path (``float32`` or ``bfloat16``)."""
-    return dataclasses.replace(settings, values=dataclasses.replace(settings.values, compute_dtype=compute_dtype))
+def with_path(settings, compute_dtype: str, attention: str | None = None):
+    """``settings`` forced onto a recorded v* path: ``compute_dtype`` (``float32`` or ``bfloat16``)
+    and, when given, the attention kernel (``default`` or ``math``)."""
+    values = dataclasses.replace(settings.values, compute_dtype=compute_dtype)
+    if attention is not None:
+        values = dataclasses.replace(values, attention=attention)
+    return dataclasses.replace(settings, values=values)
+
+
+def recorded_path(record) -> tuple[str, str]:
+    """(compute_dtype, attention) a ledger line or manifest values recorded; what a record made
+    before each setting existed ran on: float32 and the default kernel."""
+    return record.get("compute_dtype", "float32"), record.get("attention", "default")
 
 
 def describe_machine() -> str:
@@ -68,4 +78,5 @@ def describe(settings) -> str:
     return f"{describe_machine()}; v* compute dtype {settings.values.compute_dtype}"
 
 
-__all__ = ["BF16_CPU_FLAGS", "cpu_facts", "describe", "describe_machine", "native_bf16", "resolve", "with_path"]
+__all__ = ["BF16_CPU_FLAGS", "cpu_facts", "describe", "describe_machine", "native_bf16", "recorded_path", "resolve",
+           "with_path"]

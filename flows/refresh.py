@@ -438,7 +438,8 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
                   if ckpt.is_relative_to(REPO) else str(ckpt),
                   accepted_path=str(accepted.relative_to(REPO)) if accepted.is_relative_to(REPO) else str(accepted),
                   model_version=mv, edit_batch_size=params.edit.batch_size, machine=machine_info(session.model),
-                  files=file_hashes(ckpt), compute_dtype=session.compute_dtype)
+                  files=file_hashes(ckpt), compute_dtype=session.compute_dtype,
+                  attention=session.attention)
     store(snap, accepted)  # the edited bytes, checked against the ledger's file_sha256
     _release(snap, logger)
     tracker.set_champion(model_name, mv)

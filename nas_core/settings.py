@@ -18,6 +18,7 @@ def _check(cond: bool, msg: str) -> None:
 
 #: Values of ``ValueSettings.compute_dtype``.
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+ATTENTION_KERNELS = ("default", "math")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class ValueSettings:
             shift, the loss and Adam stay float32. ``"auto"`` is a config value that the
             caller resolves to one of the two before editing (``flows.precision``), and the
             resolved path is recorded with every edit so that a replay takes the same one.
+        attention: the scaled-dot-product attention kernel of the optimisation's steps:
+            ``"default"`` (PyTorch's choice: flash attention on CPU) or ``"math"`` (explicit
+            products and softmax), whose backward is much cheaper for the few query columns
+            of a v* tail on CPU (docs/speed.md). Part of the recorded path like
+            ``compute_dtype``: nights recorded without it replay on ``"default"``.
     """
 
     steps: int = 25
@@ -52,9 +58,11 @@ class ValueSettings:
     kl_prompt: str = "{} is a"
     prefixes: tuple[str, ...] = DEFAULT_CONTEXT_PREFIXES
     compute_dtype: str = "float32"
+    attention: str = "default"
 
     def __post_init__(self) -> None:
         _check(self.compute_dtype in COMPUTE_DTYPES, f"values.compute_dtype must be one of {COMPUTE_DTYPES}")
+        _check(self.attention in ATTENTION_KERNELS, f"values.attention must be one of {ATTENTION_KERNELS}")
         _check(self.steps >= 1, "values.steps must be >= 1")
         _check(self.lr > 0, "values.lr must be > 0")
         _check(self.kl_factor >= 0, "values.kl_factor must be >= 0")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nas_core.hooks import add_at_positions, capture, compute_in, replay_layers
 from nas_core.prompts import TokenisedPrompt, pad_token_id, target_ids, tokenise
@@ -309,7 +310,8 @@ def _optimise_batch(
     cdtype = _compute_dtype(model, settings)
     if cdtype is not None and cache is not None:  # the upper blocks' cached head keys/values join their new ones
         head = [(k.to(cdtype), v.to(cdtype)) if i > layer else (k, v) for i, (k, v) in enumerate(head)]
-    with compute_in(_upper_modules(model, spec, layer), cdtype) if cdtype is not None else nullcontext():
+    kernel = sdpa_kernel(SDPBackend.MATH) if settings.attention == "math" else nullcontext()
+    with compute_in(_upper_modules(model, spec, layer), cdtype) if cdtype is not None else nullcontext(), kernel:
         delta, nll_start, nll_last, steps = _steps(
             model, b, settings, layer_mod, lower, tail_outputs, tail_ids, tail_pos, tgt_cols, start, subject_col,
             cache, head, cache_kw, hidden, kl_ref)

@@ -103,8 +103,9 @@ def test_a_session_takes_the_recorded_path(tok):
     cov = {0: torch.eye(64, dtype=torch.float64) * 0.5}
     session = editing.open_session(model, tok, "tiny", "memit", settings, cov, weights_hash(model), None)
     assert session.compute_dtype == "float32"
-    session.use_compute_dtype("bfloat16")
+    session.use_path("bfloat16", "math")
     assert session.compute_dtype == "bfloat16" and session.editor.settings.values.compute_dtype == "bfloat16"
+    assert session.attention == "math" and session.editor.settings.values.attention == "math"
     session.apply(REQS[:1])
     assert session.request_log[0]["nll_end"] < session.request_log[0]["nll_start"]
 
@@ -126,3 +127,26 @@ def test_statistics_with_a_bf16_forward_stay_close_and_restore_the_model():
         assert float(rel) < 0.02, rel  # stated tolerance: 2% of ||C|| on the tiny model
     same = max_principal_angle(f32.cov[1], f32.cov[1], 0.0, 0.5)
     assert same["max_angle_deg"] < 1e-3 and same["dim_a"] == same["dim_b"] > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_math_attention_kernel_finds_the_same_shift(tok, arch):
+    model = tiny_model(arch, layers=3)
+    spec = spec_for(model)
+    short = dataclasses.replace(VALUES, steps=5)
+    default = optimise_values(model, tok, spec, REQS, 0, short)
+    math = optimise_values(model, tok, spec, REQS, 0, dataclasses.replace(short, attention="math"))
+    # Float32 on both kernels: the same optimisation up to the kernels' rounding.
+    torch.testing.assert_close(math.delta, default.delta, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(math.nll_end, default.nll_end, rtol=1e-4, atol=1e-5)
+
+
+def test_the_attention_kernel_is_part_of_the_recorded_path():
+    with pytest.raises(ValueError, match="values.attention"):
+        ValueSettings(attention="fast")
+    # Records made before either setting existed ran on float32 and the default kernel.
+    assert precision.recorded_path({}) == ("float32", "default")
+    assert precision.recorded_path({"compute_dtype": "bfloat16", "attention": "math"}) == ("bfloat16", "math")
+    s = precision.with_path(MemitSettings(layers=(0,)), "float32", "math")
+    assert (s.values.compute_dtype, s.values.attention) == ("float32", "math")
+    assert precision.with_path(s, "bfloat16").values.attention == "math"  # kept when not given

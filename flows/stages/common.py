@@ -69,7 +69,7 @@ def recorded_settings(params: Params, repo: Path):
     promotions = Ledger(params.paths.resolve("ledger", repo)).promotions()
     if not promotions:
         return settings
-    return precision.with_path(settings, promotions[0].get("compute_dtype", "float32"))
+    return precision.with_path(settings, *precision.recorded_path(promotions[0]))
 
 
 def stats_of(base: Base, require_cached: bool) -> dict[int, Any]:

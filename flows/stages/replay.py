@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows import precision
 from flows.audit import CHAMPION_DIR, REPLAY_JSON, champion_of, lineage_batches, machine_info, write_json
 from flows.stages.common import anchor_of, load_base, log, parser, setup_logging, stats_of
 
@@ -56,7 +57,7 @@ def replay(params_file: Path, repo: Path, out: Path, metrics: Path, require_cach
         start = len(session.request_log)
         # The precision path the night took (float32 for nights before the setting existed),
         # never this machine's own choice: a replay compares like with like.
-        session.use_compute_dtype(b.entry.get("compute_dtype", "float32"))
+        session.use_path(*precision.recorded_path(b.entry))
         requests = list(b.requests)
         t1 = time.perf_counter()
         for i in range(0, len(requests), b.batch_size):
