@@ -38,6 +38,9 @@ class CollapseSettings:
     edits) and 1.470 for MEMIT+NAS (about 2,000): the damage follows the norm ratio, whatever
     slowed its growth. ``max_norm_ratio`` 1.45 therefore refuses a night 0.02 of norm ratio
     before that point: 60-80 edits at the measured growth rates, several nights of margin.
+    It does not hold for MEMIT without its key cache (``memit-plain``, a baseline, not a night
+    method): its later edits overwrite earlier ones, and perplexity doubled at a norm ratio of
+    1.19 after 600 edits, so there the perplexity check, not the norm bound, catches it.
     The editing score did not separate healthy from collapsed points (73.6-83.6 healthy,
     73.7-74.6 collapsed): it falls late, after fluency, so 60 (the literature's CP@60) stays
     as the last-resort floor. The general-task drop of a measurement with 10 items per task
