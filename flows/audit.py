@@ -83,12 +83,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.config import REPO
 from flows.editing import replace_dir
 from flows.identity import FactIdentity, identity_of, latest_facts
 from flows.io import sha256_file  # noqa: F401 (re-exported: callers hash batches with it)
 from flows.ledger import Ledger
 from flows.params import Params, load_params
+from flows.paths import Roots, project_root
 from nas_core.requests import EditRequest, SchemaPolicy, parse_fact_jsonl
 
 log = logging.getLogger(__name__)
@@ -231,11 +231,6 @@ class LineageBatch:
     entry: dict[str, Any] = field(repr=False, compare=False)
 
 
-def resolve(path: str | Path, repo: Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else repo / p
-
-
 def champion_of(ledger: Ledger) -> tuple[str | None, str | None]:
     """(version, weights hash) of the ledger's champion; (None, None) for the base model."""
     champ = ledger.champion()
@@ -249,7 +244,7 @@ def champion_of(ledger: Ledger) -> tuple[str | None, str | None]:
     return version, whash
 
 
-def lineage_batches(ledger: Ledger, version: str | None, repo: Path, batch_size: int,
+def lineage_batches(ledger: Ledger, version: str | None, roots: Roots, batch_size: int,
                     policy: SchemaPolicy | None = None) -> list[LineageBatch]:
     """The accepted batches that built ``version``, oldest first, checked against the ledger.
 
@@ -259,7 +254,7 @@ def lineage_batches(ledger: Ledger, version: str | None, repo: Path, batch_size:
     """
     out = []
     for entry in ledger.lineage(version) if version else []:
-        path = resolve(entry["accepted_path"], repo)
+        path = roots.resolve(entry["accepted_path"])
         if not path.is_file():
             raise FileNotFoundError(f"{entry['version']}: accepted batch {path} is missing (dvc pull?)")
         data = path.read_bytes()  # one read: the bytes hashed are the bytes parsed
@@ -280,7 +275,7 @@ def lineage_batches(ledger: Ledger, version: str | None, repo: Path, batch_size:
     return out
 
 
-def held_facts(batches: Sequence[LineageBatch], confusables: bool = True) -> list[tuple[EditRequest, str]]:
+def held_facts(batches: Sequence[LineageBatch], confusables: bool) -> list[tuple[EditRequest, str]]:
     """``(request, batch id)`` of every fact the champion holds, oldest first: a later record
     of the same fact (:mod:`flows.identity`) replaces an earlier one. The night's retention
     set and ledger facts (``flows.refresh.lineage_requests``) are this list."""
@@ -288,24 +283,23 @@ def held_facts(batches: Sequence[LineageBatch], confusables: bool = True) -> lis
     return latest_facts(pairs, lambda pair: _identity(pair[0], confusables))
 
 
-def held_requests(batches: Sequence[LineageBatch]) -> list[EditRequest]:
-    """The requests of :func:`held_facts`."""
-    return [r for r, _ in held_facts(batches)]
-
-
-def _identity(r: EditRequest, confusables: bool = True) -> FactIdentity:
+def _identity(r: EditRequest, confusables: bool) -> FactIdentity:
     return identity_of(r.subject, r.relation_id, r.prompt, confusables)
 
 
-def retention_requests(batches: Sequence[LineageBatch]) -> list[EditRequest]:
-    """The requests the flow measured retention on when it promoted the last batch:
-    the parent's facts not superseded by the batch, then the whole batch (skipped ones too)."""
+def retention_set(held: Sequence[EditRequest], new: Sequence[EditRequest], confusables: bool) -> list[EditRequest]:
+    """What a candidate's retention is scored on: the held facts no new request re-states
+    (a passed batch supersedes them), then the whole new batch (skipped requests too)."""
+    keys = [_identity(r, confusables) for r in new]
+    return [r for r in held if not any(_identity(r, confusables).same_fact(k) for k in keys)] + list(new)
+
+
+def retention_requests(batches: Sequence[LineageBatch], confusables: bool) -> list[EditRequest]:
+    """The :func:`retention_set` the flow scored when it promoted the last of ``batches``."""
     if not batches:
         return []
-    new = list(batches[-1].requests)
-    keys = [_identity(r) for r in new]
-    kept = [r for r in held_requests(batches[:-1]) if not any(_identity(r).same_fact(k) for k in keys)]
-    return kept + new
+    held = [r for r, _ in held_facts(batches[:-1], confusables)]
+    return retention_set(held, batches[-1].requests, confusables)
 
 
 # --- plot data ---------------------------------------------------------------------------------------
@@ -386,9 +380,9 @@ def _inside(path: Path, repo: Path) -> bool:
         return False
 
 
-def tracked_paths(params: Params, repo: Path) -> list[Path]:
+def tracked_paths(params: Params) -> list[Path]:
     """The flow's runtime data that ``dvc add`` tracks: ledger, accepted batches, checkpoints."""
-    return [params.paths.resolve(n, repo) for n in ("ledger", "accepted", "checkpoints")]
+    return [params.roots.ledger, params.roots.accepted, params.roots.checkpoints]
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> None:
@@ -404,16 +398,17 @@ def _copy_checkpoint(src: Path, dst: Path) -> None:
         raise
 
 
-def write_promotion_outputs(repo: Path, params: Params) -> dict[str, Any] | None:
+def write_promotion_outputs(params: Params) -> dict[str, Any] | None:
     """The files ``dvc repro`` would make, from what the flow made: the champion checkpoint,
     replay.json, metrics.json, norms.csv, retention.csv (``"source": "promotion"``) and
     promotion.json. Returns the promotion record (None when there is no champion)."""
-    ledger = Ledger(params.paths.resolve("ledger", repo))
+    repo = params.root
+    ledger = Ledger(params.roots.ledger)
     version, whash = champion_of(ledger)
     if version is None:
         return None
     entry = ledger.promotion(version) or {}
-    ckpt = resolve(entry.get("checkpoint") or params.paths.resolve("checkpoints", repo) / version, repo)
+    ckpt = params.roots.resolve(entry.get("checkpoint") or params.roots.checkpoints / version)
     manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
     if manifest.get("weights_hash") != whash:
         raise ValueError(f"checkpoint {ckpt} has weights {str(manifest.get('weights_hash'))[:12]}, the ledger's "
@@ -472,12 +467,13 @@ def _dvc_sync_here(add: Sequence[str], push: bool) -> list[str]:
     return problems
 
 
-def _dvc_sync(repo: Path, params: Params, push: bool) -> list[str]:
+def _dvc_sync(params: Params, push: bool) -> list[str]:
     """:func:`_dvc_sync_here` in a child process running in ``repo`` (never the flow's own
     working directory, and DVC's state stays out of the flow's process)."""
+    repo = params.root
     problems = []
     add = []
-    for p in tracked_paths(params, repo):
+    for p in tracked_paths(params):
         if not p.exists():
             continue
         if _inside(p, repo):
@@ -485,8 +481,7 @@ def _dvc_sync(repo: Path, params: Params, push: bool) -> list[str]:
         else:
             problems.append(f"{p} is outside the repository: DVC cannot track it")
     cmd = [sys.executable, "-m", "flows.audit", "--dvc-sync", *(["--no-push"] if not push else []), "--", *add]
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=3600)
     lines = done.stdout.strip().splitlines()
     try:
@@ -509,8 +504,7 @@ def _git_commit(repo: Path, version: str) -> None:
         raise RuntimeError(f"git commit failed: {(done.stdout + done.stderr).strip()[-300:]}")
 
 
-def record_promotion(repo: Path = REPO, *, push: bool = True, git_commit: bool = False,
-                     params_file: Path | None = None, params: Params | None = None) -> list[str]:
+def record_promotion(params: Params, *, push: bool = True, git_commit: bool = False) -> list[str]:
     """After a night or a champion move: make the DVC pipeline's outputs the promoted ones and record them.
 
     Copies the champion checkpoint to ``data/replay/champion``, writes replay.json,
@@ -522,10 +516,10 @@ def record_promotion(repo: Path = REPO, *, push: bool = True, git_commit: bool =
 
     Never raises: a repository without DVC, or any failure, comes back in the returned list
     of problems (empty when everything was recorded); the night's promotion stands either way.
-    Pass the night's ``params_file`` (or loaded ``params``): with a ledger outside ``repo``
-    (a test's temp folder) nothing is recorded; the default is ``repo/params.yaml``.
+    The repository is the night's project root (``params.root``); with a ledger outside it
+    (a test's temp folder) nothing is recorded.
     """
-    repo = Path(repo)
+    repo = params.root
     try:
         if not dvc_initialised(repo):
             return [f"{repo} has no .dvc/ or dvc.yaml; not recording the promotion (dvc init)"]
@@ -533,16 +527,15 @@ def record_promotion(repo: Path = REPO, *, push: bool = True, git_commit: bool =
             import dvc.repo  # noqa: F401
         except ImportError:
             return ["dvc is not installed; not recording the promotion"]
-        params = params or load_params(params_file or repo / "params.yaml")
-        ledger_path = params.paths.resolve("ledger", repo)
+        ledger_path = params.roots.ledger
         if not _inside(ledger_path, repo):
             # A test or a scratch run with its own paths: never touch the repository's audit files.
             log.info("DVC audit: the ledger %s is outside %s; not recording", ledger_path, repo)
             return []
-        record = write_promotion_outputs(repo, params)
+        record = write_promotion_outputs(params)
         if record is None:
             log.info("DVC audit: no champion in the ledger yet; recording the ledger only")
-        found = _dvc_sync(repo, params, push)
+        found = _dvc_sync(params, push)
         problems = [p for p in found if not p.startswith("note: ")]
         for note in found:
             if note.startswith("note: "):
@@ -601,7 +594,7 @@ class AuditResult:
         return "\n".join(lines)
 
 
-def audit(repo: Path = REPO, params_file: Path | None = None) -> AuditResult:
+def audit(params: Params) -> AuditResult:
     """Compare what ``dvc repro`` rebuilt (replay.json) with the ledger's champion.
 
     Verdicts: ``reproduced`` (same weights hash), ``MISMATCH`` (different; the machine
@@ -609,9 +602,8 @@ def audit(repo: Path = REPO, params_file: Path | None = None) -> AuditResult:
     at promotion: run the replay), ``STALE`` (the replay rebuilt another champion than the
     ledger's current one).
     """
-    repo = Path(repo)
-    params = load_params(params_file or repo / "params.yaml")
-    ledger = Ledger(params.paths.resolve("ledger", repo))
+    repo = params.root
+    ledger = Ledger(params.roots.ledger)
     version, whash = champion_of(ledger)
     replay = read_json(repo / REPLAY_JSON)
     promotion = read_json(repo / PROMOTION_JSON)
@@ -667,7 +659,7 @@ def repro(repo: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.audit", description=__doc__.split("\n")[0])
-    parser.add_argument("--repo", type=Path, default=REPO)
+    parser.add_argument("--repo", type=Path, default=None, help="the project directory (default: the working one)")
     parser.add_argument("--repro", action="store_true", help="run the replay and evaluate stages first")
     parser.add_argument("--record", action="store_true", help="record the current champion (record_promotion)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -682,13 +674,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.record:
-        problems = record_promotion(args.repo)
+        problems = record_promotion(load_params(project=args.repo))
         for p in problems:
             log.warning("DVC audit: %s", p)
         return 1 if problems else 0
     if args.repro:
-        repro(args.repo)
-    res = audit(args.repo)
+        repro(project_root(args.repo))
+    res = audit(load_params(project=args.repo))
     if args.json:
         doc = {k: v for k, v in res.__dict__.items() if k != "replay"}
         sys.stdout.write(json.dumps(doc, indent=1, default=str) + "\n")

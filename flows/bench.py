@@ -11,17 +11,18 @@ from typing import Any
 import torch
 
 from flows import editing
+from flows.paths import Roots
 from nas_core.deltas import materialise
 from nas_core.evaluate.scoring import prefers_new
 from nas_core.requests import EditRequest, from_counterfact_rome
 
-COUNTERFACT_500 = editing.SHARED_DATA / "counterfact" / "counterfact_500.json"
 
-
-def counterfact_cases(n: int, offset: int = 0) -> list[EditRequest]:
-    if not COUNTERFACT_500.is_file():
-        raise FileNotFoundError(f"{COUNTERFACT_500} is absent (../shared/data)")
-    report = from_counterfact_rome(json.loads(COUNTERFACT_500.read_text(encoding="utf-8")))
+def counterfact_cases(roots: Roots, n: int, offset: int = 0) -> list[EditRequest]:
+    """The first ``n`` (after ``offset``) CounterFact-500 cases of the project's shared data."""
+    source = roots.counterfact_500
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} is absent (params.yaml paths.shared_data)")
+    report = from_counterfact_rome(json.loads(source.read_text(encoding="utf-8")))
     return list(report.requests[offset : offset + n])
 
 
@@ -155,12 +156,13 @@ def max_principal_angle(cov_a: torch.Tensor, cov_b: torch.Tensor, threshold: flo
     return {"dim_a": a.shape[1], "dim_b": b.shape[1], "max_angle_deg": float(torch.rad2deg(torch.arccos(s.min())))}
 
 
-def time_stats(model, tok, layers, settings, tokens: int, progress=None, forward_dtype=None) -> dict[str, Any]:
+def time_stats(model, tok, layers, settings, tokens: int, wikitext: Path, progress=None,
+               forward_dtype=None) -> dict[str, Any]:
     """Time the one-pass covariance measurement over ``tokens`` corpus tokens (nothing is cached)."""
     from nas_core.spec import spec_for
     from nas_core.stats import second_moment, token_batches
 
-    text, corpus_desc = editing.corpus_text(settings, model, tok)
+    text, corpus_desc = editing.corpus_text(settings, model, tok, wikitext)
     ids = editing.corpus_token_ids(tok, text, tokens)
     spec = spec_for(model)
     t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from flows import editing
 from flows.config import ConfigError, ModelConfig, config_for
+from flows.paths import ENV_PROJECT, Roots, project_root
 from nas_core.requests import EditRequest
 
 app = typer.Typer(help="Continual knowledge editing with Norm-Anchor Scaling.", no_args_is_help=True,
@@ -34,9 +35,16 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="known name, hf:ORG
 ConfigOpt = Annotated[str | None, typer.Option(help="model config name or YAML (default: the model's)")]
 
 
+ProjectOpt = Annotated[Path | None, typer.Option(
+    "--project", help=f"project directory: params.yaml, data/, configs/ (default: ${ENV_PROJECT}, else the "
+                      "working one)")]
+
+
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False, project: ProjectOpt = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if project is not None:  # the one place the project is chosen; flows and child processes inherit it
+        os.environ[ENV_PROJECT] = str(project_root(project))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
     for noisy in ("httpx", "urllib3", "filelock"):
@@ -48,9 +56,19 @@ def _progress() -> Progress:
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console)
 
 
+def _roots() -> Roots:
+    """The project's folders (params.yaml ``paths``; defaults without a params.yaml)."""
+    from flows.params import load_params
+
+    try:
+        return load_params().roots
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint="params.yaml") from None
+
+
 def _config(model: str, config: str | None) -> ModelConfig:
     try:
-        return config_for(config or model)
+        return config_for(config or model, _roots().configs)
     except ConfigError as err:
         raise typer.BadParameter(str(err)) from None
 
@@ -71,7 +89,7 @@ def _load(model: str, fetch: bool = True):
     from flows.assets import fetch_model, load_model
     from nas_core.deltas import weights_hash
 
-    result = fetch_model(model, editing.DATA / "models") if fetch else None
+    result = fetch_model(model, _roots().models) if fetch else None
     path = result.path if result is not None else Path(model)
     t0 = time.perf_counter()
     m, tok = load_model(path)
@@ -88,7 +106,7 @@ def _stats(m, tok, name, cfg: ModelConfig, base_hash: str, layers, force: bool =
             bar.update(task, completed=done, total=total,
                        rate=f"{done / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
-        cov, path, cached = editing.ensure_stats(m, tok, name, layers, cfg.stats, base_hash, progress=tick,
+        cov, path, cached = editing.ensure_stats(m, tok, name, layers, cfg.stats, base_hash, _roots(), progress=tick,
                                                  force=force)
     console.print(f"statistics {'(cached) ' if cached else ''}{path}")
     return cov
@@ -100,7 +118,7 @@ def _anchor(m, tok, name, method, settings, base_hash) -> float | None:
     with _progress() as bar:
         task = bar.add_task("NAS pilots", total=settings.nas.pilots, rate="")
         rec, path, cached = editing.ensure_anchor(
-            m, tok, name, method, settings, base_hash,
+            m, tok, name, method, settings, base_hash, _roots(),
             progress=lambda d, t: bar.update(task, completed=d, total=t, rate=""))
     console.print(f"NAS reference norm a = {rec['reference_norm']:.3f} "
                   f"({rec['pilots']} pilots, {rec['dropped']} dropped){' (cached)' if cached else ''}: {path}")
@@ -140,7 +158,7 @@ def fetch_model_cmd(
     """Fetch a model and save it as an fp32 safetensors folder under data/models/."""
     from flows.assets import fetch_model
 
-    result = fetch_model(name, editing.DATA / "models", force=force)
+    result = fetch_model(name, _roots().models, force=force)
     out.print(f"{result.path} {'(already present, nothing to do)' if result.already_present else ''}")
 
 
@@ -247,7 +265,7 @@ def eval_cmd(
     cfg = _config(model, config)
     reqs = read_requests(requests, limit)
     m, tok, name, h = _load(model)
-    base = None if no_health else evaluation.base_reference(m, tok, name, h, cfg.eval)
+    base = None if no_health else evaluation.base_reference(m, tok, name, h, cfg.eval, _roots())
     ratios, edits, manifest = None, 0, {}
     if checkpoint is not None:
         try:
@@ -258,7 +276,7 @@ def eval_cmd(
         ratios = norm_ratios(frobenius_norms(m, names), {n: manifest["norms"][n]["before"] for n in names})
         edits = int(manifest["edit_count"])
     t0 = time.perf_counter()
-    metrics, verdict = evaluation.evaluate(m, tok, reqs, cfg.eval, base, ratios, edits, cfg.collapse,
+    metrics, verdict = evaluation.evaluate(m, tok, reqs, cfg.eval, base, _roots(), ratios, edits, cfg.collapse,
                                            health=not no_health)
     evaluation.write_metrics(out_file, metrics, verdict, {
         "model": name, "base_weights_hash": h, "checkpoint": str(checkpoint) if checkpoint else None,
@@ -360,7 +378,7 @@ def bench_efficacy(
     """
     from flows import bench, precision
 
-    reqs = bench.counterfact_cases(cases)
+    reqs = bench.counterfact_cases(_roots(), cases)
     results = {}
     for spec in methods.split(","):
         method, _, flag = spec.partition("+")
@@ -393,17 +411,17 @@ def bench_fall_of_rome(
     import dataclasses as dc
 
     from flows import bench, evaluation, fall_of_rome, precision
-    from flows.horizon import DEFAULT_STREAM, stream_requests
+    from flows.horizon import stream_requests
     from nas_core.evaluate.health import perplexity
 
     s = fall_of_rome.FallSettings(cases=cases)
-    kinds = fall_of_rome.split_cases(stream_requests(source or DEFAULT_STREAM, 10_000), cases)
+    kinds = fall_of_rome.split_cases(stream_requests(source or _roots().horizon_stream, 10_000), cases)
     doc: dict = {"settings": dc.asdict(s), "cases": {k: [r.case_id for r in v] for k, v in kinds.items()},
                  "methods": {}, **precision.cpu_facts()}
     for method in methods.split(","):
         session = _session(model, method, False)
         cfg = _config(model, None)
-        canary, _ = evaluation.canary_ids(session.tok, dc.replace(cfg.eval, canary_tokens=s.canary_tokens))
+        canary, _ = evaluation.canary_ids(session.tok, dc.replace(cfg.eval, canary_tokens=s.canary_tokens), _roots())
         base_ppl = perplexity(session.model, canary, window=cfg.eval.canary_window)
         rows = {k: [fall_of_rome.edit_alone(session, r, canary, cfg.eval.canary_window) for r in v]
                 for k, v in kinds.items()}
@@ -447,7 +465,7 @@ def bench_speed(
         _stream_speed(model, f"{method}{'+nas' if nas else ''}", stream, batch_size, pilots, compute_dtype)
         return
     session = _session(model, method, nas, pilots=pilots, settings_fn=_with_dtype(compute_dtype))
-    r = bench.speed(session, bench.counterfact_cases(cases))
+    r = bench.speed(session, bench.counterfact_cases(_roots(), cases))
     r.update({"compute_dtype": session.compute_dtype, **precision.cpu_facts()})
     bench.write_json(out_file, r)
     out.print(precision.describe(session.settings), highlight=False)
@@ -460,7 +478,7 @@ def bench_speed(
 def _stream_speed(model: str, label: str, n: int, batch_size: int, pilots: int | None, compute_dtype) -> None:
     """``nas bench speed --stream``: one method of the horizon flow, its phases and the target."""
     from flows import precision, prefect_runtime
-    from flows.horizon import DEFAULT_STREAM, HorizonSettings, amortised_line, horizon_study
+    from flows.horizon import HorizonSettings, amortised_line, horizon_study
 
     try:
         settings = HorizonSettings(methods=(label,), stream_length=n, batch_size=batch_size, eval_every=250,
@@ -469,7 +487,7 @@ def _stream_speed(model: str, label: str, n: int, batch_size: int, pilots: int |
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     prefect_runtime.claim_night()
-    res = horizon_study(model, settings, DEFAULT_STREAM, Path("bench/stream"), None)
+    res = horizon_study(model, settings, None, Path("bench/stream"), None)
     points = res["methods"][label]["points"]
     table = Table("edits", "s/edit editing", "with measurements", "values", "keys", "solve", "write", "measure",
                   title=f"{label} on {res['model']}: a stream of {n} at batch {batch_size} (cumulative seconds)")
@@ -506,13 +524,14 @@ def bench_stats(
     out.print(precision.describe(cfg.method("alphaedit")).split(";")[0], highlight=False)
     with _progress() as bar:
         task = bar.add_task("covariance", total=tokens, rate="")
-        r = bench.time_stats(m, tok, layers, cfg.stats, tokens, progress=lambda n: bar.advance(task, n))
+        r = bench.time_stats(m, tok, layers, cfg.stats, tokens, _roots().wikitext,
+                             progress=lambda n: bar.advance(task, n))
     cov32 = r.pop("cov")
     if bf16:
         with _progress() as bar:
             task = bar.add_task("covariance (bf16 forward)", total=tokens, rate="")
-            rb = bench.time_stats(m, tok, layers, cfg.stats, tokens, progress=lambda n: bar.advance(task, n),
-                                  forward_dtype=torch.bfloat16)
+            rb = bench.time_stats(m, tok, layers, cfg.stats, tokens, _roots().wikitext,
+                                  progress=lambda n: bar.advance(task, n), forward_dtype=torch.bfloat16)
         a = cfg.alphaedit
         cut = (a.nullspace_threshold, a.nullspace_relative_threshold)
         angles = {layer: bench.max_principal_angle(cov32[layer], c, *cut)
@@ -547,7 +566,7 @@ def bench_layer_sweep(
     ls = [int(x) for x in layers.split(",")]
     m, tok, name, h = _load(model)
     cov = _stats(m, tok, name, cfg, h, sorted(set(ls) | set(cfg.all_layers())))
-    reqs = bench.counterfact_cases(cases)
+    reqs = bench.counterfact_cases(_roots(), cases)
     results = {}
     for layer in ls:
         s = dataclasses.replace(cfg.rome, layers=(layer,), nas=dataclasses.replace(cfg.rome.nas, enabled=False))
@@ -585,7 +604,7 @@ def bench_trace(
     m, tok, name, _ = _load(model)
     width = band or len(cfg.alphaedit.layers)
     # Trace the facts the model knows best: a fact it barely predicts has no recall to locate.
-    pool = bench.counterfact_cases(500)
+    pool = bench.counterfact_cases(_roots(), 500)
     p_true = answer_probability(m, tok, pool)
     reqs = [pool[i] for i in p_true.argsort(descending=True)[:cases].tolist()]
     t0 = time.perf_counter()
@@ -647,7 +666,7 @@ def bench_horizon(
     --eval-every 250 --eval-every-dense 100 --dense-until 1000 --compute-dtype auto
     """
     from flows import precision, prefect_runtime
-    from flows.horizon import DEFAULT_STREAM, HorizonSettings, horizon_study
+    from flows.horizon import HorizonSettings, horizon_study
 
     try:
         given = {"stream_length": stream_length, "batch_size": batch_size, "eval_every": eval_every,
@@ -661,7 +680,7 @@ def bench_horizon(
         raise typer.BadParameter(str(err)) from None
     prefect_runtime.claim_night()  # stops the temporary Prefect servers of killed runs; records this one
     t0 = time.perf_counter()
-    res = horizon_study(model, settings, source or DEFAULT_STREAM, out_root, tracking_uri)
+    res = horizon_study(model, settings, source, out_root, tracking_uri)
     table = Table("method", "collapse point", "editing score", "ES/PS/NS", "ppl ratio", "norm ratio", "s/edit",
                   "with measurements",
                   title=f"horizon study: {res['model']}, {settings.stream_length} edits, batch {settings.batch_size}")
@@ -682,7 +701,7 @@ def bench_horizon(
     out.print(f"wrote {res['results_path']} and {res['plot_path']} in {time.perf_counter() - t0:.0f} s")
 
 
-ParamsOpt = Annotated[Path, typer.Option("--params", help="the pipeline's params.yaml")]
+ParamsOpt = Annotated[Path | None, typer.Option("--params", help="the pipeline's params.yaml (default: the project's)")]
 
 
 def _params(path: Path):
@@ -695,11 +714,10 @@ def _params(path: Path):
 
 
 def _tracker(params):
-    from flows.config import REPO
     from flows.tracking import Tracker, TrackingError, resolve_tracking_uri
 
     try:
-        return Tracker(resolve_tracking_uri(params.tracking.uri or None, REPO), params.tracking.experiment)
+        return Tracker(resolve_tracking_uri(params.tracking.uri or None, params.root), params.tracking.experiment)
     except TrackingError as err:
         console.print(f"[yellow]MLflow unavailable ({err}); the ledger is updated, the alias is not[/]")
         return None
@@ -707,7 +725,7 @@ def _tracker(params):
 
 @app.command()
 def refresh(
-    params_file: ParamsOpt = Path("params.yaml"),
+    params_file: ParamsOpt = None,
     demo: Annotated[bool, typer.Option("--demo", help="run the shipped demo nights, one flow run each")] = False,
 ) -> None:
     """Run the nightly refresh now (one Prefect flow run) over every batch in the inbox."""
@@ -731,7 +749,7 @@ def refresh(
             staged = operations.stage_demo_night(params, night)
             console.print(f"[bold]demo night {night.stem}[/]: {staged}")
         try:
-            outcomes += nightly_refresh(str(params_file.resolve()))
+            outcomes += nightly_refresh(str(params_file.resolve()) if params_file else None, str(params.root))
         except RefreshLocked as err:
             console.print(f"[red]{err}[/]")
             raise typer.Exit(3) from None
@@ -743,7 +761,7 @@ def refresh(
         detail = o.get("version") or ", ".join(o.get("failed_checks", [])) or o.get("folder", "")
         table.add_row(str(o["batch"]), o["outcome"], str(detail))
     out.print(table)
-    out.print(f"{len(outcomes)} batch(es) in {time.perf_counter() - t0:.0f} s; ledger {params.paths.resolve('ledger')}")
+    out.print(f"{len(outcomes)} batch(es) in {time.perf_counter() - t0:.0f} s; ledger {params.roots.ledger}")
 
 
 def _problems_line(problems: dict[str, int] | None) -> str:
@@ -766,7 +784,7 @@ def _decision_details(e: dict) -> str:
 
 @app.command()
 def status(
-    params_file: ParamsOpt = Path("params.yaml"),
+    params_file: ParamsOpt = None,
     verify: Annotated[bool, typer.Option("--verify", help="check every checkpoint file and accepted batch of "
                                          "the champion's lineage against the ledger (default: the champion only)")]
     = False,
@@ -819,7 +837,7 @@ def status(
 @app.command("validate")
 def validate_cmd(
     files: Annotated[list[Path], typer.Argument(help="fact batch files (.jsonl) to check")],
-    params_file: ParamsOpt = Path("params.yaml"),
+    params_file: ParamsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print every result as JSON")] = False,
 ) -> None:
     """Run exactly the night's checks (schema, GX suite, tokenizer, ledger conflicts against the
@@ -834,7 +852,7 @@ def validate_cmd(
     from flows.refresh import champion_facts, check_batch
 
     params = _params(params_file)
-    fetched = fetch_model(params.model_config().model, params.paths.resolve("models"), show_progress=False)
+    fetched = fetch_model(params.model_config().model, params.roots.models, show_progress=False)
     tok = AutoTokenizer.from_pretrained(fetched.path)
     facts = champion_facts(params)
     results = []
@@ -881,7 +899,7 @@ def _move_champion(params_file: Path, version: str, event: str, reason: str) -> 
 def rollback(
     version: Annotated[str, typer.Argument(help="an earlier promoted version, e.g. v0002")],
     reason: Annotated[str, typer.Option(help="why (recorded in the ledger)")] = "manual rollback",
-    params_file: ParamsOpt = Path("params.yaml"),
+    params_file: ParamsOpt = None,
 ) -> None:
     """Move the champion back to an earlier promoted checkpoint."""
     _move_champion(params_file, version, "rollback", reason)
@@ -891,7 +909,7 @@ def rollback(
 def promote(
     version: Annotated[str, typer.Argument(help="a promoted version to make champion again, e.g. v0003")],
     reason: Annotated[str, typer.Option(help="why (recorded in the ledger)")] = "manual promotion",
-    params_file: ParamsOpt = Path("params.yaml"),
+    params_file: ParamsOpt = None,
 ) -> None:
     """Manual override: make a promoted checkpoint champion (e.g. roll forward after a rollback)."""
     _move_champion(params_file, version, "manual_promote", reason)
@@ -902,19 +920,18 @@ def audit(
     repro: Annotated[bool, typer.Option("--repro", help="first rebuild the champion: dvc repro --force "
                                         "--single-item replay, then dvc repro evaluate")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON")] = False,
-    params_file: ParamsOpt = Path("params.yaml"),
+    params_file: ParamsOpt = None,
 ) -> None:
     """Does the replayed champion (dvc repro) have the weights hash the ledger promoted? Exit 0 only if so."""
     import subprocess
 
     from flows import audit as auditing
     from flows import operations
-    from flows.config import REPO
     from flows.ledger import Ledger, LedgerDamaged
 
     params = _params(params_file)
     try:
-        ledger = Ledger(params.paths.resolve("ledger"))
+        ledger = Ledger(params.roots.ledger)
         champ = ledger.champion()
         # The audit rebuilds the weights (dvc repro), so absent checkpoints are fine; altered ones are not.
         tampered = operations.verify_lineage(params, ledger, champ.version, missing_ok=True) if champ else []
@@ -926,11 +943,11 @@ def audit(
         raise typer.Exit(1)
     if repro:
         try:
-            auditing.repro(REPO)
+            auditing.repro(params.root)
         except subprocess.CalledProcessError as err:
             console.print(f"[red]dvc repro failed (exit {err.returncode}): see its output above[/]")
             raise typer.Exit(2) from None
-    res = auditing.audit(REPO, params_file.resolve())
+    res = auditing.audit(params)
     if as_json:
         out.print_json(data={k: v for k, v in res.__dict__.items() if k != "replay"}, default=str)
     else:
@@ -947,7 +964,7 @@ def serve(
     name: Annotated[str, typer.Option(help="deployment name")] = "nightly",
     retries: Annotated[int, typer.Option(help="flow-run retries after a failure")] = 2,
     retry_delay: Annotated[int, typer.Option(help="seconds between retries")] = 600,
-    params_file: ParamsOpt = Path("params.yaml"),
+    params_file: ParamsOpt = None,
 ) -> None:
     """Register the nightly refresh as a scheduled deployment on a running Prefect server and serve it.
 
@@ -957,7 +974,7 @@ def serve(
     from flows.serve import serve as serve_flow
 
     try:
-        serve_flow(params_file.resolve(), cron=cron, timezone=timezone, name=name, retries=retries,
+        serve_flow(params_file, cron=cron, timezone=timezone, name=name, retries=retries,
                    retry_delay_seconds=retry_delay)
     except ServeError as err:
         console.print(f"[red]{err}[/]")

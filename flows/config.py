@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from flows.paths import project_root
 from nas_core.collapse import CollapseSettings
 from nas_core.editors import VARIANTS
 from nas_core.settings import (
@@ -27,8 +28,6 @@ from nas_core.settings import (
     ValueSettings,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"
 METHOD_SETTINGS = {"memit": MemitSettings, "alphaedit": AlphaEditSettings, "rome": RomeSettings}
 
 
@@ -81,7 +80,7 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
 def build(cls: type, data: dict[str, Any], path: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{path or cls.__name__}: unknown keys {unknown}; allowed: {sorted(names)}")
@@ -161,15 +160,17 @@ def load_model_config(path: Path) -> ModelConfig:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def config_for(name_or_path: str) -> ModelConfig:
-    """A shipped config by model name (``configs/NAME.yaml``) or an explicit YAML path."""
+def config_for(name_or_path: str, configs: Path | None = None) -> ModelConfig:
+    """A model config by name (``configs/NAME.yaml`` of the project, :mod:`flows.paths`) or an
+    explicit YAML path."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return load_model_config(p)
-    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    configs = configs if configs is not None else project_root() / "configs"
+    candidate = configs / f"{name_or_path}.yaml"
     if candidate.is_file():
         return load_model_config(candidate)
-    known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    known = sorted(x.stem for x in configs.glob("*.yaml"))
     raise ConfigError(f"no config for {name_or_path!r}; shipped configs: {known}")
 
 

@@ -1,7 +1,7 @@
 """The I/O around the engine: statistics and anchor caches, edit runs, checkpoints.
 
-Everything here reads or writes files; the math is in nas_core. Paths default to the
-repository's ``data/`` folder and can be pointed elsewhere (tests use a temp dir).
+Everything here reads or writes files; the math is in nas_core. The folders come from the
+project's :class:`flows.paths.Roots`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from torch import nn
 
 from flows import precision
 from flows.checkpoints import TENSOR_FILES, file_hashes, read_verified
-from flows.config import REPO
 from flows.io import atomic_write_bytes
+from flows.paths import Roots
 from nas_core.anchor import calibrate
 from nas_core.deltas import accumulate, edited_weights, frobenius_norms, materialise, weights_hash
 from nas_core.editors import VARIANTS, AlphaEditEditor, MemitEditor, RomeEditor, base_method
@@ -41,12 +41,6 @@ from nas_core.stats import sample_self_text, second_moment, token_batches
 
 log = logging.getLogger(__name__)
 
-DATA = REPO / "data"
-SHARED_DATA = REPO.parent / "shared" / "data"
-WIKITEXT = SHARED_DATA / "text" / "wikitext-2-raw-wiki.test.raw"
-PILOT_SOURCE = SHARED_DATA / "counterfact" / "counterfact-train.json"
-# Shipped with the project: pilots for machines without ../shared (a demo-sized anchor).
-FALLBACK_PILOTS = DATA / "demo" / "pilot_facts.jsonl"
 
 
 def now() -> str:
@@ -77,15 +71,15 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
 
 # --- covariance statistics -------------------------------------------------------------------
 
-def corpus_text(settings: StatsSettings, model: nn.Module, tok) -> tuple[str, str]:
+def corpus_text(settings: StatsSettings, model: nn.Module, tok, wikitext: Path) -> tuple[str, str]:
     """The corpus text and a description of it. ``self`` samples from the model (data-free)."""
     c = settings.corpus
     if c == "wikitext":
-        if not WIKITEXT.is_file():
+        if not wikitext.is_file():
             raise FileNotFoundError(
-                f"corpus 'wikitext' expects {WIKITEXT}; set stats.corpus to a text file or 'self'"
+                f"corpus 'wikitext' expects {wikitext}; set stats.corpus to a text file or 'self'"
             )
-        return WIKITEXT.read_text(encoding="utf-8"), f"file:{WIKITEXT.name}"
+        return wikitext.read_text(encoding="utf-8"), f"file:{wikitext.name}"
     if c == "self":
         # Enough sequences for the token budget; seeded, so the same model gives the same text.
         n_seq = max(1, settings.tokens // settings.seq_len)
@@ -133,30 +127,31 @@ def ensure_stats(
     layers: Sequence[int],
     settings: StatsSettings,
     base_hash: str,
-    root: Path = DATA / "stats",
+    roots: Roots,
     progress: Callable[[int, int], None] | None = None,
     force: bool = False,
 ) -> tuple[dict[int, torch.Tensor], Path, bool]:
-    """C for ``layers``, from the cache when the same inputs were measured before.
+    """C for ``layers``, from the cache under ``roots.stats`` when the same inputs were measured before.
 
     Returns (covariances, file, cached?). The cache key covers the weights hash, layers,
     corpus and its hash, token budget, sequence length and seed.
     """
     layers = sorted(set(layers))
-    if settings.corpus == "wikitext" and not WIKITEXT.is_file():
+    wikitext = roots.wikitext
+    if settings.corpus == "wikitext" and not wikitext.is_file():
         log.warning("no corpus: %s is absent, so C is measured data-free on text the model samples "
-                    "itself (set stats.corpus to a real text file for better statistics)", WIKITEXT)
+                    "itself (set stats.corpus to a real text file for better statistics)", wikitext)
         settings = dataclasses.replace(settings, corpus="self")
-    text, corpus_desc = corpus_text(settings, model, tok) if settings.corpus != "self" else ("", "self")
+    text, corpus_desc = corpus_text(settings, model, tok, wikitext) if settings.corpus != "self" else ("", "self")
     corpus_hash = hashlib.sha256(text.encode()).hexdigest()[:16] if text else f"self-{settings.seed}"
     key = {"weights": base_hash, "layers": layers, "corpus": settings.corpus, "corpus_hash": corpus_hash,
            "tokens": settings.tokens, "seq_len": settings.seq_len, "seed": settings.seed}
-    path = root / model_name / f"cov-{digest(key)}.safetensors"
+    path = roots.stats / model_name / f"cov-{digest(key)}.safetensors"
     if path.is_file() and not force:
         tensors = load_file(path)
         return {int(k.split(".")[1]): v for k, v in tensors.items()}, path, True
     if settings.corpus == "self":
-        text, corpus_desc = corpus_text(settings, model, tok)
+        text, corpus_desc = corpus_text(settings, model, tok, wikitext)
     ids = corpus_token_ids(tok, text, settings.tokens)
     spec = spec_for(model)
     device = next(model.parameters()).device
@@ -182,17 +177,23 @@ def ensure_stats(
 
 # --- NAS anchors -----------------------------------------------------------------------------
 
-def pilot_requests(n: int, seed: int, source: Path = PILOT_SOURCE) -> list[EditRequest]:
+def pilot_file(roots: Roots) -> Path:
+    """CounterFact train where the shared data is, else the project's own pilot facts."""
+    return roots.pilot_source if roots.pilot_source.is_file() else roots.fallback_pilots
+
+
+def pilot_requests(n: int, seed: int, roots: Roots) -> list[EditRequest]:
     """A seeded sample of ``n`` CounterFact requests (the training split, never the eval one).
 
-    Without ../shared the project's own 20 pilot facts are used instead, with a warning.
+    Without the shared data the project's own 20 pilot facts are used instead, with a warning.
     """
-    if source.is_file():
+    source = pilot_file(roots)
+    if source == roots.pilot_source:
         reqs = list(from_counterfact_easyedit(json.loads(source.read_text(encoding="utf-8"))).requests)
     else:
-        log.warning("NAS pilots: %s is absent; using the %s shipped pilot facts instead", source,
-                    FALLBACK_PILOTS.name)
-        reqs = list(parse_fact_jsonl(FALLBACK_PILOTS.read_text(encoding="utf-8")).requests)
+        log.warning("NAS pilots: %s is absent; using the %s shipped pilot facts instead", roots.pilot_source,
+                    source.name)
+        reqs = list(parse_fact_jsonl(source.read_text(encoding="utf-8")).requests)
     rng = random.Random(seed)
     return rng.sample(reqs, min(n, len(reqs)))
 
@@ -204,13 +205,13 @@ def ensure_anchor(
     method: str,
     settings: MemitSettings | AlphaEditSettings | RomeSettings,
     base_hash: str,
-    root: Path = DATA / "anchors",
+    roots: Roots,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Any], Path, bool]:
     """The NAS reference norm for ``settings``' last layer, calibrated once on the base model.
 
-    The caller must pass the *unedited* model: the hash of its weights is checked against
-    ``base_hash`` so an anchor is never calibrated on an edited model.
+    Cached under ``roots.anchors``. The caller must pass the *unedited* model: the hash of its
+    weights is checked against ``base_hash`` so an anchor is never calibrated on an edited model.
     """
     settings = precision.resolve(settings, next(model.parameters()).device)
     layer = settings.layers[-1]
@@ -221,13 +222,13 @@ def ensure_anchor(
         del values["attention"]  # likewise
     key = {"weights": base_hash, "layer": layer, "values": values,
            "pilots": settings.nas.pilots, "drop": settings.nas.drop_top_fraction, "seed": settings.nas.seed,
-           "pilot_source": PILOT_SOURCE.name if PILOT_SOURCE.is_file() else FALLBACK_PILOTS.name}
-    path = root / model_name / f"anchor-L{layer}-{digest(key)}.json"
+           "pilot_source": pilot_file(roots).name}
+    path = roots.anchors / model_name / f"anchor-L{layer}-{digest(key)}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8")), path, True
     if weights_hash(model) != base_hash:
         raise RuntimeError("refusing to calibrate NAS on an edited model: load the base model")
-    pilots = pilot_requests(settings.nas.pilots, settings.nas.seed)
+    pilots = pilot_requests(settings.nas.pilots, settings.nas.seed, roots)
     t0 = time.perf_counter()
     cal = calibrate(model, tok, spec_for(model), pilots, layer, settings.values, settings.nas, progress)
     record = {
@@ -236,7 +237,7 @@ def ensure_anchor(
         "pilots": cal.pilots,
         "dropped": cal.dropped,
         "seed": settings.nas.seed,
-        "pilot_source": PILOT_SOURCE.name if PILOT_SOURCE.is_file() else FALLBACK_PILOTS.name,
+        "pilot_source": pilot_file(roots).name,
         "settings": {"values": dataclasses.asdict(settings.values), "nas": dataclasses.asdict(settings.nas)},
         "base_weights_hash": base_hash,
         "method_hint": method,
@@ -257,6 +258,16 @@ def make_editor(method: str, settings, cov: dict[int, torch.Tensor]) -> Editor:
     if base not in editors:
         raise ValueError(f"unknown method {method!r}; known: {sorted(editors)} and {sorted(VARIANTS)}")
     return editors[base](settings, cov)
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSnapshot:
+    """An :class:`EditSession` at one moment (tensors are never mutated in place, so no copies)."""
+
+    cumulative: dict[str, torch.Tensor]
+    state: EditState
+    requests: int
+    batches: int
 
 
 @dataclasses.dataclass
@@ -306,6 +317,16 @@ class EditSession:
     @property
     def attention(self) -> str:
         return self.settings.values.attention
+
+    def snapshot(self) -> SessionSnapshot:
+        """What :meth:`restore` needs to undo every later :meth:`apply` (a rejected batch)."""
+        return SessionSnapshot(self.cumulative, self.state, len(self.request_log), len(self.batch_log))
+
+    def restore(self, snap: SessionSnapshot) -> None:
+        """Back to ``snap``: D, state and logs, and the model's weights re-materialised from D."""
+        self.cumulative, self.state = snap.cumulative, snap.state
+        del self.request_log[snap.requests:], self.batch_log[snap.batches:]
+        materialise(self.model, self.base, self.cumulative)
 
     def norms(self) -> dict[str, dict[str, float]]:
         now_norms = frobenius_norms(self.model, list(self.base))
@@ -429,3 +450,67 @@ def load_checkpoint_into(model: nn.Module, base_hash: str, path: Path,
                          f"not the loaded model's {base_hash[:12]}")
     materialise(model, edited_weights(model, list(ckpt["deltas"])), ckpt["deltas"])
     return man
+
+
+# --- the night's engine: base model, caches, sub-batches --------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+    """The unedited model a night (or its replay) starts from, and its weights hash."""
+
+    model: nn.Module
+    tok: Any
+    name: str
+    path: Path
+    base_hash: str
+
+
+def load_base(params) -> BaseModel:
+    """params.yaml's model from the project's model cache (fetched first when absent)."""
+    from flows.assets import fetch_model, load_model
+
+    fetched = fetch_model(params.model_config().model, params.roots.models, show_progress=False)
+    model, tok = load_model(fetched.path)
+    return BaseModel(model, tok, fetched.path.name, fetched.path, weights_hash(model))
+
+
+def base_stats(base: BaseModel, params, logger: logging.Logger | logging.LoggerAdapter = log,
+               require_cached: bool = False) -> dict[int, torch.Tensor]:
+    """C of every layer the model config edits (one file serves every method); ``require_cached``
+    refuses to measure (a replay uses the statistics the ``stats`` stage made)."""
+    cfg = params.model_config()
+    cov, path, cached = ensure_stats(base.model, base.tok, base.name, cfg.all_layers(), cfg.stats, base.base_hash,
+                                     params.roots)
+    if require_cached and not cached:
+        raise RuntimeError(f"covariance statistics {path} were not made by the stats stage (dvc repro stats)")
+    logger.info("covariance statistics %s%s", path, " (cached)" if cached else "")
+    return cov
+
+
+def base_anchor(base: BaseModel, params, settings, logger: logging.Logger | logging.LoggerAdapter = log,
+                require_cached: bool = False) -> float | None:
+    """The NAS reference norm for ``settings`` (None with NAS off), calibrated on the base model once."""
+    if not settings.nas.enabled:
+        return None
+    rec, path, cached = ensure_anchor(base.model, base.tok, base.name, params.edit.method, settings, base.base_hash,
+                                      params.roots)
+    if require_cached and not cached:
+        raise RuntimeError(f"NAS anchor {path} was not made by the anchor stage (dvc repro anchor)")
+    logger.info("NAS reference norm a = %.4f from %d pilots%s (%s)", rec["reference_norm"], rec["pilots"],
+                " (cached)" if cached else "", path)
+    return float(rec["reference_norm"])
+
+
+def apply_in_batches(session: EditSession, requests: Sequence[EditRequest], batch_size: int,
+                     logger: logging.Logger | logging.LoggerAdapter = log, label: str = "") -> list[dict[str, Any]]:
+    """Apply ``requests`` as sequential edits of ``batch_size`` each (the night's and the replay's
+    one loop); returns the per-request diagnostics of this call."""
+    start = len(session.request_log)
+    t0 = time.perf_counter()
+    for i in range(0, len(requests), batch_size):
+        result = session.apply(requests[i : i + batch_size])
+        done = min(i + batch_size, len(requests))
+        logger.info("%sedited %d/%d requests (%.1f s/edit); ||delta W|| per layer: %s", f"{label}: " if label else "",
+                    done, len(requests), (time.perf_counter() - t0) / done,
+                    ", ".join(f"{k}: {v:.3g}" for k, v in result.layer_delta_norms.items()))
+    return session.request_log[start:]

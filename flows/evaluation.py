@@ -16,7 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from flows.editing import DATA, SHARED_DATA, WIKITEXT, atomic_write_text, corpus_token_ids, digest, now
+from flows.editing import atomic_write_text, corpus_token_ids, digest, now
+from flows.paths import Roots
 from nas_core.collapse import CollapseSettings, HealthSnapshot, Verdict, norm_growth_per_edit, verdict
 from nas_core.evaluate.counterfact import edit_metrics
 from nas_core.evaluate.fluency import fluency
@@ -25,10 +26,6 @@ from nas_core.requests import EditRequest
 from nas_core.settings import EvalSettings
 
 log = logging.getLogger(__name__)
-
-GENERAL_DIR = SHARED_DATA / "general"
-#: The product's own canary text, used where WikiText-2 (../shared) is absent.
-OWN_CANARY = DATA / "demo" / "canary.txt"
 
 #: What each number in metrics.json means (its definition name), for readers of the file.
 DEFINITIONS: dict[str, str] = {
@@ -55,16 +52,16 @@ DEFINITIONS: dict[str, str] = {
 }
 
 
-def canary_ids(tok, settings: EvalSettings) -> tuple[list[int], str]:
+def canary_ids(tok, settings: EvalSettings, roots: Roots) -> tuple[list[int], str]:
     """The canary's token ids and where they came from (WikiText-2 test, else the product's own)."""
-    source = WIKITEXT if WIKITEXT.is_file() else OWN_CANARY
-    if source == OWN_CANARY:
-        log.info("canary: WikiText-2 not found at %s; using the product's own canary %s", WIKITEXT, OWN_CANARY)
+    source = roots.wikitext if roots.wikitext.is_file() else roots.canary_text
+    if source == roots.canary_text:
+        log.info("canary: WikiText-2 not found at %s; using the product's own canary %s", roots.wikitext, source)
     text = source.read_text(encoding="utf-8")[: settings.canary_tokens * 12]  # ~4 chars/token: plenty
     return corpus_token_ids(tok, text, settings.canary_tokens), str(source)
 
 
-def general_records(settings: EvalSettings, root: Path = GENERAL_DIR) -> dict[str, list[dict[str, Any]]]:
+def general_records(settings: EvalSettings, root: Path) -> dict[str, list[dict[str, Any]]]:
     """The first ``general_items`` records of each task file present under ``root``."""
     out: dict[str, list[dict[str, Any]]] = {}
     for task in settings.general_tasks:
@@ -99,16 +96,17 @@ def health_metrics(model: nn.Module, tok, settings: EvalSettings, canary: Sequen
 
 
 def base_reference(model: nn.Module, tok, model_name: str, base_hash: str, settings: EvalSettings,
-                   cache_root: Path = DATA / "eval") -> dict[str, Any]:
-    """The unedited model's health metrics, computed once per (weights, settings, data) and cached.
+                   roots: Roots) -> dict[str, Any]:
+    """The unedited model's health metrics, computed once per (weights, settings, data) and
+    cached under ``roots.eval_cache``.
 
     Must be called on the base model; the cache key includes its weights hash.
     """
-    canary, source = canary_ids(tok, settings)
-    general = general_records(settings)
+    canary, source = canary_ids(tok, settings, roots)
+    general = general_records(settings, roots.general_tasks)
     key = digest({"base": base_hash, "settings": dataclasses.asdict(settings), "canary": canary,
                   "general": {t: len(r) for t, r in general.items()}, "scoring": SCORING_VERSION})
-    path = cache_root / model_name / f"base-{key}.json"
+    path = roots.eval_cache / model_name / f"base-{key}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     log.info("scoring the base model's canary perplexity and general tasks (cached afterwards)")
@@ -126,6 +124,7 @@ def evaluate(
     requests: Sequence[EditRequest],
     settings: EvalSettings,
     base: dict[str, Any],
+    roots: Roots,
     norm_ratios: dict[str, float] | None = None,
     edits: int = 0,
     collapse: CollapseSettings = CollapseSettings(),
@@ -137,6 +136,7 @@ def evaluate(
     Args:
         requests: the edits to measure (for retention: all edits applied so far).
         base: ``base_reference`` of the unedited model.
+        roots: where the canary and general-task files are.
         norm_ratios: ||W_t||/||W_0|| per edited weight (None: the model is unedited).
         edits: edits applied so far (for the norm growth per edit).
         health: also score canary perplexity and general tasks (the expensive part).
@@ -148,8 +148,8 @@ def evaluate(
         metrics["fluency"] = fluency(model, tok, prompts, settings.fluency_new_tokens)
     snapshot_kw: dict[str, Any] = {"editing_score": metrics["editing_score"]}
     if health:
-        canary, _ = canary_ids(tok, settings)
-        general = general_records(settings)
+        canary, _ = canary_ids(tok, settings, roots)
+        general = general_records(settings, roots.general_tasks)
         h = health_metrics(model, tok, settings, canary, general)
         metrics.update(h)
         b = base["metrics"]

@@ -28,6 +28,7 @@ from prefect.utilities.annotations import quote
 from flows import editing, evaluation, precision
 from flows.config import ModelConfig
 from flows.io import code_version
+from flows.paths import Roots
 from nas_core.collapse import norm_ratios
 from nas_core.deltas import edited_weights, frobenius_norms, materialise
 from nas_core.editors import METHODS as METHODS_BASE
@@ -36,7 +37,6 @@ from nas_core.requests import EditRequest, from_counterfact_easyedit
 from nas_core.spec import spec_for
 
 METHODS = ("memit", "memit+nas", "alphaedit", "alphaedit+nas", "rome", "rome+nas")
-DEFAULT_STREAM = editing.SHARED_DATA / "counterfact" / "counterfact-edit.json"
 
 
 @dataclass(frozen=True)
@@ -169,13 +169,15 @@ def run_method(
     base_hash: str,
     base_weights: dict,
     base_ref: dict[str, Any],
+    roots: Roots,
     out: Path,
 ) -> list[dict[str, Any]]:
     """Edit ``stream`` with one method from the base model; returns its measured points."""
     logger = get_run_logger()
     materialise(model, base_weights, {})  # every method starts from the exact base weights
     ckpt_dir = out / label / "checkpoint"
-    session, points = _method_session(label, model, tok, model_name, cfg, settings, cov, base_hash, ckpt_dir)
+    session, points = _method_session(label, model, tok, model_name, cfg, settings, cov, base_hash, roots,
+                                      ckpt_dir)
     done = points[-1]["edits"] if points else 0
     if points:
         logger.info("%s: resuming after %d edits (%d points)", label, done, len(points))
@@ -201,7 +203,7 @@ def run_method(
         t1 = time.perf_counter()
         sample = retention_sample(done, len(batch), settings.retention_sample, settings.retention_seed)
         metrics, verdict = evaluation.evaluate(model, tok, [stream[i] for i in sample], cfg_eval(cfg, settings),
-                                               base_ref, ratios, done, cfg.collapse, with_fluency=False)
+                                               base_ref, roots, ratios, done, cfg.collapse, with_fluency=False)
         skipped = sum(r["skipped"] for r in session.request_log)
         eval_seconds = time.perf_counter() - t1
         measure_seconds += eval_seconds
@@ -229,7 +231,8 @@ def run_method(
 
 
 def _method_session(label: str, model, tok, model_name: str, cfg: ModelConfig, settings: HorizonSettings,
-                    cov: dict, base_hash: str, ckpt_dir: Path) -> tuple[editing.EditSession, list[dict[str, Any]]]:
+                    cov: dict, base_hash: str, roots: Roots,
+                    ckpt_dir: Path) -> tuple[editing.EditSession, list[dict[str, Any]]]:
     """The method's session on the base model, or resumed from its checkpoint, and its points so far.
 
     A resumed method keeps the precision path its points were measured on."""
@@ -240,7 +243,7 @@ def _method_session(label: str, model, tok, model_name: str, cfg: ModelConfig, s
         s = precision.with_path(s, settings.compute_dtype)
     anchor = None
     if nas:
-        rec, _, _ = editing.ensure_anchor(model, tok, model_name, method, s, base_hash)
+        rec, _, _ = editing.ensure_anchor(model, tok, model_name, method, s, base_hash, roots)
         anchor = float(rec["reference_norm"])
     resume = ckpt_dir if (ckpt_dir / "manifest.json").is_file() else None
     man = json.loads((resume / "manifest.json").read_text(encoding="utf-8")) if resume is not None else None
@@ -381,18 +384,23 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 def horizon_study(
     model_name: str = "smollm2-135m",
     settings: HorizonSettings = HorizonSettings(),
-    source: Path = DEFAULT_STREAM,
+    source: Path | None = None,
     out_root: Path = Path("bench/horizon"),
     tracking_uri: str | None = None,
+    project: Path | None = None,
 ) -> dict[str, Any]:
-    """Run every method over the same stream; write results.json, horizon.png and MLflow runs."""
+    """Run every method over the same stream (default: CounterFact's edit split) of the project's
+    shared data; write results.json, horizon.png and MLflow runs."""
     from flows.assets import fetch_model, load_model
     from flows.config import config_for
+    from flows.params import load_params
     from nas_core.deltas import weights_hash
 
     logger = get_run_logger()
-    cfg = config_for(model_name)
-    fetched = fetch_model(cfg.model, editing.DATA / "models", show_progress=False)
+    roots = load_params(project=project).roots
+    source = Path(source) if source is not None else roots.horizon_stream
+    cfg = config_for(model_name, roots.configs)
+    fetched = fetch_model(cfg.model, roots.models, show_progress=False)
     model, tok = load_model(fetched.path)
     name = fetched.path.name
     base_hash = weights_hash(model)
@@ -401,12 +409,12 @@ def horizon_study(
     out.mkdir(parents=True, exist_ok=True)
     logger.info("horizon study in %s: %d requests from %s, methods %s", out, len(stream), source.name,
                 ", ".join(settings.methods))
-    cov, cov_path, cached = editing.ensure_stats(model, tok, name, cfg.all_layers(), cfg.stats, base_hash)
+    cov, cov_path, cached = editing.ensure_stats(model, tok, name, cfg.all_layers(), cfg.stats, base_hash, roots)
     logger.info("statistics %s%s", cov_path, " (cached)" if cached else "")
     spec = spec_for(model)
     base_weights = edited_weights(model, [spec.weight_name(layer) for layer in cfg.all_layers()])
     eval_settings = cfg_eval(cfg, settings)
-    base_ref = evaluation.base_reference(model, tok, name, base_hash, eval_settings)
+    base_ref = evaluation.base_reference(model, tok, name, base_hash, eval_settings, roots)
     base_point = {"editing_score": None, "perplexity_ratio": 1.0, "norm_ratio_max": 1.0,
                   **base_ref["metrics"]}
     results: dict[str, Any] = {"model": name, "base_weights_hash": base_hash, "source": str(source),
@@ -414,7 +422,7 @@ def horizon_study(
                                "base_point": base_point, "methods": {}}
     for label in settings.methods:
         points = run_method(label, quote(model), quote(tok), name, cfg, settings, stream, quote(cov), base_hash,
-                            quote(base_weights), base_ref, out)
+                            quote(base_weights), base_ref, roots, out)
         final = points[-1] if points else {"metrics": {}}
         results["methods"][label] = {"points": points, "collapse_point": collapse_point(points),
                                      "verdict_point": verdict_point(points),
@@ -422,7 +430,7 @@ def horizon_study(
         results["methods"] = {**_other_methods(out), **results["methods"]}  # a second process's methods stay
         editing.atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=True))
     png = plot(results, out / "horizon.png")
-    log_to_mlflow(results, out / "results.json", png, tracking_uri)
+    log_to_mlflow(results, out / "results.json", png, tracking_uri, roots.project)
     for label, res in results["methods"].items():
         cp = res["collapse_point"]
         m = res["final"]["metrics"]
@@ -440,12 +448,12 @@ def horizon_study(
     return results
 
 
-def log_to_mlflow(results: dict[str, Any], results_path: Path, png: Path, tracking_uri: str | None) -> None:
+def log_to_mlflow(results: dict[str, Any], results_path: Path, png: Path, tracking_uri: str | None,
+                  project: Path) -> None:
     """One MLflow run per method in experiment ``horizon-study``: metrics with step = edits so far."""
-    from flows.config import REPO
     from flows.tracking import Tracker, resolve_tracking_uri
 
-    tracker = Tracker(resolve_tracking_uri(tracking_uri, REPO), experiment="horizon-study")
+    tracker = Tracker(resolve_tracking_uri(tracking_uri, project), experiment="horizon-study")
     for label, res in results["methods"].items():
         params = {"method": label, "model": results["model"], **results["settings"],
                   "base_weights_hash": results["base_weights_hash"]}

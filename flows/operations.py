@@ -9,7 +9,6 @@ from typing import Any
 
 from flows.audit import record_promotion
 from flows.checkpoints import CheckpointTampered, verify_checkpoint
-from flows.config import REPO
 from flows.inbox import scan_inbox
 from flows.io import sha256_file
 from flows.ledger import CHAMPION_EVENTS, Ledger, LedgerDamaged
@@ -20,7 +19,7 @@ from nas_core.collapse import norm_growth_per_edit
 
 def _checkpoint_problem(params: Params, entry, missing_ok: bool = False) -> str | None:
     """Why the checkpoint of promote ``entry`` cannot be trusted, or None."""
-    ckpt = params.paths.resolve("checkpoints") / entry["version"]
+    ckpt = params.roots.checkpoints / entry["version"]
     if missing_ok and not ckpt.exists():
         return None
     if not (ckpt / "manifest.json").is_file():
@@ -43,8 +42,7 @@ def verify_lineage(params: Params, ledger: Ledger, version: str | None, missing_
         problem = _checkpoint_problem(params, entry, missing_ok)
         if problem:
             problems.append(problem)
-        batch = Path(entry["accepted_path"])
-        batch = batch if batch.is_absolute() else REPO / batch
+        batch = params.roots.resolve(entry["accepted_path"])
         if not batch.is_file():
             problems.append(f"{entry['version']}: accepted batch {batch} is missing")
         elif (digest := sha256_file(batch)) != entry["file_sha256"]:
@@ -65,7 +63,7 @@ def _forecast(params: Params, ledger: Ledger, version: str) -> dict[str, float |
 def status(params: Params, nights: int = 5, verify: bool = False) -> dict[str, Any]:
     """Champion version, edits so far, worst norm ratio, the last nights' decisions, what the
     inbox holds, ledger damage and the champion's checkpoint check (``verify``: the whole lineage)."""
-    ledger = Ledger(params.paths.resolve("ledger"))
+    ledger = Ledger(params.roots.ledger)
     entries, damage = ledger.read()
     champ = next((e for e in reversed(entries) if e.event in CHAMPION_EVENTS), None)
     promo = next((e for e in entries if e.event == "promote" and e.version == champ.version), None) if champ else None
@@ -78,8 +76,9 @@ def status(params: Params, nights: int = 5, verify: bool = False) -> dict[str, A
                 [p for p in [_checkpoint_problem(params, promo)] if p] if promo else []
         except LedgerDamaged as err:
             damage.append(str(err))
-    scan = scan_inbox(params.paths.resolve("inbox"))
+    scan = scan_inbox(params.roots.inbox)
     return {
+        "ledger": str(params.roots.ledger),
         "champion": champ["version"] if champ else None,
         "champion_set_by": champ["event"] if champ else None,
         "weights_hash": promo["weights_hash"] if promo else None,
@@ -107,13 +106,13 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
     (:func:`flows.audit.record_promotion`; its problems are in the returned entry's
     ``audit_problems``). Holds the refresh lock.
     """
-    ledger = Ledger(params.paths.resolve("ledger"))
-    with refresh_lock(params.paths.resolve("ledger").with_name(".refresh.lock")):
+    ledger = Ledger(params.roots.ledger)
+    with refresh_lock(params.roots.ledger.with_name(".refresh.lock")):
         promo = ledger.promotion(version)
         if promo is None:
             known = [e["version"] for e in ledger.promotions()]
             raise ValueError(f"{version} was never promoted; promoted versions: {known or 'none'}")
-        ckpt = params.paths.resolve("checkpoints") / version
+        ckpt = params.roots.checkpoints / version
         manifest = ckpt / "manifest.json"
         if not manifest.is_file():
             raise FileNotFoundError(f"checkpoint {ckpt} is missing (restore it with `dvc pull` / `dvc repro`)")
@@ -127,7 +126,7 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
         entry = ledger.append(event, version=version, from_version=champ["version"] if champ else None,
                               weights_hash=promo["weights_hash"], reason=reason)
         # The DVC record follows the ledger (data/replay/champion, dvc.lock), so `dvc status` stays clean.
-        entry["audit_problems"] = record_promotion(REPO, params=params)
+        entry["audit_problems"] = record_promotion(params)
     if tracker is not None:
         from flows.tracking import registered_model_name
 
@@ -141,14 +140,14 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
 
 def demo_nights(params: Params) -> list[Path]:
     """The shipped demo batches not yet seen by the ledger, in night order."""
-    ledger = Ledger(params.paths.resolve("ledger"))
+    ledger = Ledger(params.roots.ledger)
     seen = {e.get("file_sha256") for e in ledger.entries()}
-    return [p for p in sorted(params.paths.resolve("demo_batches").glob("*.jsonl")) if sha256_file(p) not in seen]
+    return [p for p in sorted(params.roots.demo_batches.glob("*.jsonl")) if sha256_file(p) not in seen]
 
 
 def stage_demo_night(params: Params, night: Path) -> Path:
     """Copy one demo batch into the inbox (a copy: the shipped file stays as it is)."""
-    inbox = params.paths.resolve("inbox")
+    inbox = params.roots.inbox
     inbox.mkdir(parents=True, exist_ok=True)
     target = inbox / night.name
     shutil.copy2(night, target)

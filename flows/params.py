@@ -14,47 +14,11 @@ from typing import Any
 
 import yaml
 
-from flows.config import REPO, ConfigError, ModelConfig, build, config_for
+from flows.config import ConfigError, ModelConfig, build, config_for
+from flows.paths import Paths, Roots, project_root
 from flows.validate import ValidationSettings
 from nas_core.collapse import CollapseSettings
 from nas_core.settings import EvalSettings
-
-PARAMS = REPO / "params.yaml"
-
-
-@dataclass(frozen=True)
-class Paths:
-    """Where the pipeline keeps its files (relative paths are relative to the repository).
-
-    Attributes:
-        inbox: new fact batches (``*.jsonl``), processed in name order.
-        accepted: batches that were promoted, moved here untouched.
-        quarantine: batches that failed validation or the gate, one folder each with the
-            report and ``reason.json``.
-        checkpoints: promoted checkpoints ``vNNNN/``.
-        ledger: the append-only JSONL record of every night's decision.
-        reports: validation reports and evaluation results per batch.
-        demo_batches: the product's own demo nights (``nas refresh --demo`` copies them
-            into the inbox one night at a time).
-        models, stats, anchors, eval_cache: caches of fetched models, covariance
-            statistics, NAS anchors and the base model's health scores.
-    """
-
-    inbox: str = "data/inbox"
-    accepted: str = "data/accepted"
-    quarantine: str = "data/quarantine"
-    checkpoints: str = "data/checkpoints"
-    ledger: str = "data/ledger.jsonl"
-    reports: str = "data/reports"
-    demo_batches: str = "data/demo/batches"
-    models: str = "data/models"
-    stats: str = "data/stats"
-    anchors: str = "data/anchors"
-    eval_cache: str = "data/eval"
-
-    def resolve(self, name: str, root: Path = REPO) -> Path:
-        p = Path(getattr(self, name))
-        return p if p.is_absolute() else root / p
 
 
 @dataclass(frozen=True)
@@ -147,10 +111,17 @@ class Params:
     eval: EvalSettings = field(default_factory=EvalSettings)
     collapse: CollapseSettings = field(default_factory=CollapseSettings)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    #: The project directory the relative ``paths`` resolve against (not a params.yaml key).
+    root: Path = field(default_factory=project_root, metadata={"yaml": False})
+
+    @property
+    def roots(self) -> Roots:
+        """Every folder and data file of the project, absolute."""
+        return self.paths.under(self.root)
 
     def model_config(self) -> ModelConfig:
         """The model's config with this file's overrides (pilots, statistics tokens, eval, collapse)."""
-        cfg = config_for(self.model)
+        cfg = config_for(self.model, self.roots.configs)
         cfg = dataclasses.replace(cfg, eval=self.eval, collapse=self.collapse)
         if self.edit.stats_tokens:
             cfg = dataclasses.replace(cfg, stats=dataclasses.replace(cfg.stats, tokens=self.edit.stats_tokens))
@@ -163,15 +134,17 @@ class Params:
         return s
 
 
-def load_params(path: Path = PARAMS) -> Params:
-    """Read params.yaml strictly (a missing file means all defaults)."""
-    path = Path(path)
+def load_params(path: Path | None = None, project: Path | None = None) -> Params:
+    """Read params.yaml strictly (a missing file means all defaults); its relative paths
+    resolve against ``project`` (:func:`flows.paths.project_root`), whose params.yaml is the default."""
+    root = project_root(project)
+    path = Path(path) if path is not None else root / "params.yaml"
     raw: Any = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
-        return build(Params, raw, path.name)
+        return dataclasses.replace(build(Params, raw, path.name), root=root)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

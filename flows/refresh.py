@@ -39,10 +39,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows import editing, evaluation
-from flows.audit import held_facts, lineage_batches, machine_info, record_promotion
+from flows.audit import held_facts, lineage_batches, machine_info, record_promotion, retention_set
 from flows.checkpoints import file_hashes
-from flows.config import REPO
-from flows.identity import identity_of
 from flows.inbox import BatchSnapshot, InboxScan, NotARegularFile, release, scan_inbox, store, take_snapshot
 from flows.io import code_version, sha256_file
 from flows.ledger import Ledger
@@ -116,7 +114,7 @@ def free_target(path: Path, folder: Path) -> Path:
 def lineage_requests(ledger: Ledger, version: str | None, params: Params) -> tuple[list[EditRequest], list[LedgerFact]]:
     """Every request the champion holds and its ledger facts: ``flows.audit.held_facts`` of the
     lineage, each accepted batch checked against the ledger's hash (the audit's own code)."""
-    batches = lineage_batches(ledger, version, REPO, params.edit.batch_size, params.validation.schema_policy())
+    batches = lineage_batches(ledger, version, params.roots, params.edit.batch_size, params.validation.schema_policy())
     pairs = held_facts(batches, params.validation.fold_confusables)
     return [r for r, _ in pairs], [LedgerFact.from_request(r, b) for r, b in pairs]
 
@@ -155,7 +153,7 @@ def gate(batch: dict[str, Any], retention: dict[str, Any], collapse_checks: tupl
 @task(retries=3, retry_delay_seconds=2)
 def connect_tracking(params: Params) -> Tracker:
     """Open the MLflow store (retried: a store that is briefly down should not fail the night)."""
-    tracker = Tracker(resolve_tracking_uri(params.tracking.uri or None, REPO), params.tracking.experiment)
+    tracker = Tracker(resolve_tracking_uri(params.tracking.uri or None, params.root), params.tracking.experiment)
     tracker.healthcheck()
     return tracker
 
@@ -172,44 +170,33 @@ def inbox_batches(inbox: Path) -> InboxScan:
 @task(cache_policy=NO_CACHE)
 def load_champion(params: Params, ledger: Ledger) -> dict[str, Any]:
     """Load the base model once, its statistics and anchor, and the champion checkpoint on top."""
-    from flows.assets import fetch_model, load_model
     from nas_core.deltas import weights_hash
 
     logger = get_run_logger()
-    cfg = params.model_config()
     s = params.method_settings()
-    fetched = fetch_model(cfg.model, params.paths.resolve("models"), show_progress=False)
-    model, tok = load_model(fetched.path)
-    name = fetched.path.name
-    base_hash = weights_hash(model)
-    cov, cov_path, cached = editing.ensure_stats(model, tok, name, cfg.all_layers(), cfg.stats, base_hash,
-                                                 root=params.paths.resolve("stats"))
-    logger.info("covariance statistics %s%s", cov_path, " (cached)" if cached else "")
-    anchor = None
-    if s.nas.enabled:
-        rec, _, cached = editing.ensure_anchor(model, tok, name, params.edit.method, s, base_hash,
-                                               root=params.paths.resolve("anchors"))
-        anchor = float(rec["reference_norm"])
-        logger.info("NAS reference norm a = %.2f from %d pilots%s", anchor, rec["pilots"],
-                    " (cached)" if cached else "")
-    base_ref = evaluation.base_reference(model, tok, name, base_hash, cfg.eval, params.paths.resolve("eval_cache"))
+    base = editing.load_base(params)
+    cov = editing.base_stats(base, params, logger)
+    anchor = editing.base_anchor(base, params, s, logger)
+    base_ref = evaluation.base_reference(base.model, base.tok, base.name, base.base_hash, params.model_config().eval,
+                                         params.roots)
     champ = ledger.champion()
     ckpt = None
     if champ is not None:
-        ckpt = params.paths.resolve("checkpoints") / champ["version"]
+        ckpt = params.roots.checkpoints / champ["version"]
         if not (ckpt / "manifest.json").is_file():
             raise FileNotFoundError(f"the champion's checkpoint {ckpt} is missing: restore it with "
                                     "`dvc pull data/checkpoints.dvc`")
         logger.info("champion %s (%d edits) from %s", champ["version"], champ.get("edits_so_far", 0), ckpt)
     else:
-        logger.info("no champion yet: starting from the base model %s", name)
+        logger.info("no champion yet: starting from the base model %s", base.name)
     promo = ledger.promotion(champ["version"]) if champ is not None else None
-    session = editing.open_session(model, tok, name, params.edit.method, s, cov, base_hash, anchor, ckpt,
-                                   promo.files if promo is not None else None)
-    if champ is not None and weights_hash(model) != champ["weights_hash"]:
-        raise RuntimeError(f"champion {champ['version']} rebuilt to weights {weights_hash(model)[:12]}, but the "
+    session = editing.open_session(base.model, base.tok, base.name, params.edit.method, s, cov, base.base_hash,
+                                   anchor, ckpt, promo.files if promo is not None else None)
+    if champ is not None and weights_hash(base.model) != champ["weights_hash"]:
+        raise RuntimeError(f"champion {champ['version']} rebuilt to weights {weights_hash(base.model)[:12]}, but the "
                            f"ledger recorded {champ['weights_hash'][:12]}: the checkpoint folder was altered")
-    return {"session": session, "base_ref": base_ref, "champion": champ, "base_hash": base_hash, "name": name}
+    return {"session": session, "base_ref": base_ref, "champion": champ, "base_hash": base.base_hash,
+            "name": base.name}
 
 
 def check_batch(source: Path | BatchSnapshot, tok, facts: list[LedgerFact], params: Params) -> BatchValidation:
@@ -219,7 +206,7 @@ def check_batch(source: Path | BatchSnapshot, tok, facts: list[LedgerFact], para
 
 def champion_facts(params: Params) -> list[LedgerFact]:
     """The facts the ledger's champion holds (what a batch's ledger checks compare against)."""
-    ledger = Ledger(params.paths.resolve("ledger"))
+    ledger = Ledger(params.roots.ledger)
     champ = ledger.champion()
     return lineage_requests(ledger, champ["version"] if champ else None, params)[1]
 
@@ -234,44 +221,24 @@ def validate(snap: BatchSnapshot, tok, facts: list[LedgerFact], params: Params, 
 @task(cache_policy=NO_CACHE)
 def edit(session: editing.EditSession, requests: list[EditRequest], batch_size: int) -> list[dict[str, Any]]:
     """Apply the batch in sequential sub-batches; returns the per-request diagnostics."""
-    logger = get_run_logger()
-    start = len(session.request_log)
-    t0 = time.perf_counter()
-    for i in range(0, len(requests), batch_size):
-        result = session.apply(requests[i : i + batch_size])
-        done = min(i + batch_size, len(requests))
-        logger.info("edited %d/%d requests (%.1f s/edit); ||delta W|| per layer: %s", done, len(requests),
-                    (time.perf_counter() - t0) / done,
-                    ", ".join(f"{k}: {v:.3g}" for k, v in result.layer_delta_norms.items()))
-    return session.request_log[start:]
+    return editing.apply_in_batches(session, requests, batch_size, get_run_logger())
 
 
 @task(cache_policy=NO_CACHE)
 def evaluate_candidate(session: editing.EditSession, new: list[EditRequest], retained: list[EditRequest],
                        base_ref: dict[str, Any], params: Params) -> dict[str, Any]:
-    """Metrics of the edited model: the new batch alone, and retention + health over everything."""
+    """Metrics of the edited model: the new batch alone, and retention (:func:`flows.audit.retention_set`)
+    + health over everything."""
     cfg = params.model_config()
     names = list(session.base)
     ratios = norm_ratios(editing.frobenius_norms(session.model, names), session.original_norms)
     batch = edit_metrics(session.model, session.tok, new, cfg.eval.batch_size, cfg.eval.batch_tokens).as_dict()
-    retention, result = evaluation.evaluate(session.model, session.tok, retained + new, cfg.eval, base_ref, ratios,
-                                            session.state.edit_count, cfg.collapse)
+    retention, result = evaluation.evaluate(session.model, session.tok, retained, cfg.eval, base_ref, params.roots,
+                                            ratios, session.state.edit_count, cfg.collapse)
     return {"batch": batch, "retention": retention, "collapse_checks": result.checks, "norm_ratios": ratios}
 
 
 # --- the flow -----------------------------------------------------------------------------------
-
-def _snapshot(session: editing.EditSession) -> tuple:
-    return session.cumulative, session.state, len(session.request_log), len(session.batch_log)
-
-
-def _restore(session: editing.EditSession, snap: tuple) -> None:
-    from nas_core.deltas import materialise
-
-    session.cumulative, session.state, n_req, n_batch = snap
-    del session.request_log[n_req:], session.batch_log[n_batch:]
-    materialise(session.model, session.base, session.cumulative)
-
 
 def _flat_metrics(outcome: dict[str, Any], diagnostics: list[dict[str, Any]]) -> dict[str, float]:
     flat: dict[str, float] = {}
@@ -319,7 +286,7 @@ def _norm_history(ledger: Ledger, version: str | None, current: dict[str, float]
 def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, loaded: dict[str, Any]) -> dict:
     """One batch through validate -> edit -> evaluate -> gate -> promote/quarantine."""
     logger = get_run_logger()
-    paths = params.paths
+    roots = params.roots
     session: editing.EditSession = loaded["session"]
     champ = ledger.champion()
     # The night reads the file once: these bytes are validated, edited, hashed into the
@@ -329,13 +296,12 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
     lineage = ledger.lineage(champ["version"]) if champ else []
     done = next((e for e in lineage if e["file_sha256"] == file_hash), None)
     if done is not None:
-        recorded = Path(done["accepted_path"])
-        recorded = recorded if recorded.is_absolute() else REPO / recorded
+        recorded = roots.resolve(done["accepted_path"])
         # A crash after the ledger's promote line: finish that promotion (store, then clear the inbox).
         if recorded.is_file() and sha256_file(recorded) == file_hash:
             target = recorded
         else:
-            target = recorded if not recorded.exists() else free_target(path, paths.resolve("accepted"))
+            target = recorded if not recorded.exists() else free_target(path, roots.accepted)
             store(snap, target)
         _release(snap, logger)
         logger.info("%r is already in the champion (same sha256): not applying it again; stored as %s",
@@ -345,7 +311,7 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
         batch_id = batch_id_for(path)
     except ValueError:
         batch_id = f"invalid-name-{file_hash[:8]}"
-    report_dir = paths.resolve("reports") / f"{batch_id}-{file_hash[:8]}"
+    report_dir = roots.reports / f"{batch_id}-{file_hash[:8]}"
     retained, facts = lineage_requests(ledger, champ["version"] if champ else None, params)
     run_id = tracker.start_batch_run(batch_id, {
         "method": params.edit.method, "nas": dataclasses.asdict(params.method_settings().nas),
@@ -358,7 +324,7 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
         tracker.log_artifact(run_id, report_dir / f, "validation")
     if not validation.passed:
         logger.warning("%r failed validation: %s", path.name, validation.summary())
-        folder = quarantine(snap, validation, paths.resolve("quarantine"),
+        folder = quarantine(snap, validation, roots.quarantine,
                             {"stage": "validation", "problems": validation.problems_by_rule()})
         _warn_kept(snap, logger)
         ledger.append("quarantine", batch_id=batch_id, file_sha256=file_hash, stage="validation",
@@ -368,15 +334,12 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
         return {"batch": batch_id, "outcome": "quarantined", "stage": "validation", "folder": str(folder)}
 
     requests = list(validation.requests)
-    saved = _snapshot(session)
+    saved = session.snapshot()
     logger.info("%s: %d valid requests; editing %s with %s%s", batch_id, len(requests),
                 champ["version"] if champ else "the base model", params.edit.method, "+NAS" if params.edit.nas else "")
     diagnostics = edit(quote(session), requests, params.edit.batch_size)
-    superseded = [f.identity(params.validation.fold_confusables) for f in validation.superseded]
-    conf = params.validation.fold_confusables
-    kept = [r for r in retained
-            if not any(identity_of(r.subject, r.relation_id, r.prompt, conf).same_fact(k) for k in superseded)]
-    outcome = evaluate_candidate(quote(session), requests, kept, loaded["base_ref"], params)
+    retention = retention_set(retained, requests, params.validation.fold_confusables)
+    outcome = evaluate_candidate(quote(session), requests, retention, loaded["base_ref"], params)
     skipped_fraction = sum(d["skipped"] for d in diagnostics) / len(requests)
     checks = gate(outcome["batch"], outcome["retention"], outcome["collapse_checks"], skipped_fraction, params)
     failed = [c for c in checks if not c.passed]
@@ -409,8 +372,8 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
               "metrics": flat, "checks": [dataclasses.asdict(c) for c in checks], "mlflow_run_id": run_id,
               "edits_so_far": session.state.edit_count, "norm_ratios": outcome["norm_ratios"], "forecast": outlook}
     if failed:
-        _restore(session, saved)
-        folder = quarantine(snap, validation, paths.resolve("quarantine"),
+        session.restore(saved)
+        folder = quarantine(snap, validation, roots.quarantine,
                             {"stage": "gate", "failed_checks": [c.message for c in failed]})
         _warn_kept(snap, logger)
         ledger.append("reject", **record, failed_checks=[c.name for c in failed], quarantine=str(folder))
@@ -419,8 +382,8 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
         return {"batch": batch_id, "outcome": "rejected", "failed_checks": [c.name for c in failed],
                 "folder": str(folder)}
 
-    version = next_version(paths.resolve("checkpoints"))
-    ckpt = editing.write_checkpoint(session, paths.resolve("checkpoints") / version,
+    version = next_version(roots.checkpoints)
+    ckpt = editing.write_checkpoint(session, roots.checkpoints / version,
                                     {"version": version, "batch_id": batch_id, "batch_sha256": file_hash})
     manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
     model_name = registered_model_name(loaded["name"])
@@ -432,11 +395,10 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
                                          {"batch_id": batch_id, "weights_hash": manifest["weights_hash"]})
     # Ledger first, then the store: a crash in between leaves the batch in the inbox, and the next
     # night recognises it by its hash and finishes the store (a move first would lose it).
-    accepted = free_target(path, paths.resolve("accepted"))
+    accepted = free_target(path, roots.accepted)
     ledger.append("promote", **record, version=version, parent=champ["version"] if champ else None,
-                  weights_hash=manifest["weights_hash"], checkpoint=str(ckpt.relative_to(REPO))
-                  if ckpt.is_relative_to(REPO) else str(ckpt),
-                  accepted_path=str(accepted.relative_to(REPO)) if accepted.is_relative_to(REPO) else str(accepted),
+                  weights_hash=manifest["weights_hash"], checkpoint=roots.relative(ckpt),
+                  accepted_path=roots.relative(accepted),
                   model_version=mv, edit_batch_size=params.edit.batch_size, machine=machine_info(session.model),
                   files=file_hashes(ckpt), compute_dtype=session.compute_dtype,
                   attention=session.attention)
@@ -469,12 +431,12 @@ def verdict_of(checks: tuple[Check, ...]):
     return Verdict(tuple(checks))
 
 
-def rebuild_registry(ledger: Ledger, tracker: Tracker, model: str, checkpoints: Path) -> None:
+def rebuild_registry(ledger: Ledger, tracker: Tracker, model: str, project: Path, checkpoints: Path) -> None:
     """Re-register the ledger's promoted versions the MLflow registry lacks (a deleted or new
     ``mlflow.db``) from their checkpoint folders, and point the alias at the champion."""
     logger = get_run_logger()
     model_name = registered_model_name(model)
-    promotions = [PromotedCheckpoint.from_entry(e, REPO, checkpoints)
+    promotions = [PromotedCheckpoint.from_entry(e, project, checkpoints)
                   for e in ledger.promotions() if e.get("model", model) == model]
     if tracker.registry_lost(model_name, [p.version_label for p in promotions]):
         logger.warning("the MLflow store at %s has none of the ledger's %d promoted versions (was mlflow.db "
@@ -503,19 +465,22 @@ def sync_champion_alias(ledger: Ledger, tracker: Tracker, model_name: str) -> No
 
 
 @flow(name="nightly-refresh")
-def nightly_refresh(params_file: str = str(REPO / "params.yaml")) -> list[dict[str, Any]]:
-    """One night: every inbox batch through validate -> edit -> evaluate -> gate."""
+def nightly_refresh(params_file: str | None = None, project: str | None = None) -> list[dict[str, Any]]:
+    """One night: every inbox batch through validate -> edit -> evaluate -> gate.
+
+    ``project`` is the project directory (:func:`flows.paths.project_root`; params.yaml there
+    unless ``params_file`` is given)."""
     logger = get_run_logger()
-    params = load_params(Path(params_file))
-    paths = params.paths
-    ledger = Ledger(paths.resolve("ledger"))
-    with refresh_lock(paths.resolve("ledger").with_name(".refresh.lock")):
-        batches = list(inbox_batches(paths.resolve("inbox")).batches)
+    params = load_params(Path(params_file) if params_file else None, Path(project) if project else None)
+    roots = params.roots
+    ledger = Ledger(roots.ledger)
+    with refresh_lock(roots.ledger.with_name(".refresh.lock")):
+        batches = list(inbox_batches(roots.inbox).batches)
         if not batches:
-            logger.info("inbox %s is empty: nothing to do tonight", paths.resolve("inbox"))
+            logger.info("inbox %s is empty: nothing to do tonight", roots.inbox)
             return []
         logger.info("%d batch(es) in the inbox: %s", len(batches), ", ".join(repr(p.name) for p in batches))
-        removed, orphans = tidy_checkpoints(paths.resolve("checkpoints"), ledger)
+        removed, orphans = tidy_checkpoints(roots.checkpoints, ledger)
         for name in removed:
             logger.warning("removed %r: a checkpoint write that was killed half-way", name)
         if orphans:
@@ -526,7 +491,7 @@ def nightly_refresh(params_file: str = str(REPO / "params.yaml")) -> list[dict[s
         for run_id in tracker.close_orphaned_runs("its night's process died before the run was closed"):
             logger.warning("MLflow run %s was left RUNNING by a killed night: marked KILLED", run_id)
         loaded = load_champion(params, ledger)
-        rebuild_registry(ledger, tracker, loaded["name"], paths.resolve("checkpoints"))
+        rebuild_registry(ledger, tracker, loaded["name"], roots.project, roots.checkpoints)
         sync_champion_alias(ledger, tracker, registered_model_name(loaded["name"]))
         results = []
         for path in batches:
@@ -538,12 +503,12 @@ def nightly_refresh(params_file: str = str(REPO / "params.yaml")) -> list[dict[s
                 logger.warning("inbox entry %r could not be read as a batch (%s): left alone", path.name, err)
                 results.append({"batch": path.name, "outcome": "unreadable"})
         if any(r["outcome"] in ("promoted", "rejected", "quarantined") for r in results):
-            record_audit(Path(params_file))
+            record_audit(params)
         return results
 
 
 @task(name="record-dvc-audit", cache_policy=NO_CACHE)
-def record_audit(params_file: Path) -> None:
+def record_audit(params: Params) -> None:
     """Record the night's ledger, batches and champion in DVC (``flows.audit.record_promotion``),
     so that ``dvc status`` is clean afterwards and ``dvc repro`` can rebuild the champion.
 
@@ -551,7 +516,7 @@ def record_audit(params_file: Path) -> None:
     outside the repository (a scratch or test run) is not recorded."""
     logger = get_run_logger()
     t0 = time.perf_counter()
-    problems = record_promotion(REPO, params_file=params_file)
+    problems = record_promotion(params)
     for problem in problems:
         logger.warning("DVC audit: %s", problem)
     logger.info("DVC audit record: %s in %.1f s", "done" if not problems else f"{len(problems)} problem(s)",

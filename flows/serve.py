@@ -32,7 +32,7 @@ The deployment:
   ``retry_delay_seconds``. Each attempt starts from the inbox, and batches already promoted
   are never applied twice (the ledger). A run whose process dies (killed, out of memory) is
   *Crashed*, which Prefect does not retry: the next night picks it up.
-* **parameters**: ``params_file`` fixed to the absolute path given to :func:`serve`.
+* **parameters**: ``params_file`` and ``project`` fixed to the absolute paths :func:`serve` resolved.
 
 Stopping ``nas serve`` (Ctrl-C) pauses the schedule on the server (Prefect's
 ``pause_on_shutdown``); serving again re-activates it.
@@ -130,12 +130,13 @@ def check_server(url: str | None = None, timeout: float = HEALTH_TIMEOUT_S) -> s
     return url
 
 
-def serve(params_file: Path, cron: str = "0 2 * * *", timezone: str = "UTC", name: str = DEFAULT_DEPLOYMENT,
+def serve(params_file: Path | None, cron: str = "0 2 * * *", timezone: str = "UTC", name: str = DEFAULT_DEPLOYMENT,
           retries: int = 2, retry_delay_seconds: int = 600) -> None:
     """Register the nightly refresh as deployment ``nightly-refresh/NAME`` and serve it (blocks).
 
     Args:
-        params_file: the params.yaml every run uses (stored as an absolute path).
+        params_file: the params.yaml every run uses (stored as an absolute path; default: the
+            project's). The project directory (:func:`flows.paths.project_root`) is stored too.
         cron: five-field cron expression, evaluated in ``timezone``.
         timezone: IANA timezone of the schedule (``UTC``, ``Europe/Berlin``...).
         name: the deployment's name (the full name is :func:`deployment_name`).
@@ -156,11 +157,14 @@ def serve(params_file: Path, cron: str = "0 2 * * *", timezone: str = "UTC", nam
         raise ServeError(f"invalid deployment name {name!r}: it must be non-empty without any of / % & < >")
     if retries < 0 or retry_delay_seconds < 0:
         raise ServeError(f"retries ({retries}) and retry_delay_seconds ({retry_delay_seconds}) must be >= 0")
-    params_path = Path(params_file).expanduser().resolve()
+    from flows.paths import project_root
+
+    project = project_root()
+    params_path = Path(params_file).expanduser().resolve() if params_file else project / "params.yaml"
     if not params_path.is_file():
         raise ServeError(f"params file {params_path} does not exist")
     try:
-        load_params(params_path)  # a broken params.yaml fails now, not at 2 am
+        load_params(params_path, project)  # a broken params.yaml fails now, not at 2 am
     except (ValueError, yaml.YAMLError) as err:  # flows.config.ConfigError, the sections' own checks, bad YAML
         raise ServeError(f"params file {params_path}: {err}") from err
     check_server()
@@ -175,7 +179,7 @@ def serve(params_file: Path, cron: str = "0 2 * * *", timezone: str = "UTC", nam
         name=name,
         schedule=schedule,
         global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
-        parameters={"params_file": str(params_path)},
+        parameters={"params_file": str(params_path), "project": str(project)},
         description=f"The nightly knowledge-editing refresh with {params_path}",
         tags=["nas", "nightly"],
         entrypoint_type=EntrypointType.MODULE_PATH,

@@ -12,6 +12,7 @@ import time
 from flows import horizon, precision
 from flows.assets import load_model
 from flows.config import config_for
+from flows.params import load_params
 from nas_core.spec import spec_for
 from nas_core.values import optimise_values
 
@@ -23,7 +24,7 @@ def main() -> None:
     cfg = config_for("smollm2-135m")
     spec, layer = spec_for(model), cfg.method("alphaedit", True).layers[-1]
     base = dataclasses.replace(cfg.method("alphaedit", True).values, compute_dtype="bfloat16")
-    reqs = horizon.stream_requests(horizon.DEFAULT_STREAM, 40)
+    reqs = horizon.stream_requests(load_params().roots.horizon_stream, 40)
     optimise_values(model, tok, spec, reqs[:10], layer, base)  # warm-up
     total = {"default": 0.0, "math": 0.0}
     print(precision.describe_machine())

@@ -15,6 +15,8 @@ from tiny import FACTS, fact
 
 from flows import audit as A
 from flows.ledger import Ledger
+from flows.params import load_params
+from flows.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
 H1, H2, H3 = "a" * 64, "b" * 64, "c" * 64
@@ -60,7 +62,7 @@ def write_promotion(repo: Path, version: str = "v0002", **m) -> None:
 def test_same_hash_is_reproduced(repo):
     write_promotion(repo)
     write_replay(repo, H2)
-    res = A.audit(repo)
+    res = A.audit(load_params(project=repo))
     assert res.verdict == "reproduced" and res.ok
     assert res.ledger_weights_hash == res.replay_weights_hash == H2 and res.champion == "v0002"
     assert res.machine_differences == {}
@@ -71,7 +73,7 @@ def test_same_hash_is_reproduced(repo):
 def test_other_hash_on_the_same_machine_is_a_real_mismatch(repo):
     write_promotion(repo)
     write_replay(repo, H3)
-    res = A.audit(repo)
+    res = A.audit(load_params(project=repo))
     assert res.verdict == "MISMATCH" and not res.ok
     assert (res.ledger_weights_hash, res.replay_weights_hash) == (H2, H3)
     assert res.machine_differences == {}
@@ -82,7 +84,7 @@ def test_other_hash_on_the_same_machine_is_a_real_mismatch(repo):
 def test_other_hash_on_another_machine_names_the_differences(repo):
     write_promotion(repo)
     write_replay(repo, H3, torch="2.6.0", cpu_capability="AVX512", threads=16)
-    res = A.audit(repo)
+    res = A.audit(load_params(project=repo))
     assert res.verdict == "MISMATCH"
     assert res.machine_differences == {"torch": ("2.5.1", "2.6.0"), "cpu_capability": ("AVX2", "AVX512"),
                                        "threads": (2, 16)}
@@ -93,7 +95,7 @@ def test_other_hash_on_another_machine_names_the_differences(repo):
 def test_same_hash_on_another_machine_is_still_reproduced(repo):
     write_promotion(repo, blas="mkl")
     write_replay(repo, H2)
-    res = A.audit(repo)
+    res = A.audit(load_params(project=repo))
     assert res.ok and res.machine_differences == {"blas": ("mkl", "open")}
     assert "even though" in res.explanation
 
@@ -101,32 +103,32 @@ def test_same_hash_on_another_machine_is_still_reproduced(repo):
 def test_machine_at_promotion_falls_back_to_the_ledger(repo):
     promote(Ledger(repo / "data" / "ledger.jsonl"), "v0003", "v0002", H3, machine=machine(threads=4))
     write_replay(repo, H1, champion="v0003")
-    res = A.audit(repo)
+    res = A.audit(load_params(project=repo))
     assert res.verdict == "MISMATCH" and res.machine_differences == {"threads": (4, 2)}
 
 
 def test_unknown_promotion_machine_cannot_rule_out_a_machine_effect(repo):
     write_replay(repo, H3)
-    res = A.audit(repo)
+    res = A.audit(load_params(project=repo))
     assert res.verdict == "MISMATCH" and "not recorded" in res.explanation
 
 
 def test_nothing_replayed_yet(repo):
-    assert A.audit(repo).verdict == "NOT REPLAYED"
+    assert A.audit(load_params(project=repo)).verdict == "NOT REPLAYED"
     write_replay(repo, H2, source="promotion")
-    res = A.audit(repo)
+    res = A.audit(load_params(project=repo))
     assert res.verdict == "NOT REPLAYED" and "dvc repro --force --single-item replay" in res.explanation
 
 
 def test_a_replay_of_an_older_champion_is_stale(repo):
     write_replay(repo, H1, champion="v0001")
-    assert A.audit(repo).verdict == "STALE"
+    assert A.audit(load_params(project=repo)).verdict == "STALE"
 
 
 def test_rollback_champion_uses_its_promotion_hash(repo):
     Ledger(repo / "data" / "ledger.jsonl").append("rollback", version="v0001", reason="bad answers")
     write_replay(repo, H1, champion="v0001")
-    res = A.audit(repo)
+    res = A.audit(load_params(project=repo))
     assert res.ok and res.ledger_weights_hash == H1
 
 
@@ -162,19 +164,19 @@ def test_lineage_batches_refuse_altered_files_and_keep_skipped_requests(tmp_path
     ledger.append("promote", batch_id="n1", file_sha256=A.sha256_file(batch), request_ids=["a", "c"],
                   skipped_ids=["b"], version="v0001", parent=None, weights_hash=H1,
                   accepted_path="data/accepted/n1.jsonl", edits_so_far=2)
-    [b] = A.lineage_batches(ledger, "v0001", tmp_path, batch_size=2)
+    [b] = A.lineage_batches(ledger, "v0001", Paths().under(tmp_path), batch_size=2)
     assert [r.case_id for r in b.requests] == ["a", "b", "c"] and b.batch_size == 2
-    assert [r.case_id for r in A.held_requests([b])] == ["a", "c"]
-    assert [r.case_id for r in A.retention_requests([b])] == ["a", "b", "c"]
+    assert [r.case_id for r, _ in A.held_facts([b], True)] == ["a", "c"]
+    assert [r.case_id for r in A.retention_requests([b], True)] == ["a", "b", "c"]
     batch.write_text(batch.read_text() + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match="altered"):
-        A.lineage_batches(ledger, "v0001", tmp_path, batch_size=2)
+        A.lineage_batches(ledger, "v0001", Paths().under(tmp_path), batch_size=2)
 
 
 # --- record_promotion ----------------------------------------------------------------------------
 
 def test_record_promotion_without_dvc_reports_and_never_raises(repo):
-    problems = A.record_promotion(repo)
+    problems = A.record_promotion(load_params(project=repo))
     assert len(problems) == 1 and "no .dvc/" in problems[0]
     assert not (repo / A.REPLAY_JSON).exists()
 
@@ -186,7 +188,7 @@ def test_record_promotion_ignores_a_ledger_outside_the_repository(repo, tmp_path
     params = elsewhere / "params.yaml"
     params.write_text(yaml.safe_dump({"paths": {"ledger": str(repo / "data" / "ledger.jsonl").replace(
         str(repo), str(elsewhere))}}), encoding="utf-8")
-    assert A.record_promotion(repo, params_file=params) == []
+    assert A.record_promotion(load_params(params, repo)) == []
     assert not (repo / "data" / "replay").exists()
 
 
@@ -241,7 +243,7 @@ def test_record_promotion_leaves_dvc_status_clean_and_pushes(repo, tmp_path_fact
         (ckpt / "manifest.json").write_text(json.dumps({"weights_hash": {"v0001": H1, "v0002": H2}[v],
                                                         "edit_count": 2}), encoding="utf-8")
     with caplog.at_level(logging.INFO, logger="flows.audit"):
-        assert A.record_promotion(repo) == []
+        assert A.record_promotion(load_params(project=repo)) == []
     # the mini dvc.yaml has no fetch_model/stats/anchor stage: warned about, never fatal
     assert "dvc.yaml has no stage fetch_model" in caplog.text
     assert (repo / A.CHAMPION_DIR / "deltas.safetensors").read_bytes() == b"v0002" * 10
@@ -254,12 +256,12 @@ def test_record_promotion_leaves_dvc_status_clean_and_pushes(repo, tmp_path_fact
         assert (repo / "data" / name).is_file()
     assert "up to date" in dvc("status", cwd=repo)
     assert "in sync" in dvc("status", "--cloud", cwd=repo)  # everything was pushed
-    assert A.audit(repo).verdict == "NOT REPLAYED"
+    assert A.audit(load_params(project=repo)).verdict == "NOT REPLAYED"
     # a second promotion: only the new data changes, and the status is clean again
     promote(Ledger(repo / "data" / "ledger.jsonl"), "v0003", "v0002", H3)
     shutil.copytree(repo / "data" / "checkpoints" / "v0002", repo / "data" / "checkpoints" / "v0003")
     (repo / "data" / "checkpoints" / "v0003" / "manifest.json").write_text(json.dumps({"weights_hash": H3}))
-    assert A.record_promotion(repo, git_commit=True) == []
+    assert A.record_promotion(load_params(project=repo), git_commit=True) == []
     assert json.loads((repo / A.REPLAY_JSON).read_text())["ledger_champion"] == "v0003"
     assert "up to date" in dvc("status", cwd=repo)
     committed = subprocess.run(["git", "show", "--name-only", "--format=%s", "HEAD"], cwd=repo, capture_output=True,
@@ -381,7 +383,8 @@ def tiny_params(work: Path, tok) -> Path:
         "paths": {"inbox": str(d / "inbox"), "accepted": str(d / "accepted"), "quarantine": str(d / "quarantine"),
                   "checkpoints": str(d / "checkpoints"), "ledger": str(d / "ledger.jsonl"),
                   "reports": str(d / "reports"), "models": str(d / "models"), "stats": str(d / "stats"),
-                  "anchors": str(d / "anchors"), "eval_cache": str(d / "eval")},
+                  "anchors": str(d / "anchors"), "eval_cache": str(d / "eval"),
+                  "shared_data": str(REPO.parent / "shared" / "data"), "demo": str(REPO / "data" / "demo")},
         "promotion": {"min_batch_efficacy": 0.0, "min_batch_generalisation": 0.0, "min_batch_specificity": 0.0,
                       "min_retention_efficacy": 0.0, "max_norm_growth_per_edit": 1.0, "max_skipped_fraction": 1.0},
         "eval": {"general_tasks": [], "canary_tokens": 128, "canary_window": 32, "fluency_prompts": 0},
@@ -409,15 +412,15 @@ def test_replay_rebuilds_the_flows_champion_bit_for_bit(prefect, tmp_path, tok, 
     # night 1: two batches (the first in two sub-batches of 2), continued in memory; night 2 reloads v0002
     write_batch(inbox / "night-01.jsonl", [fact(*f) for f in FACTS[:3]])
     write_batch(inbox / "night-02.jsonl", [fact(*FACTS[3])])
-    assert [o["outcome"] for o in nightly_refresh(str(params_file))] == ["promoted", "promoted"]
+    assert [o["outcome"] for o in nightly_refresh(str(params_file), str(tmp_path))] == ["promoted", "promoted"]
     write_batch(inbox / "night-03.jsonl", [fact(*f) for f in FACTS[4:]])
-    assert [o["outcome"] for o in nightly_refresh(str(params_file))] == ["promoted"]
+    assert [o["outcome"] for o in nightly_refresh(str(params_file), str(tmp_path))] == ["promoted"]
     ledger = Ledger(tmp_path / "data" / "ledger.jsonl")
     champ = ledger.champion()
     assert champ["version"] == "v0003"
     assert any(e["skipped_ids"] for e in ledger.promotions()), "no request skipped: the test lost its point"
 
-    doc = replay(params_file, tmp_path, tmp_path / A.CHAMPION_DIR, tmp_path / A.REPLAY_JSON)
+    doc = replay(load_params(params_file, tmp_path), tmp_path / A.CHAMPION_DIR, tmp_path / A.REPLAY_JSON)
     assert doc["base_weights_hash"] not in {e["weights_hash"] for e in ledger.promotions()}, "no edit moved weights"
     # (a batch whose every request NAS skipped keeps its parent's weights: at least two distinct)
     assert len({e["weights_hash"] for e in ledger.promotions()}) >= 2
@@ -434,10 +437,10 @@ def test_replay_rebuilds_the_flows_champion_bit_for_bit(prefect, tmp_path, tok, 
             == (tmp_path / "data" / "checkpoints" / "v0003" / "state.safetensors").read_bytes())
 
     A.write_json(tmp_path / A.PROMOTION_JSON, {"version": "v0003", "machine": A.machine_info()})
-    res = A.audit(tmp_path, params_file)
+    res = A.audit(load_params(params_file, tmp_path))
     assert res.verdict == "reproduced", res.render()
 
-    out = evaluate(params_file, tmp_path, tmp_path / A.CHAMPION_DIR, tmp_path / A.REPLAY_DIR)
+    out = evaluate(load_params(params_file, tmp_path), tmp_path / A.CHAMPION_DIR, tmp_path / A.REPLAY_DIR)
     flow_metrics = {k.removeprefix("retention."): v for k, v in champ["metrics"].items() if k.startswith("retention.")}
     assert flow_metrics and {k: out[k] for k in flow_metrics} == flow_metrics  # the flow's numbers, exactly
     norms = (tmp_path / A.NORMS_CSV).read_text().splitlines()

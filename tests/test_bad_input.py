@@ -166,16 +166,16 @@ def test_one_night_of_bad_batches_quarantines_each_and_keeps_the_champion(night,
         if name == "not_utf8_latin1.jsonl":
             assert f"byte offset {not_utf8_offset}" in report["problems"][0]["message"]
         if reason["batch_id"].startswith("invalid-name-"):  # the folder name is harmless, whatever the file name
-            assert folder.parent == params.paths.resolve("quarantine") and folder.name.startswith("invalid-name-")
+            assert folder.parent == params.roots.quarantine and folder.name.startswith("invalid-name-")
 
     # Only the good batch changed anything.
-    ledger = Ledger(params.paths.resolve("ledger"))
+    ledger = Ledger(params.roots.ledger)
     events = [e["event"] for e in ledger.entries()]
     assert events.count("promote") == 1 and events.count("quarantine") == len(expected) and len(events) == 1 + len(
         expected)
     champ = ledger.champion()
     assert champ["version"] == "v0001" and champ["weights_hash"] == by_batch["0000-good"]["weights_hash"]
-    checkpoints = params.paths.resolve("checkpoints")
+    checkpoints = params.roots.checkpoints
     assert sorted(p.name for p in checkpoints.iterdir()) == ["v0001"]
     manifest = json.loads((checkpoints / "v0001" / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["weights_hash"] == champ["weights_hash"] and manifest["batch_id"] == "0000-good"
@@ -188,7 +188,7 @@ def test_one_night_of_bad_batches_quarantines_each_and_keeps_the_champion(night,
     from flows.editing import load_checkpoint_into
     from nas_core.deltas import weights_hash
 
-    model, _ = load_model(params.paths.resolve("models") / "local--tiny-llama")
+    model, _ = load_model(params.roots.models / "local--tiny-llama")
     load_checkpoint_into(model, manifest["base_weights_hash"], checkpoints / "v0001")
     assert weights_hash(model) == champ["weights_hash"]
 

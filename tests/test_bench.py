@@ -20,6 +20,7 @@ def test_stats_flops_count_every_linear_up_to_the_deepest_layer(tmp_path) -> Non
     assert stats_flops_per_token(model, spec_for(model), [0], seq_len=16)["forward"] == 2 * per_block + 2 * 16 * 32
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The Eiffel Tower is located in Paris. " * 40, encoding="utf-8")
-    r = time_stats(model, tok, [0, 1], StatsSettings(corpus=str(corpus), seq_len=16, batch_size=4), tokens=200)
+    r = time_stats(model, tok, [0, 1], StatsSettings(corpus=str(corpus), seq_len=16, batch_size=4), tokens=200,
+                   wikitext=tmp_path / "absent.txt")
     assert r["tokens"] == 200 and r["tokens_per_s"] > 0 and r["gemm_peak_gflops"] > 0
     assert r["floor_seconds_250k"] == pytest.approx(f["total"] * 250_000 / (r["gemm_peak_gflops"] * 1e9))

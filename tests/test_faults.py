@@ -56,7 +56,7 @@ def first_night(night, tmp_path: Path) -> tuple[dict, bytes]:
     write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
     outcomes, params = night()
     assert [(o["outcome"], o.get("version")) for o in outcomes] == [("promoted", "v0001")]
-    champ = Ledger(params.paths.resolve("ledger")).champion()
+    champ = Ledger(params.roots.ledger).champion()
     assert champ["version"] == "v0001" and manifest(tmp_path, "v0001")["weights_hash"] == champ["weights_hash"]
     return champ, ledger_bytes(tmp_path)
 

@@ -10,7 +10,8 @@ import torch
 from tiny import tiny_model
 
 from flows import editing
-from flows.config import CONFIG_DIR, ConfigError, config_for, load_model_config
+from flows.config import ConfigError, config_for, load_model_config
+from flows.paths import Paths
 from nas_core.deltas import weights_hash
 from nas_core.requests import EditRequest
 from nas_core.settings import MemitSettings, NASSettings, ValueSettings
@@ -21,8 +22,10 @@ REQS = [
     EditRequest("b", "{} speaks", "Danielle Darrieux", "English", "French"),
 ]
 
+REPO = Path(__file__).resolve().parents[1]
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_loads(path):
     cfg = load_model_config(path)
     for method in ("memit", "alphaedit", "rome"):
@@ -105,12 +108,13 @@ def test_stats_cache_second_call_is_instant(tok, tmp_path, monkeypatch):
 
     s = StatsSettings(corpus=str(corpus), tokens=200, seq_len=16, batch_size=4)
     h = weights_hash(model)
-    cov, path, cached = editing.ensure_stats(model, tok, "tiny", [0, 1], s, h, root=tmp_path / "stats")
+    roots = Paths(stats=str(tmp_path / "stats")).under(REPO)
+    cov, path, cached = editing.ensure_stats(model, tok, "tiny", [0, 1], s, h, roots)
     assert not cached and set(cov) == {0, 1} and path.is_file()
-    cov2, path2, cached2 = editing.ensure_stats(model, tok, "tiny", [0, 1], s, h, root=tmp_path / "stats")
+    cov2, path2, cached2 = editing.ensure_stats(model, tok, "tiny", [0, 1], s, h, roots)
     assert cached2 and path2 == path and torch.equal(cov2[1], cov[1])
     s2 = dataclasses.replace(s, tokens=100)
-    _, path3, cached3 = editing.ensure_stats(model, tok, "tiny", [0, 1], s2, h, root=tmp_path / "stats")
+    _, path3, cached3 = editing.ensure_stats(model, tok, "tiny", [0, 1], s2, h, roots)
     assert not cached3 and path3 != path
 
 
@@ -119,7 +123,8 @@ def test_data_free_stats_corpus(tok, tmp_path):
     from nas_core.settings import StatsSettings
 
     s = StatsSettings(corpus="self", tokens=64, seq_len=16, batch_size=2)
-    cov, _, _ = editing.ensure_stats(model, tok, "tiny", [0], s, weights_hash(model), root=tmp_path)
+    roots = Paths(stats=str(tmp_path)).under(REPO)
+    cov, _, _ = editing.ensure_stats(model, tok, "tiny", [0], s, weights_hash(model), roots)
     assert cov[0].shape == (64, 64) and torch.isfinite(cov[0]).all()
 
 
@@ -130,5 +135,5 @@ def test_anchor_refuses_an_edited_model(tok, tmp_path):
         model.model.layers[0].mlp.down_proj.weight.add_(0.1)
     s = MemitSettings(layers=(0,), values=VALUES)
     with pytest.raises(RuntimeError, match="edited model"):
-        editing.ensure_anchor(model, tok, "tiny", "memit", s, h, root=tmp_path)
+        editing.ensure_anchor(model, tok, "tiny", "memit", s, h, Paths(anchors=str(tmp_path)).under(REPO))
     assert not any(Path(tmp_path).rglob("*.json"))

@@ -49,7 +49,7 @@ def test_each_night_records_the_forecast_and_status_shows_it(night, tmp_path):
     night()
     write_batch(tmp_path / "inbox" / "night-02.jsonl", [fact(*FACTS[1])])
     _, params = night(promotion={"forecast_warn_nights": 1e9})  # every night warns
-    entries = Ledger(params.paths.resolve("ledger")).promotions()
+    entries = Ledger(params.roots.ledger).promotions()
     assert [set(e["forecast"]) for e in entries] == [{"edits_left_linear", "edits_left_exponential", "edits_left",
                                                       "nights_left"}] * 2
     assert entries[-1]["forecast"]["edits_left"] is not None and entries[-1]["forecast"]["nights_left"] > 0

@@ -50,7 +50,7 @@ def test_a_batch_rewritten_mid_night_is_recorded_and_stored_as_edited(night, tmp
     monkeypatch.setattr(refresh, "validate", validate_then_rewrite)
     outcomes, params = night()
     assert [o["outcome"] for o in outcomes] == ["promoted"]
-    entry = Ledger(params.paths.resolve("ledger")).champion()
+    entry = Ledger(params.roots.ledger).champion()
     accepted = (tmp_path / "accepted" / "night-01.jsonl").read_bytes()
     assert entry["file_sha256"] == sha(accepted) == sha(edited)
     assert entry["request_ids"] == [FACTS[0][0]]
@@ -130,7 +130,7 @@ def two_nights(night, tmp_path):
 
 def tamper(kind: str, params, version: str) -> str:
     """Alter one thing of ``version``; returns the file name the refusal must name."""
-    ckpt = params.paths.resolve("checkpoints") / version
+    ckpt = params.roots.checkpoints / version
     if kind == "state":  # the NAS reference norm, 5x
         state = load_file(ckpt / "state.safetensors")
         key = next(k for k in state if "reference_norm" in k)
@@ -148,7 +148,7 @@ def tamper(kind: str, params, version: str) -> str:
         man["reference_norm"] = 500.0
         (ckpt / "manifest.json").write_text(json.dumps(man))
         return "manifest.json"
-    ledger = params.paths.resolve("ledger")  # the ledger line: its recorded state hash
+    ledger = params.roots.ledger  # the ledger line: its recorded state hash
     lines = ledger.read_text().splitlines()
     for i, line in enumerate(lines):
         entry = json.loads(line)
@@ -190,7 +190,7 @@ def test_a_tampered_version_is_refused_by_rollback_and_promote(night, tmp_path, 
         with pytest.raises(CheckpointTampered) as err:
             operations.move_champion(params, "v0001", event, "test")
         assert_one_line(str(err.value), name)
-    assert Ledger(params.paths.resolve("ledger")).champion()["version"] == "v0002"
+    assert Ledger(params.roots.ledger).champion()["version"] == "v0002"
     assert operations.status(params)["integrity"] == []  # the champion itself is intact
     assert len(operations.status(params, verify=True)["integrity"]) == 1  # --verify: the whole lineage
 
@@ -206,7 +206,7 @@ def test_a_tampered_version_is_refused_by_rollback_and_promote(night, tmp_path, 
 def test_a_damaged_ledger_line_is_named_by_status_and_refused_by_the_night(night, tmp_path, line, fault):
     write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
     _, params = night()
-    ledger = params.paths.resolve("ledger")
+    ledger = params.roots.ledger
     ledger.write_text(ledger.read_text() + line + "\n" + ledger.read_text())
     status = operations.status(params)
     assert len(status["ledger_damage"]) == 1 and "line 2" in status["ledger_damage"][0]

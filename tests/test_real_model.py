@@ -8,12 +8,14 @@ calibrated on a few pilots. That keeps the test to about a minute on 2 cores.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from flows import editing
 from flows.config import config_for
+from flows.paths import Paths
 from nas_core.deltas import weights_hash
 from nas_core.evaluate.scoring import target_nll
 from nas_core.requests import EditRequest
@@ -27,11 +29,11 @@ def test_alphaedit_nas_changes_the_target_and_keeps_paris(smollm2, tmp_path):
     # wikitext when ../shared is there, else data-free (ensure_stats falls back and says so).
     stats = dataclasses.replace(cfg.stats, tokens=8_000)
     h = weights_hash(model)
-    cov, _, _ = editing.ensure_stats(model, tok, "smollm2-135m", cfg.alphaedit.layers, stats, h,
-                                     root=tmp_path / "stats")
+    roots = Paths(stats=str(tmp_path / "stats"), anchors=str(tmp_path / "a")).under(Path.cwd())
+    cov, _, _ = editing.ensure_stats(model, tok, "smollm2-135m", cfg.alphaedit.layers, stats, h, roots)
     s = cfg.method("alphaedit", nas=True)
     s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=4, pilot_batch_size=4))
-    rec, _, _ = editing.ensure_anchor(model, tok, "smollm2-135m", "alphaedit", s, h, root=tmp_path / "a")
+    rec, _, _ = editing.ensure_anchor(model, tok, "smollm2-135m", "alphaedit", s, h, roots)
     a = rec["reference_norm"]
 
     req = EditRequest("smoke", "The {} is located in the city of", "Eiffel Tower", "Rome", "Paris")

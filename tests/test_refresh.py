@@ -104,7 +104,7 @@ def night(prefect, tiny_folder, tracking_uri, tmp_path, monkeypatch):
 
 
 def champion_hash(params) -> str | None:
-    champ = Ledger(params.paths.resolve("ledger")).champion()
+    champ = Ledger(params.roots.ledger).champion()
     return None if champ is None else champ["weights_hash"]
 
 
@@ -121,7 +121,7 @@ def test_good_batches_are_promoted_in_order(night, tmp_path):
     outcomes, params = night()
     assert [o["outcome"] for o in outcomes] == ["promoted", "promoted"]
     assert [o["version"] for o in outcomes] == ["v0001", "v0002"]
-    ledger = Ledger(params.paths.resolve("ledger"))
+    ledger = Ledger(params.roots.ledger)
     promos = ledger.promotions()
     assert [p["parent"] for p in promos] == [None, "v0001"]
     assert promos[1]["edits_so_far"] == 6 and len(promos[1]["request_ids"]) == 3 - len(promos[1]["skipped_ids"])
@@ -152,7 +152,7 @@ def test_bad_batch_is_quarantined_untouched_and_champion_kept(night, tmp_path):
     assert set(reason["reason"]["problems"]) >= {"template_placeholder_count", "malformed_json"}
     html = (folder / "validation.html").read_text()
     assert "template_placeholder_count" in html and "malformed_json" in html
-    ledger = Ledger(params.paths.resolve("ledger"))
+    ledger = Ledger(params.roots.ledger)
     assert [e["event"] for e in ledger.entries()] == ["promote", "quarantine"]
     assert ledger.champion()["version"] == "v0001"
 
@@ -174,14 +174,14 @@ def test_gate_rejects_a_collapsing_batch_and_keeps_the_champion_weights(night, t
     assert reason["reason"]["stage"] == "gate"
     tracker, champ = mlflow_champion(params)
     assert champ.version_label == "v0001"
-    entry = Ledger(params.paths.resolve("ledger")).entries()[-1]
+    entry = Ledger(params.roots.ledger).entries()[-1]
     assert entry["event"] == "reject"
     run = tracker.client.get_run(entry["mlflow_run_id"])
     assert run.data.tags["verdict"] == "rejected" and "norm_growth_per_edit" in run.data.tags["failed_checks"]
     # The next night edits the unchanged champion: the rejected edits left no trace.
     write_batch(tmp_path / "inbox" / "night-03.jsonl", [fact(*FACTS[3])])
     outcomes, params = night()
-    promo = Ledger(params.paths.resolve("ledger")).promotions()[-1]
+    promo = Ledger(params.roots.ledger).promotions()[-1]
     assert promo["parent"] == "v0001" and promo["edits_so_far"] == 4
 
 
@@ -201,10 +201,10 @@ def test_rollback_and_manual_promote_move_the_champion(night, tmp_path):
         move_champion(params, "v0001", "rollback", "again", tracker)
     write_batch(tmp_path / "inbox" / "night-03.jsonl", [fact(*FACTS[2])])
     outcomes, params = night()
-    promo = Ledger(params.paths.resolve("ledger")).promotions()[-1]
+    promo = Ledger(params.roots.ledger).promotions()[-1]
     assert outcomes[0]["version"] == "v0003" and promo["parent"] == "v0001" and promo["edits_so_far"] == 2
     move_champion(params, "v0002", "manual_promote", "roll forward", tracker)
-    events = [e["event"] for e in Ledger(params.paths.resolve("ledger")).entries()]
+    events = [e["event"] for e in Ledger(params.roots.ledger).entries()]
     assert events == ["promote", "promote", "rollback", "promote", "manual_promote"]
     assert status(params)["champion"] == "v0002"
 
@@ -219,7 +219,7 @@ def test_rerunning_a_night_never_applies_a_batch_twice(night, tmp_path):
     write_batch(tmp_path / "inbox" / "night-01-again.jsonl", batch)
     outcomes, params = night()
     assert outcomes[0]["outcome"] == "already_applied"
-    assert len(Ledger(params.paths.resolve("ledger")).promotions()) == 1
+    assert len(Ledger(params.roots.ledger).promotions()) == 1
     assert not list((tmp_path / "inbox").iterdir())
 
 

@@ -1,7 +1,7 @@
 """Stage ``anchor``: the NAS reference norm of the base model -> ``data/anchors/MODEL/``.
 
 ``python -m flows.stages.anchor [--params FILE]``. Calibrates with
-:func:`flows.editing.ensure_anchor` for params.yaml's method and pilot count, as the nightly
+:func:`flows.editing.base_anchor` for params.yaml's method and pilot count, as the nightly
 flow does. With NAS off (``edit.nas: false``) there is no anchor; the stage writes
 ``NAS-OFF`` in the folder so the output exists.
 """
@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import sys
 
-from flows.stages.common import anchor_of, load_base, log, parser, setup_logging
+from flows.stages.common import log, parser, recorded_settings, setup_logging, stage_params
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser(__doc__.split("\n")[0]).parse_args(argv)
+    from flows import editing
+
+    params = stage_params(parser(__doc__.split("\n")[0]).parse_args(argv))
     setup_logging()
-    base = load_base(args.params, args.repo)
-    if anchor_of(base, require_cached=False) is None:
-        folder = base.params.paths.resolve("anchors", base.repo) / base.name
+    base = editing.load_base(params)
+    if editing.base_anchor(base, params, recorded_settings(params), log) is None:
+        folder = params.roots.anchors / base.name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "NAS-OFF").write_text("edit.nas is false: no anchor\n", encoding="utf-8")
         log.info("NAS is off: no anchor (wrote %s)", folder / "NAS-OFF")

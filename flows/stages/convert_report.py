@@ -2,7 +2,7 @@
 
 Usage: ``python -m flows.stages.convert_report [DATA_DIR]``
 
-``DATA_DIR`` defaults to ``../shared/data`` next to the repository. For each file it prints
+``DATA_DIR`` defaults to params.yaml's ``paths.shared_data`` (``../shared/data``). For each file it prints
 the totals (records, converted, failed) and the failures grouped by rule with a few examples.
 Exit status: 0 when every file was read, 1 when a file is missing or unreadable.
 """
@@ -21,8 +21,6 @@ from nas_core.requests import (
     from_counterfact_rome,
     from_zsre_mend,
 )
-
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 Converter = Callable[[Sequence[Any]], ConversionReport]
 
@@ -68,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) > 1:
         print(__doc__, file=sys.stderr)
         return 2
-    data_dir = Path(args[0]) if args else DEFAULT_DATA_DIR
+    from flows.params import load_params
+
+    data_dir = Path(args[0]) if args else load_params().roots.shared_data
     print(f"data: {data_dir}")
     status = 0
     totals = [0, 0, 0]

@@ -36,10 +36,10 @@ from flows.audit import (
     write_csv,
     write_json,
 )
-from flows.stages.common import load_base, log, parser, setup_logging
+from flows.stages.common import log, parser, recorded_settings, setup_logging, stage_params
 
 
-def evaluate(params_file: Path, repo: Path, champion: Path, out_dir: Path) -> dict:
+def evaluate(params, champion: Path, out_dir: Path) -> dict:
     from flows import editing, evaluation
     from flows.ledger import Ledger
     from nas_core.collapse import norm_ratios
@@ -47,28 +47,27 @@ def evaluate(params_file: Path, repo: Path, champion: Path, out_dir: Path) -> di
     from nas_core.spec import spec_for
 
     t0 = time.perf_counter()
-    base = load_base(params_file, repo)
-    params, cfg = base.params, base.cfg
-    names = [spec_for(base.model).weight_name(layer) for layer in base.settings.layers]
+    base = editing.load_base(params)
+    cfg = params.model_config()
+    names = [spec_for(base.model).weight_name(layer) for layer in recorded_settings(params).layers]
     original = frobenius_norms(base.model, names)
-    base_ref = evaluation.base_reference(base.model, base.tok, base.name, base.base_hash, cfg.eval,
-                                         params.paths.resolve("eval_cache", repo))
+    base_ref = evaluation.base_reference(base.model, base.tok, base.name, base.base_hash, cfg.eval, params.roots)
     manifest = editing.load_checkpoint_into(base.model, base.base_hash, champion)
     if weights_hash(base.model) != manifest["weights_hash"]:
         raise RuntimeError(f"{champion} rebuilt to other weights than its manifest records")
     version = manifest.get("version")
     edits = int(manifest.get("edit_count", 0))
-    ledger = Ledger(params.paths.resolve("ledger", repo))
-    batches = lineage_batches(ledger, version, repo, params.edit.batch_size,
+    ledger = Ledger(params.roots.ledger)
+    batches = lineage_batches(ledger, version, params.roots, params.edit.batch_size,
                               params.validation.schema_policy()) if version else []
     entries = [b.entry for b in batches]
     ratios = norm_ratios(frobenius_norms(base.model, names), original)
-    requests = retention_requests(batches)
+    requests = retention_requests(batches, params.validation.fold_confusables)
     doc: dict = {"source": "replay", "version": version, "weights_hash": manifest["weights_hash"], "edits": edits}
     current = None
     if requests:
-        metrics, verdict = evaluation.evaluate(base.model, base.tok, requests, cfg.eval, base_ref, ratios, edits,
-                                               cfg.collapse)
+        metrics, verdict = evaluation.evaluate(base.model, base.tok, requests, cfg.eval, base_ref, params.roots,
+                                               ratios, edits, cfg.collapse)
         current = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and v is not None}
         doc.update(current)
         doc["verdict"] = verdict.summary()
@@ -89,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=None, help=f"where the three files go (default {REPLAY_DIR})")
     args = p.parse_args(argv)
     setup_logging()
-    evaluate(args.params, args.repo, args.champion or args.repo / CHAMPION_DIR, args.out_dir or args.repo / REPLAY_DIR)
+    params = stage_params(args)
+    evaluate(params, args.champion or params.root / CHAMPION_DIR, args.out_dir or params.root / REPLAY_DIR)
     return 0
 
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import sys
 
-from flows.stages.common import log, parser, setup_logging
+from flows.stages.common import log, parser, setup_logging, stage_params
 
 
 def main(argv: list[str] | None = None) -> int:
     from flows.assets import fetch_model
-    from flows.params import load_params
 
-    args = parser(__doc__.split("\n")[0]).parse_args(argv)
+    params = stage_params(parser(__doc__.split("\n")[0]).parse_args(argv))
     setup_logging()
-    params = load_params(args.params)
     cfg = params.model_config()
-    root = params.paths.resolve("models", args.repo)
+    root = params.roots.models
     fetched = fetch_model(cfg.model, root, show_progress=False)
     expected = root / params.model
     if fetched.path.resolve() != expected.resolve():

@@ -2,11 +2,11 @@
 
 ``python -m flows.stages.replay [--params FILE] [--out DIR] [--metrics FILE]``.
 
-The edits go through the nightly flow's code path (``flows.refresh.load_champion`` and its
-``edit`` task): the base model from ``fetch_model``, the statistics and anchor the ``stats``
-and ``anchor`` stages made (found cached, under the same keys the flow uses),
-:func:`flows.editing.open_session`, then for every promote entry of the champion's lineage,
-oldest first, ``session.apply(requests[i : i + batch_size])`` over the batch's requests.
+The edits go through the nightly flow's own functions: :func:`flows.editing.load_base`, the
+statistics and anchor the ``stats`` and ``anchor`` stages made (``base_stats`` /
+``base_anchor``, found cached under the keys the flow uses), ``open_session``, then for every
+promote entry of the champion's lineage, oldest first, :func:`flows.editing.apply_in_batches`
+(the night's ``edit`` step) over the batch's requests.
 Those requests are the accepted batch file's records in file order (the flow's
 ``validation.requests``: an accepted batch has no invalid record), *including* the ones NAS
 skipped (a skipped request was part of the apply call and moved nothing). A rejected batch
@@ -30,56 +30,29 @@ from typing import Any
 
 from flows import precision
 from flows.audit import CHAMPION_DIR, REPLAY_JSON, champion_of, lineage_batches, machine_info, write_json
-from flows.stages.common import anchor_of, load_base, log, parser, setup_logging, stats_of
+from flows.stages.common import log, parser, recorded_settings, setup_logging, stage_params
 
 
-def replay(params_file: Path, repo: Path, out: Path, metrics: Path, require_cached: bool = True) -> dict[str, Any]:
+def replay(params, out: Path, metrics: Path, require_cached: bool = True) -> dict[str, Any]:
     """Rebuild the champion into ``out`` and write ``metrics`` (replay.json); returns its content."""
     from flows import editing
     from flows.ledger import Ledger
     from nas_core.deltas import weights_hash
 
     t0 = time.perf_counter()
-    base = load_base(params_file, repo)
-    params = base.params
-    cov = stats_of(base, require_cached)
-    anchor = anchor_of(base, require_cached)
-    ledger = Ledger(params.paths.resolve("ledger", repo))
+    base = editing.load_base(params)
+    settings = recorded_settings(params)
+    cov = editing.base_stats(base, params, log, require_cached)
+    anchor = editing.base_anchor(base, params, settings, log, require_cached)
+    ledger = Ledger(params.roots.ledger)
     version, expected = champion_of(ledger)
-    batches = lineage_batches(ledger, version, repo, params.edit.batch_size, params.validation.schema_policy())
+    batches = lineage_batches(ledger, version, params.roots, params.edit.batch_size, params.validation.schema_policy())
     log.info("replaying %s: %d accepted batch(es), %d requests, %s%s, batch size %s",
              version or "no champion (the base model)", len(batches), sum(len(b.requests) for b in batches),
              params.edit.method, "+NAS" if params.edit.nas else "", params.edit.batch_size)
-    session = editing.open_session(base.model, base.tok, base.name, params.edit.method, base.settings, cov,
+    session = editing.open_session(base.model, base.tok, base.name, params.edit.method, settings, cov,
                                    base.base_hash, anchor, None)
-    versions = []
-    for b in batches:
-        start = len(session.request_log)
-        # The precision path the night took (float32 for nights before the setting existed),
-        # never this machine's own choice: a replay compares like with like.
-        session.use_path(*precision.recorded_path(b.entry))
-        requests = list(b.requests)
-        t1 = time.perf_counter()
-        for i in range(0, len(requests), b.batch_size):
-            session.apply(requests[i : i + b.batch_size])
-            done = min(i + b.batch_size, len(requests))
-            log.info("%s: edited %d/%d requests (%.1f s/edit)", b.version, done, len(requests),
-                     (time.perf_counter() - t1) / done)
-        diagnostics = session.request_log[start:]
-        applied = [d["case_id"] for d in diagnostics if not d["skipped"]]
-        skipped = [d["case_id"] for d in diagnostics if d["skipped"]]
-        rebuilt = weights_hash(session.model)
-        row = {"version": b.version, "batch_id": b.batch_id, "requests": len(requests), "batch_size": b.batch_size,
-               "weights_hash": rebuilt, "ledger_weights_hash": b.weights_hash, "match": rebuilt == b.weights_hash,
-               "same_skips": applied == list(b.request_ids) and skipped == list(b.skipped_ids),
-               "edits": session.state.edit_count, "ledger_edits": b.edits_so_far,
-               "seconds": round(time.perf_counter() - t1, 1)}
-        versions.append(row)
-        log.info("%s (%s): %d requests, %d edits so far, weights %s %s the ledger's %s", b.version, b.batch_id,
-                 len(requests), session.state.edit_count, rebuilt[:12], "==" if row["match"] else "!=",
-                 b.weights_hash[:12])
-        if not row["same_skips"]:
-            log.warning("%s: NAS skipped %s on replay, the ledger recorded %s", b.version, skipped, list(b.skipped_ids))
+    versions = [_replay_batch(session, b) for b in batches]
     editing.write_checkpoint(session, out, {"version": version, "replay": True, "ledger_weights_hash": expected})
     rebuilt = weights_hash(session.model)
     doc = {
@@ -104,13 +77,39 @@ def replay(params_file: Path, repo: Path, out: Path, metrics: Path, require_cach
     return doc
 
 
+def _replay_batch(session, b) -> dict[str, Any]:
+    """One lineage batch through the night's own loop, on the precision path the night took
+    (float32 for nights before the setting existed), never this machine's own choice."""
+    from flows import editing
+    from nas_core.deltas import weights_hash
+
+    session.use_path(*precision.recorded_path(b.entry))
+    t1 = time.perf_counter()
+    diagnostics = editing.apply_in_batches(session, list(b.requests), b.batch_size, log, b.version)
+    applied = [d["case_id"] for d in diagnostics if not d["skipped"]]
+    skipped = [d["case_id"] for d in diagnostics if d["skipped"]]
+    rebuilt = weights_hash(session.model)
+    row = {"version": b.version, "batch_id": b.batch_id, "requests": len(b.requests), "batch_size": b.batch_size,
+           "weights_hash": rebuilt, "ledger_weights_hash": b.weights_hash, "match": rebuilt == b.weights_hash,
+           "same_skips": applied == list(b.request_ids) and skipped == list(b.skipped_ids),
+           "edits": session.state.edit_count, "ledger_edits": b.edits_so_far,
+           "seconds": round(time.perf_counter() - t1, 1)}
+    log.info("%s (%s): %d requests, %d edits so far, weights %s %s the ledger's %s", b.version, b.batch_id,
+             len(b.requests), session.state.edit_count, rebuilt[:12], "==" if row["match"] else "!=",
+             b.weights_hash[:12])
+    if not row["same_skips"]:
+        log.warning("%s: NAS skipped %s on replay, the ledger recorded %s", b.version, skipped, list(b.skipped_ids))
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None, help=f"checkpoint folder (default {CHAMPION_DIR})")
     p.add_argument("--metrics", type=Path, default=None, help=f"replay.json (default {REPLAY_JSON})")
     args = p.parse_args(argv)
     setup_logging()
-    replay(args.params, args.repo, args.out or args.repo / CHAMPION_DIR, args.metrics or args.repo / REPLAY_JSON)
+    params = stage_params(args)
+    replay(params, args.out or params.root / CHAMPION_DIR, args.metrics or params.root / REPLAY_JSON)
     return 0
 
 

@@ -1,22 +1,23 @@
 """Stage ``stats``: covariance statistics of every edited layer -> ``data/stats/MODEL/``.
 
-``python -m flows.stages.stats [--params FILE]``. Runs :func:`flows.editing.ensure_stats`
-over every layer the model config edits (any method) with params.yaml's token budget: the
-same call, key and file the nightly flow uses, so the flow finds this file cached.
+``python -m flows.stages.stats [--params FILE]``. Runs :func:`flows.editing.base_stats`, the
+nightly flow's own call: every layer the model config edits (any method) with params.yaml's
+token budget, under the key the flow looks up, so the flow finds this file cached.
 """
 
 from __future__ import annotations
 
 import sys
 
-from flows.stages.common import load_base, parser, setup_logging, stats_of
+from flows.stages.common import log, parser, setup_logging, stage_params
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser(__doc__.split("\n")[0]).parse_args(argv)
+    from flows import editing
+
+    params = stage_params(parser(__doc__.split("\n")[0]).parse_args(argv))
     setup_logging()
-    base = load_base(args.params, args.repo)
-    stats_of(base, require_cached=False)
+    editing.base_stats(editing.load_base(params), params, log)
     return 0
 
 
