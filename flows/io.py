@@ -1,4 +1,4 @@
-"""File primitives every part of the product shares: streamed hashing and atomic writes.
+"""File primitives every part of the product shares: streamed hashing, atomic writes, cache keys, time.
 
 Hashes are always streamed (a file is never read whole to hash it, whatever its size), and
 every write goes to a temporary file in the target's folder that is fsynced and renamed, so
@@ -8,11 +8,17 @@ a reader sees the old file or the new one, never half of one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import tempfile
 from collections.abc import Iterable
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
 
 CHUNK = 1 << 20
 
@@ -51,6 +57,32 @@ def atomic_write_bytes(path: Path, data: bytes) -> str:
     return atomic_write_chunks(path, [data])
 
 
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def digest(obj: Any) -> str:
+    """Short stable hash of a JSON-able object (cache keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder and rename (never a half-written file)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def code_version(repo: Path | None = None) -> str:
     """The git commit of the code (``-dirty`` with uncommitted changes), or ``unknown``."""
     cwd = repo or Path(__file__).resolve().parent
@@ -64,4 +96,5 @@ def code_version(repo: Path | None = None) -> str:
         return "unknown"
 
 
-__all__ = ["CHUNK", "code_version", "atomic_write_bytes", "atomic_write_chunks", "sha256_file"]
+__all__ = ["CHUNK", "atomic_save_tensors", "atomic_write_bytes", "atomic_write_chunks", "atomic_write_text",
+           "code_version", "digest", "now", "sha256_file"]

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from flows import horizon, precision
-from flows.assets import load_model
-from flows.config import config_for
-from flows.params import load_params
+from flows.assets.models import load_model
+from flows.config.model import config_for
+from flows.config.params import load_params
+from flows.engine import precision
+from flows.studies import horizon
 from nas_core.spec import spec_for
 from nas_core.values import optimise_values
 

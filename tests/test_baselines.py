@@ -11,8 +11,8 @@ import torch
 from test_core import REQ, VALUES, _target_logprob
 from tiny import tiny_model
 
-from flows.config import config_for
-from flows.editing import make_editor
+from flows.config.model import config_for
+from flows.engine.editing import make_editor
 from nas_core.editors import VARIANTS, base_method
 from nas_core.linalg import classic_rank_one_update, rank_one_update
 from nas_core.settings import MemitSettings, NASSettings, RomeSettings
@@ -82,8 +82,8 @@ def test_variants_are_methods_of_the_shipped_configs():
 
 
 def test_fall_of_rome_counts_blow_ups_by_kind(tok):
-    from flows import fall_of_rome
-    from flows.editing import open_session
+    from flows.engine.editing import open_session
+    from flows.studies import fall_of_rome
     from nas_core.deltas import weights_hash
     from nas_core.requests import EditRequest
 

@@ -9,7 +9,7 @@ from nas_core.spec import spec_for
 
 
 def test_stats_flops_count_every_linear_up_to_the_deepest_layer(tmp_path) -> None:
-    from flows.bench import stats_flops_per_token, time_stats
+    from flows.studies.bench import stats_flops_per_token, time_stats
     from nas_core.settings import StatsSettings
 
     model, tok = tiny_model(layers=2), tiny_tokenizer()  # hidden 32, MLP 64, 4 heads, 2 kv heads of 8

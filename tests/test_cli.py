@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app, read_requests
+from flows.cli.app import app, read_requests
 
 runner = CliRunner()
 

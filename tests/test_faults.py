@@ -6,7 +6,7 @@ any fault it is byte-for-byte what it was, the champion it names is intact on di
 is not lost, and the next normal night carries on.
 
 A real SIGKILL is sent once (to a subprocess that is editing). The on-disk states a kill inside
-or right after ``editing.write_checkpoint`` can leave are produced by raising at the exact point
+or right after ``write_checkpoint`` can leave are produced by raising at the exact point
 (nothing in ``process_batch`` catches or cleans up, so a raise there leaves what a kill leaves)
 or, for the temp folder that only a kill leaves behind, by planting it; timing a real SIGKILL
 into a millisecond-long write would be flaky.
@@ -28,7 +28,7 @@ import pytest
 import test_refresh
 from test_refresh import FACTS, fact, write_batch
 
-from flows.ledger import Ledger
+from flows.ledger.records import Ledger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def assert_promoted_after(tmp_path: Path, outcomes: list[dict], version: str, pa
 # first sub-batch edit, once applied to the in-memory weights, hangs, so the kill lands mid-edit.
 CHILD = """
 import sys, time
-import flows.editing as editing
+import flows.engine.editing as editing
 
 real_apply = editing.EditSession.apply
 
@@ -102,7 +102,7 @@ def apply_then_hang(self, requests):
     return result
 
 editing.EditSession.apply = apply_then_hang
-from flows.refresh import nightly_refresh
+from flows.refresh.flow import nightly_refresh
 nightly_refresh(sys.argv[1])
 print("TEST-HOOK night finished (should not happen)", flush=True)
 """
@@ -171,7 +171,7 @@ class SimulatedCrash(Exception):
 
 
 def test_crash_after_the_checkpoint_rename_and_a_killed_temp_folder_are_survived(night, tmp_path, monkeypatch):
-    from flows.tracking import Tracker
+    from flows.tracking.mlflow import Tracker
 
     champ, before = first_night(night, tmp_path)
     batch, data = second_batch(tmp_path)
@@ -257,8 +257,8 @@ def closed_port() -> int:
 
 
 def test_unreachable_mlflow_fails_the_night_loudly_without_promoting(night, tmp_path, monkeypatch):
-    import flows.refresh as refresh
-    from flows.tracking import TrackingError
+    import flows.refresh.flow as refresh
+    from flows.tracking.mlflow import TrackingError
 
     uri = f"http://127.0.0.1:{closed_port()}"
     batch = write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
@@ -300,7 +300,7 @@ def test_checkpoint_folder_under_a_regular_file_fails_the_night_cleanly(night, t
 
 
 def test_disk_full_while_writing_a_checkpoint_keeps_the_champion(night, tmp_path, monkeypatch):
-    import flows.editing as editing
+    import flows.engine.editing as editing
 
     champ, before = first_night(night, tmp_path)
     batch, data = second_batch(tmp_path)
@@ -340,7 +340,7 @@ time.sleep(300)
 
 @pytest.mark.slow
 def test_a_refresh_in_another_process_blocks_this_one(night, tmp_path):
-    from flows.refresh import RefreshLocked
+    from flows.refresh.flow import RefreshLocked
 
     batch = write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
     data = batch.read_bytes()

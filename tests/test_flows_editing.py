@@ -9,8 +9,10 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from flows import editing
-from flows.config import ConfigError, config_for, load_model_config
+from flows.config.model import ConfigError, config_for, load_model_config
+from flows.engine import editing
+from flows.engine.caches import ensure_anchor, ensure_stats
+from flows.engine.checkpoints import read_checkpoint, write_checkpoint
 from flows.paths import Paths
 from nas_core.deltas import weights_hash
 from nas_core.requests import EditRequest
@@ -60,8 +62,8 @@ def test_checkpoint_round_trip_and_continue(tok, tmp_path):
     base_hash = weights_hash(model)
     session = _session(model, tok)
     session.apply(REQS[:1])
-    ckpt = editing.write_checkpoint(session, tmp_path / "v1")
-    man = editing.read_checkpoint(ckpt)["manifest"]
+    ckpt = write_checkpoint(session, tmp_path / "v1")
+    man = read_checkpoint(ckpt)["manifest"]
     assert man["request_ids"] == ["a"] and man["base_weights_hash"] == base_hash
     assert man["norms"]["model.layers.0.mlp.down_proj.weight"]["ratio"] != 1.0
     assert man["requests"][0]["v_norm_after"] == pytest.approx(2.0, rel=1e-5)
@@ -71,8 +73,8 @@ def test_checkpoint_round_trip_and_continue(tok, tmp_path):
     cont = _session(fresh, tok, ckpt)
     assert weights_hash(fresh) == man["weights_hash"]
     cont.apply(REQS[1:])
-    ckpt2 = editing.write_checkpoint(cont, tmp_path / "v2")
-    man2 = editing.read_checkpoint(ckpt2)["manifest"]
+    ckpt2 = write_checkpoint(cont, tmp_path / "v2")
+    man2 = read_checkpoint(ckpt2)["manifest"]
     assert man2["request_ids"] == ["a", "b"] and man2["edit_count"] == 2
 
     # Continuous editing in one session gives bit-identical deltas to resuming from disk.
@@ -86,7 +88,7 @@ def test_checkpoint_round_trip_and_continue(tok, tmp_path):
 def test_checkpoint_from_other_base_is_refused(tok, tmp_path):
     session = _session(tiny_model("llama"), tok)
     session.apply(REQS[:1])
-    ckpt = editing.write_checkpoint(session, tmp_path / "v1")
+    ckpt = write_checkpoint(session, tmp_path / "v1")
     with pytest.raises(ValueError, match="base weights"):
         _session(tiny_model("llama", seed=1), tok, ckpt)
 
@@ -94,10 +96,10 @@ def test_checkpoint_from_other_base_is_refused(tok, tmp_path):
 def test_rewriting_a_checkpoint_is_atomic(tok, tmp_path):
     session = _session(tiny_model("llama"), tok)
     session.apply(REQS[:1])
-    out = editing.write_checkpoint(session, tmp_path / "v1")
-    editing.write_checkpoint(session, out)  # overwrite in place
+    out = write_checkpoint(session, tmp_path / "v1")
+    write_checkpoint(session, out)  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]
-    assert editing.read_checkpoint(out)["manifest"]["edit_count"] == 1
+    assert read_checkpoint(out)["manifest"]["edit_count"] == 1
 
 
 def test_stats_cache_second_call_is_instant(tok, tmp_path, monkeypatch):
@@ -109,12 +111,12 @@ def test_stats_cache_second_call_is_instant(tok, tmp_path, monkeypatch):
     s = StatsSettings(corpus=str(corpus), tokens=200, seq_len=16, batch_size=4)
     h = weights_hash(model)
     roots = Paths(stats=str(tmp_path / "stats")).under(REPO)
-    cov, path, cached = editing.ensure_stats(model, tok, "tiny", [0, 1], s, h, roots)
+    cov, path, cached = ensure_stats(model, tok, "tiny", [0, 1], s, h, roots)
     assert not cached and set(cov) == {0, 1} and path.is_file()
-    cov2, path2, cached2 = editing.ensure_stats(model, tok, "tiny", [0, 1], s, h, roots)
+    cov2, path2, cached2 = ensure_stats(model, tok, "tiny", [0, 1], s, h, roots)
     assert cached2 and path2 == path and torch.equal(cov2[1], cov[1])
     s2 = dataclasses.replace(s, tokens=100)
-    _, path3, cached3 = editing.ensure_stats(model, tok, "tiny", [0, 1], s2, h, roots)
+    _, path3, cached3 = ensure_stats(model, tok, "tiny", [0, 1], s2, h, roots)
     assert not cached3 and path3 != path
 
 
@@ -124,7 +126,7 @@ def test_data_free_stats_corpus(tok, tmp_path):
 
     s = StatsSettings(corpus="self", tokens=64, seq_len=16, batch_size=2)
     roots = Paths(stats=str(tmp_path)).under(REPO)
-    cov, _, _ = editing.ensure_stats(model, tok, "tiny", [0], s, weights_hash(model), roots)
+    cov, _, _ = ensure_stats(model, tok, "tiny", [0], s, weights_hash(model), roots)
     assert cov[0].shape == (64, 64) and torch.isfinite(cov[0]).all()
 
 
@@ -135,5 +137,5 @@ def test_anchor_refuses_an_edited_model(tok, tmp_path):
         model.model.layers[0].mlp.down_proj.weight.add_(0.1)
     s = MemitSettings(layers=(0,), values=VALUES)
     with pytest.raises(RuntimeError, match="edited model"):
-        editing.ensure_anchor(model, tok, "tiny", "memit", s, h, Paths(anchors=str(tmp_path)).under(REPO))
+        ensure_anchor(model, tok, "tiny", "memit", s, h, Paths(anchors=str(tmp_path)).under(REPO))
     assert not any(Path(tmp_path).rglob("*.json"))

@@ -42,8 +42,8 @@ def test_a_flat_or_shrinking_norm_has_no_forecast():
 def test_each_night_records_the_forecast_and_status_shows_it(night, tmp_path):
     from test_refresh import FACTS, fact, write_batch
 
-    from flows import operations
-    from flows.ledger import Ledger
+    from flows.ledger.records import Ledger
+    from flows.refresh.flow import operations
 
     write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
     night()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.horizon import HorizonSettings, collapse_point, past_collapse, plot, verdict_point
+from flows.studies.horizon import HorizonSettings, collapse_point, past_collapse, plot, verdict_point
 
 
 def test_settings_reject_unknown_methods_and_bad_sizes():
@@ -18,8 +18,8 @@ def test_settings_reject_unknown_methods_and_bad_sizes():
 
 
 def test_measurements_use_the_studys_health_sizes():
-    from flows.config import config_for
-    from flows.horizon import cfg_eval
+    from flows.config.model import config_for
+    from flows.studies.horizon import cfg_eval
 
     s = HorizonSettings(general_items=7, canary_tokens=512)
     ev = cfg_eval(config_for("smollm2-135m"), s)
@@ -61,7 +61,7 @@ def test_plot_writes_a_png_with_a_line_per_method(tmp_path):
 
 
 def test_retention_sample_is_fixed_for_a_seed_and_bounded():
-    from flows.horizon import retention_sample
+    from flows.studies.horizon import retention_sample
 
     assert retention_sample(30, 10, 200, 0) == list(range(30))  # all earlier edits while few
     a, b = retention_sample(3000, 10, 200, 0), retention_sample(3000, 10, 200, 0)
@@ -73,7 +73,7 @@ def test_retention_sample_is_fixed_for_a_seed_and_bounded():
 
 
 def test_measurements_are_dense_first_then_sparse():
-    from flows.horizon import next_measurement
+    from flows.studies.horizon import next_measurement
 
     s = HorizonSettings(eval_every=250, eval_every_dense=100, dense_until=1000)
     marks, done = [], 0
@@ -85,7 +85,7 @@ def test_measurements_are_dense_first_then_sparse():
 
 
 def test_adding_a_method_keeps_the_study_folder(tmp_path):
-    from flows.horizon import study_dir
+    from flows.studies.horizon import study_dir
 
     a = study_dir(tmp_path, "m", HorizonSettings(methods=("memit",)), tmp_path / "s.json")
     b = study_dir(tmp_path, "m", HorizonSettings(methods=("memit", "alphaedit+nas")), tmp_path / "s.json")
@@ -93,7 +93,8 @@ def test_adding_a_method_keeps_the_study_folder(tmp_path):
 
 
 def test_amortised_line_judges_only_the_targets_stream(monkeypatch):
-    from flows import horizon, precision
+    from flows.engine import precision
+    from flows.studies import horizon
 
     monkeypatch.setattr(precision, "cpu_facts", lambda: {"cpu": "x", "bf16_flags": ["amx_bf16"]})
     pts = [{"edits": e, "seconds_per_edit": 0.8, "seconds_per_edit_all": s, "phase_seconds": {"values": 1.0}}

@@ -1,4 +1,4 @@
-"""Fact identity (flows.identity) and the text folding it rests on (nas_core.text): the same
+"""Fact identity (flows.ledger.identity) and the text folding it rests on (nas_core.text): the same
 fact cannot be re-edited to a contradictory target by changing case, whitespace, Unicode form
 or the relation id's spelling, nor twice in one batch."""
 
@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from flows.identity import identity_of, latest_facts
-from flows.validate import LedgerFact, ValidationSettings, validate_batch
+from flows.config.validation import ValidationSettings
+from flows.facts.validate import LedgerFact, validate_batch
+from flows.ledger.identity import identity_of, latest_facts
 from nas_core.text import fold, has_visible
 
 LEDGER = (LedgerFact("Colosseum", "P131", "Milan", "old-7", "2025-01-01", "The {} is located in the city of"),)

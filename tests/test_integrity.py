@@ -17,11 +17,13 @@ from safetensors.torch import load_file, save_file
 from test_refresh import FACTS, fact, make_params, write_batch
 from typer.testing import CliRunner
 
-from flows import inbox, operations
-from flows.checkpoints import CheckpointTampered
-from flows.ledger import Ledger, LedgerDamaged, parse_entry
-from flows.params import load_params
-from flows.validate import FLOW_RULE_SEVERITY, ValidationSettings, quarantine, validate_batch
+from flows.config.params import load_params
+from flows.config.validation import ValidationSettings
+from flows.engine.checkpoints import CheckpointTampered
+from flows.facts import inbox
+from flows.facts.validate import FLOW_RULE_SEVERITY, quarantine, validate_batch
+from flows.ledger.records import Ledger, LedgerDamaged, parse_entry
+from flows.refresh.flow import operations
 from nas_core.requests import RULE_SEVERITY
 
 night, tiny_folder, tracking_uri = test_refresh.night, test_refresh.tiny_folder, test_refresh.tracking_uri
@@ -35,7 +37,7 @@ def sha(data: bytes) -> str:
 # --- the bytes edited are the bytes recorded ------------------------------------------------------
 
 def test_a_batch_rewritten_mid_night_is_recorded_and_stored_as_edited(night, tmp_path, monkeypatch):
-    import flows.refresh as refresh
+    import flows.refresh.flow as refresh
 
     batch = write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
     edited = batch.read_bytes()
@@ -175,7 +177,7 @@ def test_a_tampered_champion_is_refused_by_load_status_and_audit(night, tmp_path
     status = operations.status(params)
     assert len(status["integrity"]) == 1
     assert_one_line(status["integrity"][0], name)
-    from flows.cli import app
+    from flows.cli.app import app
 
     params_file = next(tmp_path.glob("params*.yaml"))
     res = CliRunner().invoke(app, ["audit", "--params", str(params_file)])
@@ -245,7 +247,7 @@ def test_every_rule_is_documented_with_its_severity():
 # --- nas validate ---------------------------------------------------------------------------------
 
 def test_nas_validate_runs_the_nights_checks_without_moving_anything(tiny_folder, tmp_path, tracking_uri):
-    from flows.cli import app
+    from flows.cli.app import app
 
     params_file = make_params(tiny_folder, tmp_path, tracking_uri)
     good = write_batch(tmp_path / "good.jsonl", [fact(*FACTS[0])])

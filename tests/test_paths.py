@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.config import ConfigError
-from flows.params import load_params
+from flows.config.model import ConfigError
+from flows.config.params import load_params
 from flows.paths import ENV_PROJECT, Paths, project_root
-from flows.tracking import resolve_tracking_uri
+from flows.tracking.mlflow import resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def clone(tmp_path, monkeypatch) -> Path:
     """A second project folder with its own params.yaml, demo batch and model configs."""
-    monkeypatch.delenv(ENV_PROJECT, raising=False)
+    monkeypatch.setenv(ENV_PROJECT, "")  # recorded: whatever `nas --project` sets is undone afterwards
+    monkeypatch.delenv(ENV_PROJECT)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     other = tmp_path / "other-clone"
     (other / "data" / "demo" / "batches").mkdir(parents=True)
@@ -41,7 +42,7 @@ def test_the_root_is_explicit_then_the_environment_then_the_working_directory(cl
 
 
 def test_every_folder_of_a_second_clone_stays_in_that_clone(clone, monkeypatch):
-    from flows import operations
+    from flows.refresh.flow import operations
 
     monkeypatch.chdir(clone)
     params = load_params()
@@ -72,8 +73,8 @@ def test_root_is_not_a_params_key(tmp_path):
 
 
 def test_the_cli_reads_the_chosen_projects_ledger(clone, tmp_path, monkeypatch):
-    from flows.cli import app
-    from flows.ledger import Ledger
+    from flows.cli.app import app
+    from flows.ledger.records import Ledger
 
     Ledger(clone / "data" / "ledger.jsonl").append("quarantine", batch_id="b1", file_sha256="0" * 64,
                                                    stage="validation", problems={"x": 1})

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from flows import precision
+from flows.engine import precision
 from nas_core.editors import MemitEditor
 from nas_core.hooks import compute_in
 from nas_core.requests import EditRequest
@@ -95,7 +95,7 @@ def test_auto_is_resolved_at_the_edge_never_in_nas_core(tok, monkeypatch):
 
 
 def test_a_session_takes_the_recorded_path(tok):
-    from flows import editing
+    from flows.engine import editing
     from nas_core.deltas import weights_hash
 
     model = tiny_model("llama")
@@ -111,7 +111,7 @@ def test_a_session_takes_the_recorded_path(tok):
 
 
 def test_statistics_with_a_bf16_forward_stay_close_and_restore_the_model():
-    from flows.bench import max_principal_angle
+    from flows.studies.bench import max_principal_angle
     from nas_core.stats import second_moment, token_batches
 
     model = tiny_model("llama", layers=3)

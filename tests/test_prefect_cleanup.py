@@ -23,8 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows import prefect_runtime
-from flows.prefect_runtime import TOKEN_ENV, reap_orphans, records_dir
+from flows.refresh.flow import prefect_runtime
+from flows.refresh.prefect_runtime import TOKEN_ENV, reap_orphans, records_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ import sys, time
 from pathlib import Path
 from prefect import flow
 from prefect.server.api.server import SubprocessASGIServer
-from flows.prefect_runtime import claim_night
+from flows.refresh.prefect_runtime import claim_night
 
 @flow
 def trivial():
@@ -213,7 +213,8 @@ def test_records_that_cannot_be_read_are_dropped(tmp_path):
 
 
 def test_claim_night_records_the_process_and_its_exit_removes_the_record(tmp_path):
-    code = ("import os, sys; from pathlib import Path; from flows.prefect_runtime import claim_night, TOKEN_ENV\n"
+    code = ("import os, sys; from pathlib import Path\n"
+            "from flows.refresh.prefect_runtime import claim_night, TOKEN_ENV\n"
             "path = claim_night(Path(sys.argv[1])); assert path.exists(), path\n"
             "print(path, os.environ[TOKEN_ENV], path.read_text(), sep='\\n')")
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
@@ -230,12 +231,12 @@ def test_claim_night_records_the_process_and_its_exit_removes_the_record(tmp_pat
 def test_nas_refresh_claims_the_night_before_the_flow_runs(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    import flows.refresh
-    from flows.cli import app
+    import flows.refresh.flow
+    from flows.cli.app import app
 
     calls = []
     monkeypatch.setattr(prefect_runtime, "claim_night", lambda home=None: calls.append("claim"))
-    monkeypatch.setattr(flows.refresh, "nightly_refresh", lambda params: calls.append("flow") or [])
+    monkeypatch.setattr(flows.refresh.flow, "nightly_refresh", lambda *args: calls.append("flow") or [])
     result = CliRunner().invoke(app, ["refresh", "--params", str(REPO / "params.yaml")])
     assert result.exit_code == 0, result.output
     assert calls == ["claim", "flow"]

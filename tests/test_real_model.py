@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows import editing
-from flows.config import config_for
+from flows.config.model import config_for
+from flows.engine import editing
+from flows.engine.caches import ensure_anchor, ensure_stats
 from flows.paths import Paths
 from nas_core.deltas import weights_hash
 from nas_core.evaluate.scoring import target_nll
@@ -30,10 +31,10 @@ def test_alphaedit_nas_changes_the_target_and_keeps_paris(smollm2, tmp_path):
     stats = dataclasses.replace(cfg.stats, tokens=8_000)
     h = weights_hash(model)
     roots = Paths(stats=str(tmp_path / "stats"), anchors=str(tmp_path / "a")).under(Path.cwd())
-    cov, _, _ = editing.ensure_stats(model, tok, "smollm2-135m", cfg.alphaedit.layers, stats, h, roots)
+    cov, _, _ = ensure_stats(model, tok, "smollm2-135m", cfg.alphaedit.layers, stats, h, roots)
     s = cfg.method("alphaedit", nas=True)
     s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=4, pilot_batch_size=4))
-    rec, _, _ = editing.ensure_anchor(model, tok, "smollm2-135m", "alphaedit", s, h, roots)
+    rec, _, _ = ensure_anchor(model, tok, "smollm2-135m", "alphaedit", s, h, roots)
     a = rec["reference_norm"]
 
     req = EditRequest("smoke", "The {} is located in the city of", "Eiffel Tower", "Rome", "Paris")

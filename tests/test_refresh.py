@@ -14,8 +14,8 @@ import pytest
 import yaml
 from tiny import FACTS, fact
 
-from flows.ledger import Ledger
-from flows.params import load_params
+from flows.config.params import load_params
+from flows.ledger.records import Ledger
 
 TINY_CONFIG = {
     "model": None,  # set per session: the tiny model's folder
@@ -92,7 +92,7 @@ def tracking_uri(tmp_path_factory) -> str:
 @pytest.fixture
 def night(prefect, tiny_folder, tracking_uri, tmp_path, monkeypatch):
     """Run one nightly flow with params for this test: ``night(**overrides) -> (outcomes, params)``."""
-    from flows.refresh import nightly_refresh
+    from flows.refresh.flow import nightly_refresh
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
@@ -109,7 +109,7 @@ def champion_hash(params) -> str | None:
 
 
 def mlflow_champion(params):
-    from flows.tracking import Tracker, registered_model_name
+    from flows.tracking.mlflow import Tracker, registered_model_name
 
     tracker = Tracker(params.tracking.uri, params.tracking.experiment)
     return tracker, tracker.champion(registered_model_name("local--tiny-llama"))
@@ -186,7 +186,7 @@ def test_gate_rejects_a_collapsing_batch_and_keeps_the_champion_weights(night, t
 
 
 def test_rollback_and_manual_promote_move_the_champion(night, tmp_path):
-    from flows.operations import move_champion, status
+    from flows.refresh.operations import move_champion, status
 
     write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
     write_batch(tmp_path / "inbox" / "night-02.jsonl", [fact(*FACTS[1])])
@@ -224,7 +224,7 @@ def test_rerunning_a_night_never_applies_a_batch_twice(night, tmp_path):
 
 
 def test_a_second_refresh_does_not_run_while_one_holds_the_lock(night, tmp_path):
-    from flows.refresh import RefreshLocked, refresh_lock
+    from flows.refresh.flow import RefreshLocked, refresh_lock
 
     write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
     with refresh_lock(tmp_path / ".refresh.lock"):

@@ -1,7 +1,7 @@
 """A deleted ``mlflow.db`` (issue 12, item 11): the registry and the ``champion`` alias are rebuilt from the ledger.
 
 A real SQLite MLflow store in a temp folder; checkpoints are registered exactly as
-``flows.refresh.process_batch`` registers them (deltas + manifest from a staging copy).
+``flows.refresh.flow.process_batch`` registers them (deltas + manifest from a staging copy).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flows.tracking import (
+from flows.tracking.mlflow import (
     REBUILT_TAG,
     PromotedCheckpoint,
     RegistryRebuild,
@@ -28,7 +28,7 @@ DELTA_KEY = "model.layers.3.mlp.down_proj.weight"
 
 
 def write_checkpoint(folder: Path, edits: int) -> dict:
-    """A folder shaped like flows.editing.write_checkpoint output; returns its manifest."""
+    """A folder shaped like flows.engine.checkpoints.write_checkpoint output; returns its manifest."""
     folder.mkdir(parents=True)
     save_file({DELTA_KEY: torch.full((2, 2), float(edits))}, folder / "deltas.safetensors")
     save_file({"edit_count": torch.tensor([edits])}, folder / "state.safetensors")

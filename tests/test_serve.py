@@ -1,4 +1,4 @@
-"""``flows.serve``: schedule and server checks (fast), and a real server + served deployment (slow)."""
+"""``flows.refresh.serve``: schedule and server checks (fast), and a real server + served deployment (slow)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,15 @@ import httpx
 import pytest
 import yaml
 
-from flows.serve import ScheduleError, ServeError, check_cron, check_server, check_timezone, deployment_name, serve
+from flows.refresh.serve import (
+    ScheduleError,
+    ServeError,
+    check_cron,
+    check_server,
+    check_timezone,
+    deployment_name,
+    serve,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 180.0  # the server and the serving process each, on a loaded 2-core machine
@@ -248,7 +256,7 @@ def test_serve_against_a_real_server(tmp_path: Path) -> None:
     server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
     server_cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
                   "--no-ui"]
-    serve_code = ("from flows.serve import serve; "
+    serve_code = ("from flows.refresh.serve import serve; "
                   f"serve({str(params)!r}, cron='0 2 * * *', timezone='Europe/Berlin', retries=1, "
                   "retry_delay_seconds=5)")
     # The runner polls every 10 s by default; 1 s keeps the test short (the only test-only setting).
@@ -268,8 +276,8 @@ def test_serve_against_a_real_server(tmp_path: Path) -> None:
 
             dep = wait_for("the served deployment", deployment, STARTUP_TIMEOUT_S, served, serve_log)
             t_deployed = time.monotonic() - t0
-            assert dep.entrypoint == "flows.refresh.nightly_refresh"
-            assert dep.parameters == {"params_file": str(params.resolve())}
+            assert dep.entrypoint == "flows.refresh.flow.nightly_refresh"
+            assert dep.parameters == {"params_file": str(params.resolve()), "project": str(REPO)}
             assert not dep.paused
             [sched] = dep.schedules
             assert sched.active
@@ -299,7 +307,7 @@ def test_serve_against_a_real_server(tmp_path: Path) -> None:
             assert "concurrency limit" in (by_type[StateType.CANCELLED].state.message or "")
             ok = by_type[StateType.COMPLETED]
             assert ok.state.name == "Completed"
-            assert ok.parameters == {"params_file": str(params.resolve())}
+            assert ok.parameters == {"params_file": str(params.resolve()), "project": str(REPO)}
             # The engine records the served flow's own retry policy on the run it executes.
             assert ok.empirical_policy.retries == 1 and ok.empirical_policy.retry_delay == 5
             assert client.read_flow_run(ok.id).state.is_completed()

@@ -1,4 +1,4 @@
-"""flows.tracking against a real SQLite MLflow store in a temp folder (MLflow itself is not mocked)."""
+"""flows.tracking.mlflow against a real SQLite MLflow store in a temp folder (MLflow itself is not mocked)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flows import tracking
-from flows.tracking import (
+from flows.tracking.mlflow import (
     DEFAULT_EXPERIMENT,
     TRUNCATION_MARKER,
     Tracker,
@@ -26,6 +25,7 @@ from flows.tracking import (
     resolve_tracking_uri,
     sanitize_key,
 )
+from flows.tracking.mlflow import mlflow as tracking
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -42,7 +42,7 @@ def tracker(store) -> Tracker:
 
 
 def fake_checkpoint(folder: Path, model: str = "smollm2-135m", edits: int = 1) -> Path:
-    """A folder shaped like flows.editing.write_checkpoint output (safetensors + manifest.json)."""
+    """A folder shaped like flows.engine.write_checkpoint output (safetensors + manifest.json)."""
     folder.mkdir(parents=True)
     save_file({"model.layers.3.mlp.down_proj.weight": torch.full((2, 2), float(edits))}, folder / "deltas.safetensors")
     save_file({"edit_count": torch.tensor([edits])}, folder / "state.safetensors")
@@ -194,7 +194,7 @@ def test_mark_rejected_and_finish(tracker):
 
 
 def test_close_orphaned_runs_kills_only_running_runs(tracker):
-    from flows.tracking import Tracker
+    from flows.tracking.mlflow import Tracker
 
     # Its own experiment: other tests of the shared store leave runs open on purpose.
     tracker = Tracker(tracker.tracking_uri, experiment="orphan-test")

@@ -18,8 +18,9 @@ import pytest
 from tokenizers import Tokenizer, normalizers
 from transformers import PreTrainedTokenizerFast
 
-import flows.validate as validate_module
-from flows.validate import (
+import flows.facts.validate as validate_module
+from flows.config.validation import ValidationSettings
+from flows.facts.validate import (
     BATCH_POSITION,
     EXPECTATIONS,
     SUITE_NAME,
@@ -27,7 +28,6 @@ from flows.validate import (
     BatchValidation,
     ExpectationOutcome,
     LedgerFact,
-    ValidationSettings,
     batch_id_for,
     quarantine,
     validate_batch,

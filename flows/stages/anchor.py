@@ -1,7 +1,7 @@
 """Stage ``anchor``: the NAS reference norm of the base model -> ``data/anchors/MODEL/``.
 
 ``python -m flows.stages.anchor [--params FILE]``. Calibrates with
-:func:`flows.editing.base_anchor` for params.yaml's method and pilot count, as the nightly
+:func:`flows.engine.base_anchor` for params.yaml's method and pilot count, as the nightly
 flow does. With NAS off (``edit.nas: false``) there is no anchor; the stage writes
 ``NAS-OFF`` in the folder so the output exists.
 """
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import sys
 
+from flows.engine.loading import base_anchor, load_base
 from flows.stages.common import log, parser, recorded_settings, setup_logging, stage_params
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows import editing
 
     params = stage_params(parser(__doc__.split("\n")[0]).parse_args(argv))
     setup_logging()
-    base = editing.load_base(params)
-    if editing.base_anchor(base, params, recorded_settings(params), log) is None:
+    base = load_base(params)
+    if base_anchor(base, params, recorded_settings(params), log) is None:
         folder = params.roots.anchors / base.name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "NAS-OFF").write_text("edit.nas is false: no anchor\n", encoding="utf-8")

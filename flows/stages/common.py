@@ -1,8 +1,8 @@
 """What the DVC stages share: arguments, logging, and the lineage's recorded precision path.
 
 Every stage is ``python -m flows.stages.NAME [--params FILE] [--project DIR]`` run by
-``dvc repro`` from the project root; it reads params.yaml with :func:`flows.params.load_params`,
-loads through the nightly flow's own functions (:mod:`flows.editing`), logs with ``logging``
+``dvc repro`` from the project root; it reads params.yaml with :func:`flows.config.params.load_params`,
+loads through the nightly flow's own functions (:mod:`flows.engine.editing`), logs with ``logging``
 and never imports Prefect.
 """
 
@@ -12,7 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from flows.params import Params, load_params
+from flows.config.params import Params, load_params
 
 log = logging.getLogger("flows.stages")
 
@@ -37,8 +37,8 @@ def recorded_settings(params: Params):
     """The method settings on the precision path the lineage's first night took (its anchor was
     calibrated on it), never this machine's own ``auto`` choice; float32 for a lineage recorded
     before the setting existed, the machine's choice when nothing was promoted yet."""
-    from flows import precision
-    from flows.ledger import Ledger
+    from flows.engine import precision
+    from flows.ledger.records import Ledger
 
     settings = params.method_settings()
     promotions = Ledger(params.roots.ledger).promotions()

@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) > 1:
         print(__doc__, file=sys.stderr)
         return 2
-    from flows.params import load_params
+    from flows.config.params import load_params
 
     data_dir = Path(args[0]) if args else load_params().roots.shared_data
     print(f"data: {data_dir}")

@@ -3,7 +3,7 @@
 ``python -m flows.stages.evaluate [--params FILE] [--champion DIR] [--out-dir DIR]``.
 
 Loads the base model, puts the replayed checkpoint on top and runs
-:func:`flows.evaluation.evaluate` with the nightly flow's arguments at promotion time: the
+:func:`flows.engine.evaluation.evaluate` with the nightly flow's arguments at promotion time: the
 retention set the flow scored (the parent's facts not superseded by the last batch, then the
 whole last batch), the weight-norm ratios against the base model, the edit count, params.yaml's
 ``eval`` and ``collapse`` settings. On bit-identical weights the numbers equal the ledger's
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows.audit import (
+from flows.audit.audit import (
     CHAMPION_DIR,
     METRICS_JSON,
     NORMS_CSV,
@@ -36,23 +36,25 @@ from flows.audit import (
     write_csv,
     write_json,
 )
+from flows.engine.checkpoints import load_checkpoint_into
+from flows.engine.loading import load_base
 from flows.stages.common import log, parser, recorded_settings, setup_logging, stage_params
 
 
 def evaluate(params, champion: Path, out_dir: Path) -> dict:
-    from flows import editing, evaluation
-    from flows.ledger import Ledger
+    from flows.engine import evaluation
+    from flows.ledger.records import Ledger
     from nas_core.collapse import norm_ratios
     from nas_core.deltas import frobenius_norms, weights_hash
     from nas_core.spec import spec_for
 
     t0 = time.perf_counter()
-    base = editing.load_base(params)
+    base = load_base(params)
     cfg = params.model_config()
     names = [spec_for(base.model).weight_name(layer) for layer in recorded_settings(params).layers]
     original = frobenius_norms(base.model, names)
     base_ref = evaluation.base_reference(base.model, base.tok, base.name, base.base_hash, cfg.eval, params.roots)
-    manifest = editing.load_checkpoint_into(base.model, base.base_hash, champion)
+    manifest = load_checkpoint_into(base.model, base.base_hash, champion)
     if weights_hash(base.model) != manifest["weights_hash"]:
         raise RuntimeError(f"{champion} rebuilt to other weights than its manifest records")
     version = manifest.get("version")

@@ -2,10 +2,10 @@
 
 ``python -m flows.stages.replay [--params FILE] [--out DIR] [--metrics FILE]``.
 
-The edits go through the nightly flow's own functions: :func:`flows.editing.load_base`, the
+The edits go through the nightly flow's own functions: :func:`flows.engine.load_base`, the
 statistics and anchor the ``stats`` and ``anchor`` stages made (``base_stats`` /
 ``base_anchor``, found cached under the keys the flow uses), ``open_session``, then for every
-promote entry of the champion's lineage, oldest first, :func:`flows.editing.apply_in_batches`
+promote entry of the champion's lineage, oldest first, :func:`flows.engine.editing.apply_in_batches`
 (the night's ``edit`` step) over the batch's requests.
 Those requests are the accepted batch file's records in file order (the flow's
 ``validation.requests``: an accepted batch has no invalid record), *including* the ones NAS
@@ -17,8 +17,8 @@ Before editing, every batch is checked against the ledger (file sha256; records 
 compared with the one the ledger recorded for that version, so a divergence is pinned to
 its first version. Writes the checkpoint to ``--out`` and ``replay.json`` with
 ``weights_hash``, ``ledger_champion``, ``ledger_weights_hash``, ``match``, ``edits``,
-``seconds``, the per-version hashes and :func:`flows.audit.machine_info`. Exit status 0 even
-on a mismatch: the verdict is ``flows.audit``'s (and a mismatch must still be recorded).
+``seconds``, the per-version hashes and :func:`flows.audit.audit.machine_info`. Exit status 0 even
+on a mismatch: the verdict is ``flows.audit.audit``'s (and a mismatch must still be recorded).
 """
 
 from __future__ import annotations
@@ -28,22 +28,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows import precision
-from flows.audit import CHAMPION_DIR, REPLAY_JSON, champion_of, lineage_batches, machine_info, write_json
+from flows.audit.audit import CHAMPION_DIR, REPLAY_JSON, champion_of, lineage_batches, machine_info, write_json
+from flows.engine import precision
+from flows.engine.checkpoints import write_checkpoint
+from flows.engine.loading import base_anchor, base_stats, load_base
 from flows.stages.common import log, parser, recorded_settings, setup_logging, stage_params
 
 
 def replay(params, out: Path, metrics: Path, require_cached: bool = True) -> dict[str, Any]:
     """Rebuild the champion into ``out`` and write ``metrics`` (replay.json); returns its content."""
-    from flows import editing
-    from flows.ledger import Ledger
+    from flows.engine import editing
+    from flows.ledger.records import Ledger
     from nas_core.deltas import weights_hash
 
     t0 = time.perf_counter()
-    base = editing.load_base(params)
+    base = load_base(params)
     settings = recorded_settings(params)
-    cov = editing.base_stats(base, params, log, require_cached)
-    anchor = editing.base_anchor(base, params, settings, log, require_cached)
+    cov = base_stats(base, params, log, require_cached)
+    anchor = base_anchor(base, params, settings, log, require_cached)
     ledger = Ledger(params.roots.ledger)
     version, expected = champion_of(ledger)
     batches = lineage_batches(ledger, version, params.roots, params.edit.batch_size, params.validation.schema_policy())
@@ -53,7 +55,7 @@ def replay(params, out: Path, metrics: Path, require_cached: bool = True) -> dic
     session = editing.open_session(base.model, base.tok, base.name, params.edit.method, settings, cov,
                                    base.base_hash, anchor, None)
     versions = [_replay_batch(session, b) for b in batches]
-    editing.write_checkpoint(session, out, {"version": version, "replay": True, "ledger_weights_hash": expected})
+    write_checkpoint(session, out, {"version": version, "replay": True, "ledger_weights_hash": expected})
     rebuilt = weights_hash(session.model)
     doc = {
         "source": "replay",
@@ -80,7 +82,7 @@ def replay(params, out: Path, metrics: Path, require_cached: bool = True) -> dic
 def _replay_batch(session, b) -> dict[str, Any]:
     """One lineage batch through the night's own loop, on the precision path the night took
     (float32 for nights before the setting existed), never this machine's own choice."""
-    from flows import editing
+    from flows.engine import editing
     from nas_core.deltas import weights_hash
 
     session.use_path(*precision.recorded_path(b.entry))

@@ -1,6 +1,6 @@
 """Stage ``stats``: covariance statistics of every edited layer -> ``data/stats/MODEL/``.
 
-``python -m flows.stages.stats [--params FILE]``. Runs :func:`flows.editing.base_stats`, the
+``python -m flows.stages.stats [--params FILE]``. Runs :func:`flows.engine.base_stats`, the
 nightly flow's own call: every layer the model config edits (any method) with params.yaml's
 token budget, under the key the flow looks up, so the flow finds this file cached.
 """
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import sys
 
+from flows.engine.loading import base_stats, load_base
 from flows.stages.common import log, parser, setup_logging, stage_params
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows import editing
 
     params = stage_params(parser(__doc__.split("\n")[0]).parse_args(argv))
     setup_logging()
-    editing.base_stats(editing.load_base(params), params, log)
+    base_stats(load_base(params), params, log)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Run the nightly refresh on a schedule: a Prefect deployment served by this process.
 
-:func:`serve` registers :func:`flows.refresh.nightly_refresh` as the deployment
+:func:`serve` registers :func:`flows.refresh.flow.nightly_refresh` as the deployment
 ``nightly-refresh/nightly`` on a running Prefect server and then blocks, polling the server
 for runs and executing them (Prefect's ``flow.serve``), until it is interrupted.
 
@@ -150,7 +150,7 @@ def serve(params_file: Path | None, cron: str = "0 2 * * *", timezone: str = "UT
     """
     import yaml
 
-    from flows.params import load_params
+    from flows.config.params import load_params
 
     schedule = nightly_schedule(cron, timezone)
     if not name or any(c in name for c in "/%&<>"):
@@ -165,14 +165,14 @@ def serve(params_file: Path | None, cron: str = "0 2 * * *", timezone: str = "UT
         raise ServeError(f"params file {params_path} does not exist")
     try:
         load_params(params_path, project)  # a broken params.yaml fails now, not at 2 am
-    except (ValueError, yaml.YAMLError) as err:  # flows.config.ConfigError, the sections' own checks, bad YAML
+    except (ValueError, yaml.YAMLError) as err:  # flows.config.model.ConfigError, the sections' own checks, bad YAML
         raise ServeError(f"params file {params_path}: {err}") from err
     check_server()
 
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.refresh import nightly_refresh
+    from flows.refresh.flow import nightly_refresh
 
     flow = nightly_refresh.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     flow.serve(

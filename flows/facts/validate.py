@@ -47,17 +47,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from flows.identity import FactIdentity, identity_of, last_match
-from flows.inbox import BatchSnapshot, release, store, take_snapshot
+from flows.config.validation import ValidationSettings
+from flows.facts.inbox import BatchSnapshot, release, store, take_snapshot
 from flows.io import atomic_write_bytes
+from flows.ledger.identity import FactIdentity, identity_of, last_match
 from nas_core.prompts import SubjectNotFoundError, subject_last_token
 from nas_core.requests import (
     CASE_ID_PATTERN,
-    MAX_TEXT_CHARS,
     RULE_SEVERITY,
     EditRequest,
     RecordProblem,
-    SchemaPolicy,
     parse_fact_jsonl,
 )
 from nas_core.text import fold
@@ -76,7 +75,6 @@ BATCH_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: The whole file name (stem plus suffix) may only use the same characters.
 _FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
-CONFLICT_POLICIES = ("reject", "supersede")
 
 #: Rules this module adds to :data:`nas_core.requests.RULES` (``gx:`` rules are in
 #: :data:`EXPECTATIONS`).
@@ -91,7 +89,7 @@ RULES: Mapping[str, str] = MappingProxyType(
         "subject_not_located": "the subject's last token cannot be located in the tokenised filled prompt",
         "ledger_conflict": "an earlier batch wrote the same fact with another answer (policy 'reject')",
         "already_applied": "an earlier batch wrote the same fact with the same answer",
-        "duplicate_fact": "an earlier record of the same batch is about the same fact (flows.identity)",
+        "duplicate_fact": "an earlier record of the same batch is about the same fact (flows.ledger.identity)",
         "relation_id_missing": "the record has no relation_id: its fact is recognised by subject and template only",
     }
 )
@@ -122,93 +120,9 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 # --------------------------------------------------------------------------------------
 # Settings, ledger, outcome types
 # --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ValidationSettings:
-    """Thresholds of :func:`validate_batch`.
-
-    Attributes:
-        min_records: a batch with fewer records fails (GX row-count expectation). 0 lets an
-            empty batch pass.
-        max_records: a batch with more records fails (one night's edits are bounded).
-        max_prompt_chars: longest prompt template, in characters after stripping.
-        max_subject_chars: longest subject.
-        max_target_chars: longest ``target_new`` / ``target_true``.
-        max_target_tokens: most tokens a target may take (with its leading space, as the
-            editors tokenise it): each target token is one more optimisation target.
-        conflict_policy: ``"reject"``: a record that changes a fact an earlier batch wrote
-            fails with ``ledger_conflict``; ``"supersede"``: it is accepted and the ledger
-            fact is listed in :attr:`BatchValidation.superseded`.
-        max_file_bytes: a larger file is not read at all (``file_too_large``); 16 MiB is
-            far beyond ``max_records`` records of ``MAX_TEXT_CHARS`` texts. The size is
-            taken while the file is read in chunks, so a larger file is never held.
-        max_paraphrases, max_neighbourhood_prompts, max_generation_prompts: evaluation-only
-            lists are cut to this many items with a warning (``list_too_long``); each item
-            costs evaluation time that night and every later night (retention).
-        fold_confusables: fact identity and the target comparison map Cyrillic/Greek
-            look-alike letters to Latin (``nas_core.text.fold``).
-        max_problems_per_rule: reports list at most this many problems of one rule, then
-            the count of the rest (a batch of 50,000 bad records stays a readable report).
-    """
-
-    min_records: int = 1
-    max_records: int = 1000
-    max_prompt_chars: int = 300
-    max_subject_chars: int = 200
-    max_target_chars: int = 100
-    max_target_tokens: int = 16
-    conflict_policy: str = "reject"
-    max_file_bytes: int = 16 * 2**20
-    max_paraphrases: int = 20
-    max_neighbourhood_prompts: int = 20
-    max_generation_prompts: int = 10
-    fold_confusables: bool = True
-    max_problems_per_rule: int = 50
-
-    def __post_init__(self) -> None:
-        self.schema_policy()  # checks the list bounds
-        for name in (
-            "max_problems_per_rule",
-            "min_records",
-            "max_records",
-            "max_prompt_chars",
-            "max_subject_chars",
-            "max_target_chars",
-            "max_target_tokens",
-            "max_file_bytes",
-        ):
-            _check(_is_int(getattr(self, name)), f"validation.{name} must be an integer")
-        _check(self.min_records >= 0, "validation.min_records must be >= 0")
-        _check(
-            self.max_records >= max(1, self.min_records),
-            "validation.max_records must be >= 1 and >= min_records",
-        )
-        for name in ("max_prompt_chars", "max_subject_chars", "max_target_chars"):
-            # The parser already rejects longer texts, so a larger bound would only mislead.
-            _check(
-                1 <= getattr(self, name) <= MAX_TEXT_CHARS,
-                f"validation.{name} must be between 1 and {MAX_TEXT_CHARS}",
-            )
-        _check(self.max_target_tokens >= 1, "validation.max_target_tokens must be >= 1")
-        _check(
-            self.conflict_policy in CONFLICT_POLICIES,
-            f"validation.conflict_policy must be one of {CONFLICT_POLICIES}, got {self.conflict_policy!r}",
-        )
-        _check(self.max_file_bytes >= 1, "validation.max_file_bytes must be >= 1")
-        _check(self.max_problems_per_rule >= 1, "validation.max_problems_per_rule must be >= 1")
-
-    def schema_policy(self) -> SchemaPolicy:
-        """The parser's part of these settings."""
-        return SchemaPolicy(self.max_paraphrases, self.max_neighbourhood_prompts, self.max_generation_prompts,
-                            self.fold_confusables)
 
 
 @dataclass(frozen=True)
@@ -238,7 +152,7 @@ class LedgerFact:
         _check(bool(self.relation.strip() or self.template.strip()), "LedgerFact needs a relation or a template")
 
     def identity(self, confusables: bool = True) -> FactIdentity:
-        """This fact's identity (:mod:`flows.identity`)."""
+        """This fact's identity (:mod:`flows.ledger.identity`)."""
         return identity_of(self.subject, self.relation, self.template, confusables)
 
     @classmethod
@@ -881,7 +795,7 @@ def _ledger_problems(
     requests: Sequence[tuple[int, EditRequest]], ledger: Sequence[LedgerFact], s: ValidationSettings
 ) -> tuple[list[RecordProblem], list[LedgerFact]]:
     """``duplicate_fact``, ``already_applied``, ``ledger_conflict`` and ``relation_id_missing``
-    problems, and the superseded facts; identity is :mod:`flows.identity`'s."""
+    problems, and the superseded facts; identity is :mod:`flows.ledger.identity`'s."""
     conf = s.fold_confusables
     # Ledger order is application order: the last matching entry is what the model holds.
     known = [(fact.identity(conf), fact) for fact in ledger]
@@ -933,7 +847,7 @@ def validate_batch(
 ) -> BatchValidation:
     """Validate one batch; all-or-nothing (see the module docstring for the checks).
 
-    ``source`` is the night's :class:`~flows.inbox.BatchSnapshot` (the bytes that will be
+    ``source`` is the night's :class:`~flows.facts.inbox.BatchSnapshot` (the bytes that will be
     edited and stored) or a path, which is read once here. Problems with the content or
     name never raise: they are reported. Only I/O errors propagate.
     """
@@ -1171,7 +1085,7 @@ def quarantine(
     read them) under the file's name (``BATCH_ID.jsonl`` when the name is invalid), the
     reports of ``validation`` when given and ``reason.json`` (reason, time, sha256, original
     name and, for a symlink, what it pointed to). The inbox entry is then removed unless it
-    was rewritten meanwhile (:func:`flows.inbox.release`). Returns the folder.
+    was rewritten meanwhile (:func:`flows.facts.inbox.release`). Returns the folder.
 
     Raises:
         ValueError: ``validation`` is about other bytes than ``source``.
@@ -1210,7 +1124,6 @@ def quarantine(
 __all__ = [
     "BATCH_ID_PATTERN",
     "BATCH_POSITION",
-    "CONFLICT_POLICIES",
     "EXPECTATIONS",
     "RULES",
     "SUITE_NAME",
@@ -1218,7 +1131,6 @@ __all__ = [
     "BatchValidation",
     "ExpectationOutcome",
     "LedgerFact",
-    "ValidationSettings",
     "batch_id_for",
     "severity_of",
     "quarantine",

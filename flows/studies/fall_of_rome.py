@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from flows import editing
+from flows.engine import editing
 from nas_core.deltas import materialise
 from nas_core.evaluate.health import perplexity
 from nas_core.requests import EditRequest

@@ -7,13 +7,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flows.audit import record_promotion
-from flows.checkpoints import CheckpointTampered, verify_checkpoint
-from flows.inbox import scan_inbox
+from flows.audit.audit import record_promotion
+from flows.config.params import Params
+from flows.engine.checkpoints import CheckpointTampered, verify_checkpoint
+from flows.facts.inbox import scan_inbox
 from flows.io import sha256_file
-from flows.ledger import CHAMPION_EVENTS, Ledger, LedgerDamaged
-from flows.params import Params
-from flows.refresh import refresh_lock
+from flows.ledger.records import CHAMPION_EVENTS, Ledger, LedgerDamaged
+from flows.refresh.flow import refresh_lock
 from nas_core.collapse import norm_growth_per_edit
 
 
@@ -52,7 +52,7 @@ def verify_lineage(params: Params, ledger: Ledger, version: str | None, missing_
 
 
 def _forecast(params: Params, ledger: Ledger, version: str) -> dict[str, float | None] | None:
-    from flows.refresh import lineage_forecast
+    from flows.refresh.flow import lineage_forecast
 
     try:
         return lineage_forecast(ledger, version, params.model_config().collapse.max_norm_ratio)
@@ -103,7 +103,7 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
 
     The checkpoint folder must still rebuild the weights the ledger recorded; the MLflow
     ``champion`` alias follows when ``tracker`` is given, and the DVC audit record
-    (:func:`flows.audit.record_promotion`; its problems are in the returned entry's
+    (:func:`flows.audit.audit.record_promotion`; its problems are in the returned entry's
     ``audit_problems``). Holds the refresh lock.
     """
     ledger = Ledger(params.roots.ledger)
@@ -128,7 +128,7 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
         # The DVC record follows the ledger (data/replay/champion, dvc.lock), so `dvc status` stays clean.
         entry["audit_problems"] = record_promotion(params)
     if tracker is not None:
-        from flows.tracking import registered_model_name
+        from flows.tracking.mlflow import registered_model_name
 
         name = registered_model_name(Path(json.loads(manifest.read_text(encoding="utf-8"))["model"]).name)
         mv = tracker.version_for_label(name, version)

@@ -1,6 +1,6 @@
 """params.yaml: the nightly refresh's settings, one frozen dataclass per section, strictly loaded.
 
-Unknown keys and wrong types are errors naming the key path (``flows.config.build``). The
+Unknown keys and wrong types are errors naming the key path (``flows.config.model.build``). The
 model's own editing settings (layers, lambda, NAS...) come from ``configs/MODEL.yaml``;
 params.yaml picks the model and method and holds everything about the pipeline itself.
 """
@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from flows.config import ConfigError, ModelConfig, build, config_for
+from flows.config.model import ConfigError, ModelConfig, build, config_for
+from flows.config.validation import ValidationSettings
 from flows.paths import Paths, Roots, project_root
-from flows.validate import ValidationSettings
 from nas_core.collapse import CollapseSettings
 from nas_core.settings import EvalSettings
 

@@ -19,8 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from flows import editing
-from flows.config import ConfigError, ModelConfig, config_for
+from flows.config.model import ConfigError, ModelConfig, config_for
+from flows.engine import editing
+from flows.engine.caches import ensure_anchor, ensure_stats
+from flows.engine.checkpoints import load_checkpoint_into, write_checkpoint
 from flows.paths import ENV_PROJECT, Roots, project_root
 from nas_core.requests import EditRequest
 
@@ -58,7 +60,7 @@ def _progress() -> Progress:
 
 def _roots() -> Roots:
     """The project's folders (params.yaml ``paths``; defaults without a params.yaml)."""
-    from flows.params import load_params
+    from flows.config.params import load_params
 
     try:
         return load_params().roots
@@ -86,7 +88,7 @@ def _method(cfg: ModelConfig, method: str, nas: bool | None, pilots: int | None 
 
 def _load(model: str, fetch: bool = True):
     """Fetch (no-op when present) and load a model; returns (model, tok, name, base hash)."""
-    from flows.assets import fetch_model, load_model
+    from flows.assets.models import fetch_model, load_model
     from nas_core.deltas import weights_hash
 
     result = fetch_model(model, _roots().models) if fetch else None
@@ -106,7 +108,7 @@ def _stats(m, tok, name, cfg: ModelConfig, base_hash: str, layers, force: bool =
             bar.update(task, completed=done, total=total,
                        rate=f"{done / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
-        cov, path, cached = editing.ensure_stats(m, tok, name, layers, cfg.stats, base_hash, _roots(), progress=tick,
+        cov, path, cached = ensure_stats(m, tok, name, layers, cfg.stats, base_hash, _roots(), progress=tick,
                                                  force=force)
     console.print(f"statistics {'(cached) ' if cached else ''}{path}")
     return cov
@@ -117,7 +119,7 @@ def _anchor(m, tok, name, method, settings, base_hash) -> float | None:
         return None
     with _progress() as bar:
         task = bar.add_task("NAS pilots", total=settings.nas.pilots, rate="")
-        rec, path, cached = editing.ensure_anchor(
+        rec, path, cached = ensure_anchor(
             m, tok, name, method, settings, base_hash, _roots(),
             progress=lambda d, t: bar.update(task, completed=d, total=t, rate=""))
     console.print(f"NAS reference norm a = {rec['reference_norm']:.3f} "
@@ -156,7 +158,7 @@ def fetch_model_cmd(
     force: Annotated[bool, typer.Option(help="fetch again even when present")] = False,
 ) -> None:
     """Fetch a model and save it as an fp32 safetensors folder under data/models/."""
-    from flows.assets import fetch_model
+    from flows.assets.models import fetch_model
 
     result = fetch_model(name, _roots().models, force=force)
     out.print(f"{result.path} {'(already present, nothing to do)' if result.already_present else ''}")
@@ -218,7 +220,7 @@ def edit(
             session.apply(reqs[i : i + batch_size])
             done = min(i + batch_size, len(reqs))
             bar.update(task, completed=done, rate=f"{(time.perf_counter() - t0) / done:.2f} s/edit")
-    editing.write_checkpoint(session, out_dir, {"requests_file": str(requests)})
+    write_checkpoint(session, out_dir, {"requests_file": str(requests)})
     skipped = sum(r["skipped"] for r in session.request_log[-len(reqs):])
     out.print(f"wrote {out_dir}: {len(reqs) - skipped} edits, {skipped} skipped by NAS, "
               f"{time.perf_counter() - t0:.1f} s")
@@ -235,7 +237,7 @@ def export(
     from nas_core.deltas import weights_hash
 
     try:
-        manifest = editing.load_checkpoint_into(m, h, checkpoint)
+        manifest = load_checkpoint_into(m, h, checkpoint)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     got = weights_hash(m)
@@ -258,7 +260,7 @@ def eval_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """Edit metrics, model health and the collapse verdict of a checkpoint (or the base model)."""
-    from flows import evaluation
+    from flows.engine import evaluation
     from nas_core.collapse import norm_ratios
     from nas_core.deltas import frobenius_norms
 
@@ -269,7 +271,7 @@ def eval_cmd(
     ratios, edits, manifest = None, 0, {}
     if checkpoint is not None:
         try:
-            manifest = editing.load_checkpoint_into(m, h, checkpoint)
+            manifest = load_checkpoint_into(m, h, checkpoint)
         except ValueError as err:
             raise typer.BadParameter(str(err)) from None
         names = manifest["edited_weights"]
@@ -358,7 +360,7 @@ def _with_dtype(compute_dtype: str | None):
     """A settings_fn that forces the v* compute path (None: keep the config's)."""
     if compute_dtype is None:
         return None
-    from flows import precision
+    from flows.engine import precision
 
     return lambda s: precision.with_path(s, compute_dtype)
 
@@ -376,7 +378,8 @@ def bench_efficacy(
 
     Example: nas bench efficacy --methods alphaedit+nas --compute-dtype bfloat16
     """
-    from flows import bench, precision
+    from flows.engine import precision
+    from flows.studies import bench
 
     reqs = bench.counterfact_cases(_roots(), cases)
     results = {}
@@ -410,8 +413,9 @@ def bench_fall_of_rome(
     """
     import dataclasses as dc
 
-    from flows import bench, evaluation, fall_of_rome, precision
-    from flows.horizon import stream_requests
+    from flows.engine import evaluation, precision
+    from flows.studies import bench, fall_of_rome
+    from flows.studies.horizon import stream_requests
     from nas_core.evaluate.health import perplexity
 
     s = fall_of_rome.FallSettings(cases=cases)
@@ -459,7 +463,8 @@ def bench_speed(
     Example: nas bench speed --compute-dtype bfloat16 --pilots 30
     Example: nas bench speed --stream 1000 --batch-size 10
     """
-    from flows import bench, precision
+    from flows.engine import precision
+    from flows.studies import bench
 
     if stream is not None:
         _stream_speed(model, f"{method}{'+nas' if nas else ''}", stream, batch_size, pilots, compute_dtype)
@@ -477,8 +482,9 @@ def bench_speed(
 
 def _stream_speed(model: str, label: str, n: int, batch_size: int, pilots: int | None, compute_dtype) -> None:
     """``nas bench speed --stream``: one method of the horizon flow, its phases and the target."""
-    from flows import precision, prefect_runtime
-    from flows.horizon import HorizonSettings, amortised_line, horizon_study
+    from flows.engine import precision
+    from flows.refresh.flow import prefect_runtime
+    from flows.studies.horizon import HorizonSettings, amortised_line, horizon_study
 
     try:
         settings = HorizonSettings(methods=(label,), stream_length=n, batch_size=batch_size, eval_every=250,
@@ -516,7 +522,8 @@ def bench_stats(
 
     Example: nas bench stats --tokens 250000 --bf16
     """
-    from flows import bench, precision
+    from flows.engine import precision
+    from flows.studies import bench
 
     cfg = _config(model, config)
     m, tok, name, _ = _load(model)
@@ -560,7 +567,7 @@ def bench_layer_sweep(
     out_file: Annotated[Path, typer.Option("--out")] = Path("bench/layer_sweep.json"),
 ) -> None:
     """r-ROME (NAS off) at each layer alone: where do edits stick and generalise?"""
-    from flows import bench
+    from flows.studies import bench
 
     cfg = _config(model, None)
     ls = [int(x) for x in layers.split(",")]
@@ -591,7 +598,7 @@ def bench_trace(
     out_file: Annotated[Path | None, typer.Option("--out", help="[default: bench/trace-MODEL.json]")] = None,
 ) -> None:
     """Causal tracing (ROME): the indirect effect of each layer's MLP at the subject's last token."""
-    from flows import bench
+    from flows.studies import bench
     from nas_core.settings import TraceSettings
     from nas_core.spec import spec_for
     from nas_core.trace import answer_probability, best_band, causal_trace, first_mlp_free
@@ -665,8 +672,9 @@ def bench_horizon(
     Example: nas bench horizon --methods memit,memit+nas --stream-length 3000 --batch-size 10
     --eval-every 250 --eval-every-dense 100 --dense-until 1000 --compute-dtype auto
     """
-    from flows import precision, prefect_runtime
-    from flows.horizon import HorizonSettings, horizon_study
+    from flows.engine import precision
+    from flows.refresh.flow import prefect_runtime
+    from flows.studies.horizon import HorizonSettings, horizon_study
 
     try:
         given = {"stream_length": stream_length, "batch_size": batch_size, "eval_every": eval_every,
@@ -705,7 +713,7 @@ ParamsOpt = Annotated[Path | None, typer.Option("--params", help="the pipeline's
 
 
 def _params(path: Path):
-    from flows.params import load_params
+    from flows.config.params import load_params
 
     try:
         return load_params(path)
@@ -714,7 +722,7 @@ def _params(path: Path):
 
 
 def _tracker(params):
-    from flows.tracking import Tracker, TrackingError, resolve_tracking_uri
+    from flows.tracking.mlflow import Tracker, TrackingError, resolve_tracking_uri
 
     try:
         return Tracker(resolve_tracking_uri(params.tracking.uri or None, params.root), params.tracking.experiment)
@@ -729,10 +737,9 @@ def refresh(
     demo: Annotated[bool, typer.Option("--demo", help="run the shipped demo nights, one flow run each")] = False,
 ) -> None:
     """Run the nightly refresh now (one Prefect flow run) over every batch in the inbox."""
-    from flows import operations, prefect_runtime
-    from flows.checkpoints import CheckpointTampered
-    from flows.ledger import LedgerDamaged
-    from flows.refresh import RefreshLocked, nightly_refresh
+    from flows.engine.checkpoints import CheckpointTampered
+    from flows.ledger.records import LedgerDamaged
+    from flows.refresh.flow import RefreshLocked, nightly_refresh, operations, prefect_runtime
 
     params = _params(params_file)
     t0 = time.perf_counter()
@@ -794,7 +801,7 @@ def status(
 
     Example: nas status --verify
     """
-    from flows import operations
+    from flows.refresh.flow import operations
 
     s = operations.status(_params(params_file), verify=verify)
     bad = bool(s["ledger_damage"] or s["integrity"])
@@ -848,8 +855,8 @@ def validate_cmd(
     """
     from transformers import AutoTokenizer
 
-    from flows.assets import fetch_model
-    from flows.refresh import champion_facts, check_batch
+    from flows.assets.models import fetch_model
+    from flows.refresh.flow import champion_facts, check_batch
 
     params = _params(params_file)
     fetched = fetch_model(params.model_config().model, params.roots.models, show_progress=False)
@@ -880,8 +887,7 @@ def validate_cmd(
 
 
 def _move_champion(params_file: Path, version: str, event: str, reason: str) -> None:
-    from flows import operations
-    from flows.refresh import RefreshLocked
+    from flows.refresh.flow import RefreshLocked, operations
 
     params = _params(params_file)
     try:
@@ -925,9 +931,9 @@ def audit(
     """Does the replayed champion (dvc repro) have the weights hash the ledger promoted? Exit 0 only if so."""
     import subprocess
 
-    from flows import audit as auditing
-    from flows import operations
-    from flows.ledger import Ledger, LedgerDamaged
+    from flows.audit.audit import audit as auditing
+    from flows.ledger.records import Ledger, LedgerDamaged
+    from flows.refresh.flow import operations
 
     params = _params(params_file)
     try:
@@ -970,8 +976,8 @@ def serve(
 
     Needs `prefect server start` and PREFECT_API_URL (README: "Scheduling"). No two runs overlap.
     """
-    from flows.serve import ServeError
-    from flows.serve import serve as serve_flow
+    from flows.refresh.serve import ServeError
+    from flows.refresh.serve import serve as serve_flow
 
     try:
         serve_flow(params_file, cron=cron, timezone=timezone, name=name, retries=retries,

@@ -49,10 +49,10 @@ An auditor then runs::
     dvc pull                               # ledger, accepted batches, model, stats, anchor, champion
     dvc repro --force --single-item replay # rebuild the champion from the base model
     dvc repro evaluate                     # score it (runs when the rebuilt folder differs)
-    python -m flows.audit                  # or `nas audit`: "reproduced" or "MISMATCH"
+    python -m flows.audit.audit                  # or `nas audit`: "reproduced" or "MISMATCH"
 
 ``dvc repro`` alone does nothing after :func:`record_promotion` (the pipeline is up to date
-by construction), hence ``--force --single-item replay``; ``python -m flows.audit --repro``
+by construction), hence ``--force --single-item replay``; ``python -m flows.audit.audit --repro``
 does the two ``dvc repro`` calls itself. ``dvc metrics diff`` then compares the promotion's
 metrics with the replay's, and ``dvc diff`` lists which files of ``data/replay/champion``
 changed (only ``manifest.json`` with its timings when the weights reproduce).
@@ -83,11 +83,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.editing import replace_dir
-from flows.identity import FactIdentity, identity_of, latest_facts
+from flows.config.params import Params, load_params
+from flows.engine.checkpoints import replace_dir
 from flows.io import sha256_file  # noqa: F401 (re-exported: callers hash batches with it)
-from flows.ledger import Ledger
-from flows.params import Params, load_params
+from flows.ledger.identity import FactIdentity, identity_of, latest_facts
+from flows.ledger.records import Ledger
 from flows.paths import Roots, project_root
 from nas_core.requests import EditRequest, SchemaPolicy, parse_fact_jsonl
 
@@ -277,8 +277,8 @@ def lineage_batches(ledger: Ledger, version: str | None, roots: Roots, batch_siz
 
 def held_facts(batches: Sequence[LineageBatch], confusables: bool) -> list[tuple[EditRequest, str]]:
     """``(request, batch id)`` of every fact the champion holds, oldest first: a later record
-    of the same fact (:mod:`flows.identity`) replaces an earlier one. The night's retention
-    set and ledger facts (``flows.refresh.lineage_requests``) are this list."""
+    of the same fact (:mod:`flows.ledger.identity`) replaces an earlier one. The night's retention
+    set and ledger facts (``flows.refresh.flow.lineage_requests``) are this list."""
     pairs = [(r, b.batch_id) for b in batches for r in b.requests if r.case_id in set(b.request_ids)]
     return latest_facts(pairs, lambda pair: _identity(pair[0], confusables))
 
@@ -423,7 +423,7 @@ def write_promotion_outputs(params: Params) -> dict[str, Any] | None:
     write_json(repo / REPLAY_JSON, {
         "source": "promotion", "weights_hash": whash, "ledger_champion": version, "ledger_weights_hash": whash,
         "match": True, "edits": record["edits"], "seconds": 0.0, "machine": machine,
-        "note": "written at promotion by flows.audit.record_promotion; nothing was replayed: "
+        "note": "written at promotion by flows.audit.audit.record_promotion; nothing was replayed: "
                 "run `dvc repro --force --single-item replay` to rebuild"})
     retention = {k.removeprefix("retention."): v for k, v in (entry.get("metrics") or {}).items()
                  if k.startswith("retention.")}
@@ -480,7 +480,7 @@ def _dvc_sync(params: Params, push: bool) -> list[str]:
             add.append(str(p.resolve().relative_to(repo.resolve())))
         else:
             problems.append(f"{p} is outside the repository: DVC cannot track it")
-    cmd = [sys.executable, "-m", "flows.audit", "--dvc-sync", *(["--no-push"] if not push else []), "--", *add]
+    cmd = [sys.executable, "-m", "flows.audit.audit", "--dvc-sync", *(["--no-push"] if not push else []), "--", *add]
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=3600)
     lines = done.stdout.strip().splitlines()
@@ -623,7 +623,7 @@ def audit(params: Params) -> AuditResult:
         return result(NOT_REPLAYED, f"{REPLAY_JSON} is missing: run `dvc repro --force --single-item replay`")
     if replay.get("source") != "replay":
         return result(NOT_REPLAYED, f"{REPLAY_JSON} was written at promotion, nothing was rebuilt: run "
-                                    "`dvc repro --force --single-item replay` (or `python -m flows.audit --repro`)")
+                                    "`dvc repro --force --single-item replay` (or `nas audit --repro`)")
     if replay.get("ledger_champion") != version:
         return result(STALE, f"the replay rebuilt {replay.get('ledger_champion') or 'the base model'}, but the "
                              f"ledger's champion is {version or 'the base model'}: run the replay again")
@@ -658,7 +658,7 @@ def repro(repo: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.audit", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flows.audit.audit", description=__doc__.split("\n")[0])
     parser.add_argument("--repo", type=Path, default=None, help="the project directory (default: the working one)")
     parser.add_argument("--repro", action="store_true", help="run the replay and evaluate stages first")
     parser.add_argument("--record", action="store_true", help="record the current champion (record_promotion)")

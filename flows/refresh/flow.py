@@ -14,7 +14,7 @@ every batch in the inbox, in name order. For each batch:
    champion's weights in memory, quarantine the batch with the failed checks and tag the
    MLflow run rejected.
 
-The ledger (``flows.ledger``) is the source of truth: the MLflow alias is re-synced to it
+The ledger (``flows.ledger.records``) is the source of truth: the MLflow alias is re-synced to it
 at the start of every run, and a batch whose file hash is already in the champion's
 lineage is never applied again. Writes are atomic, and a lock file keeps two refreshes
 from editing at once.
@@ -38,15 +38,16 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows import editing, evaluation
-from flows.audit import held_facts, lineage_batches, machine_info, record_promotion, retention_set
-from flows.checkpoints import file_hashes
-from flows.inbox import BatchSnapshot, InboxScan, NotARegularFile, release, scan_inbox, store, take_snapshot
+from flows.audit.audit import held_facts, lineage_batches, machine_info, record_promotion, retention_set
+from flows.config.params import Params, load_params
+from flows.engine import editing, evaluation
+from flows.engine.checkpoints import file_hashes, write_checkpoint
+from flows.engine.loading import base_anchor, base_stats, load_base
+from flows.facts.inbox import BatchSnapshot, InboxScan, NotARegularFile, release, scan_inbox, store, take_snapshot
+from flows.facts.validate import BatchValidation, LedgerFact, batch_id_for, quarantine, validate_batch, write_report
 from flows.io import code_version, sha256_file
-from flows.ledger import Ledger
-from flows.params import Params, load_params
-from flows.tracking import PromotedCheckpoint, Tracker, norm_plot, registered_model_name, resolve_tracking_uri
-from flows.validate import BatchValidation, LedgerFact, batch_id_for, quarantine, validate_batch, write_report
+from flows.ledger.records import Ledger
+from flows.tracking.mlflow import PromotedCheckpoint, Tracker, norm_plot, registered_model_name, resolve_tracking_uri
 from nas_core.collapse import Check, forecast, norm_ratios
 from nas_core.evaluate.counterfact import edit_metrics
 from nas_core.requests import EditRequest
@@ -112,7 +113,7 @@ def free_target(path: Path, folder: Path) -> Path:
 # --- what the champion knows ------------------------------------------------------------------
 
 def lineage_requests(ledger: Ledger, version: str | None, params: Params) -> tuple[list[EditRequest], list[LedgerFact]]:
-    """Every request the champion holds and its ledger facts: ``flows.audit.held_facts`` of the
+    """Every request the champion holds and its ledger facts: ``flows.audit.audit.held_facts`` of the
     lineage, each accepted batch checked against the ledger's hash (the audit's own code)."""
     batches = lineage_batches(ledger, version, params.roots, params.edit.batch_size, params.validation.schema_policy())
     pairs = held_facts(batches, params.validation.fold_confusables)
@@ -174,9 +175,9 @@ def load_champion(params: Params, ledger: Ledger) -> dict[str, Any]:
 
     logger = get_run_logger()
     s = params.method_settings()
-    base = editing.load_base(params)
-    cov = editing.base_stats(base, params, logger)
-    anchor = editing.base_anchor(base, params, s, logger)
+    base = load_base(params)
+    cov = base_stats(base, params, logger)
+    anchor = base_anchor(base, params, s, logger)
     base_ref = evaluation.base_reference(base.model, base.tok, base.name, base.base_hash, params.model_config().eval,
                                          params.roots)
     champ = ledger.champion()
@@ -227,7 +228,7 @@ def edit(session: editing.EditSession, requests: list[EditRequest], batch_size: 
 @task(cache_policy=NO_CACHE)
 def evaluate_candidate(session: editing.EditSession, new: list[EditRequest], retained: list[EditRequest],
                        base_ref: dict[str, Any], params: Params) -> dict[str, Any]:
-    """Metrics of the edited model: the new batch alone, and retention (:func:`flows.audit.retention_set`)
+    """Metrics of the edited model: the new batch alone, and retention (:func:`flows.audit.audit.retention_set`)
     + health over everything."""
     cfg = params.model_config()
     names = list(session.base)
@@ -383,7 +384,7 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
                 "folder": str(folder)}
 
     version = next_version(roots.checkpoints)
-    ckpt = editing.write_checkpoint(session, roots.checkpoints / version,
+    ckpt = write_checkpoint(session, roots.checkpoints / version,
                                     {"version": version, "batch_id": batch_id, "batch_sha256": file_hash})
     manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
     model_name = registered_model_name(loaded["name"])
@@ -509,7 +510,7 @@ def nightly_refresh(params_file: str | None = None, project: str | None = None) 
 
 @task(name="record-dvc-audit", cache_policy=NO_CACHE)
 def record_audit(params: Params) -> None:
-    """Record the night's ledger, batches and champion in DVC (``flows.audit.record_promotion``),
+    """Record the night's ledger, batches and champion in DVC (``flows.audit.audit.record_promotion``),
     so that ``dvc status`` is clean afterwards and ``dvc repro`` can rebuild the champion.
 
     Never fails the night (the promotion already stands): problems are warnings. A ledger

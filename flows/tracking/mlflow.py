@@ -772,7 +772,7 @@ def _checkpoint_problem(promo: PromotedCheckpoint) -> str | None:
         log.warning("cannot re-register %s: %s lacks %s", promo.version_label, promo.checkpoint, ", ".join(absent))
         return "missing"
     try:
-        from flows.checkpoints import verify_checkpoint
+        from flows.engine.checkpoints import verify_checkpoint
 
         recorded = verify_checkpoint(promo.checkpoint, promo.files).get("weights_hash")
     except (OSError, ValueError, AttributeError) as exc:  # CheckpointTampered is a ValueError

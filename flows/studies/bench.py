@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
-from flows import editing
+from flows.engine import editing
+from flows.engine.caches import corpus_text, corpus_token_ids
+from flows.io import atomic_write_text
 from flows.paths import Roots
 from nas_core.deltas import materialise
 from nas_core.evaluate.scoring import prefers_new
@@ -94,7 +96,7 @@ def speed(session: editing.EditSession, reqs: list[EditRequest]) -> dict[str, An
 
 
 def write_json(path: Path, data: Any) -> None:
-    editing.atomic_write_text(path, json.dumps(data, indent=1, default=str))
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
 def base_answers(model, tok, reqs) -> torch.Tensor:
@@ -162,8 +164,8 @@ def time_stats(model, tok, layers, settings, tokens: int, wikitext: Path, progre
     from nas_core.spec import spec_for
     from nas_core.stats import second_moment, token_batches
 
-    text, corpus_desc = editing.corpus_text(settings, model, tok, wikitext)
-    ids = editing.corpus_token_ids(tok, text, tokens)
+    text, corpus_desc = corpus_text(settings, model, tok, wikitext)
+    ids = corpus_token_ids(tok, text, tokens)
     spec = spec_for(model)
     t0 = time.perf_counter()
     sm = second_moment(model, spec, layers, token_batches(ids, settings.seq_len, settings.batch_size),

@@ -16,7 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from flows.editing import atomic_write_text, corpus_token_ids, digest, now
+from flows.engine.caches import corpus_token_ids
+from flows.io import atomic_write_text, digest, now
 from flows.paths import Roots
 from nas_core.collapse import CollapseSettings, HealthSnapshot, Verdict, norm_growth_per_edit, verdict
 from nas_core.evaluate.counterfact import edit_metrics

@@ -25,9 +25,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows import editing, evaluation, precision
-from flows.config import ModelConfig
-from flows.io import code_version
+from flows.config.model import ModelConfig
+from flows.engine import editing, evaluation, precision
+from flows.engine.caches import ensure_anchor, ensure_stats
+from flows.engine.checkpoints import write_checkpoint
+from flows.io import atomic_write_text, code_version, digest, now
 from flows.paths import Roots
 from nas_core.collapse import norm_ratios
 from nas_core.deltas import edited_weights, frobenius_norms, materialise
@@ -115,7 +117,7 @@ def study_dir(root: Path, model_name: str, settings: HorizonSettings, source: Pa
     the same study, and the methods already measured are resumed, not redone.
     """
     shape = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("methods", "stop_after_collapse")}
-    key = editing.digest({"model": model_name, "settings": shape, "source": source.name})
+    key = digest({"model": model_name, "settings": shape, "source": source.name})
     return root / f"{model_name}-{key}"
 
 
@@ -218,7 +220,7 @@ def run_method(
                  "seconds_per_edit_all": round((edit_seconds + measure_seconds) / done, 3),
                  "retention_sample": {"seed": settings.retention_seed, "size": settings.retention_sample,
                                       "indices": sample}, "v_norm_before_mean": _v_norm_mean(session, log_mark),
-                 "machine": precision.cpu_facts()["cpu"], "code_version": code_version(), "measured_at": editing.now()}
+                 "machine": precision.cpu_facts()["cpu"], "code_version": code_version(), "measured_at": now()}
         points.append(point)
         log_mark = len(session.request_log)
         _save_points(session, label, out, points)
@@ -243,7 +245,7 @@ def _method_session(label: str, model, tok, model_name: str, cfg: ModelConfig, s
         s = precision.with_path(s, settings.compute_dtype)
     anchor = None
     if nas:
-        rec, _, _ = editing.ensure_anchor(model, tok, model_name, method, s, base_hash, roots)
+        rec, _, _ = ensure_anchor(model, tok, model_name, method, s, base_hash, roots)
         anchor = float(rec["reference_norm"])
     resume = ckpt_dir if (ckpt_dir / "manifest.json").is_file() else None
     man = json.loads((resume / "manifest.json").read_text(encoding="utf-8")) if resume is not None else None
@@ -257,8 +259,8 @@ def _save_points(session: editing.EditSession, label: str, out: Path, points: li
     """The method's checkpoint with its points, and points.json (readable while the study runs:
     scripts/horizon_report.py gathers them)."""
     done = points[-1]["edits"]
-    editing.write_checkpoint(session, out / label / "checkpoint", {"horizon_points": points, "horizon_edits": done})
-    editing.atomic_write_text(out / label / "points.json", json.dumps(
+    write_checkpoint(session, out / label / "checkpoint", {"horizon_points": points, "horizon_edits": done})
+    atomic_write_text(out / label / "points.json", json.dumps(
         {"method": label, "points": points, "collapse_point": collapse_point(points),
          "verdict_point": verdict_point(points)}, indent=1, allow_nan=True))
 
@@ -391,9 +393,9 @@ def horizon_study(
 ) -> dict[str, Any]:
     """Run every method over the same stream (default: CounterFact's edit split) of the project's
     shared data; write results.json, horizon.png and MLflow runs."""
-    from flows.assets import fetch_model, load_model
-    from flows.config import config_for
-    from flows.params import load_params
+    from flows.assets.models import fetch_model, load_model
+    from flows.config.model import config_for
+    from flows.config.params import load_params
     from nas_core.deltas import weights_hash
 
     logger = get_run_logger()
@@ -409,7 +411,7 @@ def horizon_study(
     out.mkdir(parents=True, exist_ok=True)
     logger.info("horizon study in %s: %d requests from %s, methods %s", out, len(stream), source.name,
                 ", ".join(settings.methods))
-    cov, cov_path, cached = editing.ensure_stats(model, tok, name, cfg.all_layers(), cfg.stats, base_hash, roots)
+    cov, cov_path, cached = ensure_stats(model, tok, name, cfg.all_layers(), cfg.stats, base_hash, roots)
     logger.info("statistics %s%s", cov_path, " (cached)" if cached else "")
     spec = spec_for(model)
     base_weights = edited_weights(model, [spec.weight_name(layer) for layer in cfg.all_layers()])
@@ -428,7 +430,7 @@ def horizon_study(
                                      "verdict_point": verdict_point(points),
                                      "final": final}
         results["methods"] = {**_other_methods(out), **results["methods"]}  # a second process's methods stay
-        editing.atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=True))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=True))
     png = plot(results, out / "horizon.png")
     log_to_mlflow(results, out / "results.json", png, tracking_uri, roots.project)
     for label, res in results["methods"].items():
@@ -451,7 +453,7 @@ def horizon_study(
 def log_to_mlflow(results: dict[str, Any], results_path: Path, png: Path, tracking_uri: str | None,
                   project: Path) -> None:
     """One MLflow run per method in experiment ``horizon-study``: metrics with step = edits so far."""
-    from flows.tracking import Tracker, resolve_tracking_uri
+    from flows.tracking.mlflow import Tracker, resolve_tracking_uri
 
     tracker = Tracker(resolve_tracking_uri(tracking_uri, project), experiment="horizon-study")
     for label, res in results["methods"].items():

@@ -1,0 +1,166 @@
+"""An edit session: the model being edited, its cumulative deltas D and editor state, one loop of sub-batches.
+
+W = W_base + D is re-materialised after every edit, so D is the single truth a checkpoint
+stores and a replay rebuilds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flows.engine import precision
+from flows.engine.checkpoints import read_checkpoint
+from nas_core.deltas import accumulate, edited_weights, frobenius_norms, materialise
+from nas_core.editors import VARIANTS, AlphaEditEditor, MemitEditor, RomeEditor, base_method
+from nas_core.editors.base import Editor, EditResult
+from nas_core.requests import EditRequest
+from nas_core.spec import spec_for
+from nas_core.state import EditState
+
+log = logging.getLogger(__name__)
+
+
+def make_editor(method: str, settings, cov: dict[int, torch.Tensor]) -> Editor:
+    """The editor of a method or a baseline variant (``memit-plain`` runs MEMIT's class)."""
+    editors = {"memit": MemitEditor, "alphaedit": AlphaEditEditor, "rome": RomeEditor}
+    base = base_method(method)
+    if base not in editors:
+        raise ValueError(f"unknown method {method!r}; known: {sorted(editors)} and {sorted(VARIANTS)}")
+    return editors[base](settings, cov)
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSnapshot:
+    """An :class:`EditSession` at one moment (tensors are never mutated in place, so no copies)."""
+
+    cumulative: dict[str, torch.Tensor]
+    state: EditState
+    requests: int
+    batches: int
+
+
+@dataclasses.dataclass
+class EditSession:
+    """A model being edited: base weights kept for exact materialisation, D, state, log."""
+
+    model: nn.Module
+    tok: Any
+    model_name: str
+    method: str
+    settings: Any
+    editor: Editor
+    base_hash: str
+    base: dict[str, torch.Tensor]
+    cumulative: dict[str, torch.Tensor]
+    state: EditState
+    original_norms: dict[str, float]
+    request_log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    batch_log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def apply(self, requests: Sequence[EditRequest]) -> EditResult:
+        """Edit one batch, then re-materialise W = W_base + D so D is the single truth."""
+        t0 = time.perf_counter()
+        result = self.editor.compute(self.model, self.tok, requests, self.state)
+        self.cumulative = accumulate(self.cumulative, result.deltas)
+        materialise(self.model, self.base, self.cumulative)
+        self.state = result.state
+        seconds = time.perf_counter() - t0
+        for r in result.requests:
+            self.request_log.append(dataclasses.asdict(r))
+        self.batch_log.append({"size": len(requests), "seconds": round(seconds, 3),
+                               "timings": {k: round(v, 3) for k, v in result.timings.items()},
+                               "layer_delta_norms": result.layer_delta_norms})
+        return result
+
+    def use_path(self, compute_dtype: str, attention: str) -> None:
+        """Take a recorded v* path for the next edits (a replay of a night that took it)."""
+        values = self.settings.values
+        if (compute_dtype, attention) != (values.compute_dtype, values.attention):
+            self.settings = precision.with_path(self.settings, compute_dtype, attention)
+            self.editor.settings = self.settings
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.settings.values.compute_dtype
+
+    @property
+    def attention(self) -> str:
+        return self.settings.values.attention
+
+    def snapshot(self) -> SessionSnapshot:
+        """What :meth:`restore` needs to undo every later :meth:`apply` (a rejected batch)."""
+        return SessionSnapshot(self.cumulative, self.state, len(self.request_log), len(self.batch_log))
+
+    def restore(self, snap: SessionSnapshot) -> None:
+        """Back to ``snap``: D, state and logs, and the model's weights re-materialised from D."""
+        self.cumulative, self.state = snap.cumulative, snap.state
+        del self.request_log[snap.requests:], self.batch_log[snap.batches:]
+        materialise(self.model, self.base, self.cumulative)
+
+    def norms(self) -> dict[str, dict[str, float]]:
+        now_norms = frobenius_norms(self.model, list(self.base))
+        return {n: {"before": self.original_norms[n], "after": now_norms[n],
+                    "ratio": now_norms[n] / self.original_norms[n]} for n in self.base}
+
+
+def open_session(
+    model: nn.Module,
+    tok,
+    model_name: str,
+    method: str,
+    settings,
+    cov: dict[int, torch.Tensor],
+    base_hash: str,
+    reference_norm: float | None,
+    checkpoint: Path | None = None,
+    recorded_files: dict[str, str] | None = None,
+) -> EditSession:
+    """Start editing the base ``model``, or continue from ``checkpoint`` (its files checked
+    against their manifest and, given, the ledger's ``recorded_files``). ``auto`` precision is
+    resolved for the model's device here (:mod:`flows.engine.precision`)."""
+    settings = precision.resolve(settings, next(model.parameters()).device)
+    spec = spec_for(model)
+    names = [spec.weight_name(layer) for layer in settings.layers]
+    base = edited_weights(model, names)
+    editor = make_editor(method, settings, cov)
+    original = frobenius_norms(model, names)
+    if checkpoint is None:
+        state = dataclasses.replace(editor.init_state(model), reference_norm=reference_norm)
+        return EditSession(model, tok, model_name, method, settings, editor, base_hash, base, {}, state,
+                           original)
+    ckpt = read_checkpoint(checkpoint, recorded_files)
+    man = ckpt["manifest"]
+    if man["base_weights_hash"] != base_hash:
+        raise ValueError(f"checkpoint {checkpoint} was made from base weights "
+                         f"{man['base_weights_hash'][:12]}, not the loaded model's {base_hash[:12]}")
+    if man["method"] != method:
+        raise ValueError(f"checkpoint {checkpoint} is a {man['method']} checkpoint, not {method}")
+    materialise(model, base, ckpt["deltas"])
+    session = EditSession(model, tok, model_name, method, settings, editor, base_hash, base, ckpt["deltas"],
+                          ckpt["state"], original)
+    session.request_log = list(man.get("requests", []))
+    session.batch_log = list(man.get("batches", []))
+    return session
+
+
+def apply_in_batches(session: EditSession, requests: Sequence[EditRequest], batch_size: int,
+                     logger: logging.Logger | logging.LoggerAdapter = log, label: str = "") -> list[dict[str, Any]]:
+    """Apply ``requests`` as sequential edits of ``batch_size`` each (the night's and the replay's
+    one loop); returns the per-request diagnostics of this call."""
+    start = len(session.request_log)
+    t0 = time.perf_counter()
+    for i in range(0, len(requests), batch_size):
+        result = session.apply(requests[i : i + batch_size])
+        done = min(i + batch_size, len(requests))
+        logger.info("%sedited %d/%d requests (%.1f s/edit); ||delta W|| per layer: %s", f"{label}: " if label else "",
+                    done, len(requests), (time.perf_counter() - t0) / done,
+                    ", ".join(f"{k}: {v:.3g}" for k, v in result.layer_delta_norms.items()))
+    return session.request_log[start:]

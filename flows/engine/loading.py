@@ -1,0 +1,66 @@
+"""Loading what a night starts from: the base model, its statistics and its NAS anchor.
+
+The nightly flow, the DVC stages and the replay all call these, so they load alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flows.engine.caches import ensure_anchor, ensure_stats
+from nas_core.deltas import weights_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+    """The unedited model a night (or its replay) starts from, and its weights hash."""
+
+    model: nn.Module
+    tok: Any
+    name: str
+    path: Path
+    base_hash: str
+
+
+def load_base(params) -> BaseModel:
+    """params.yaml's model from the project's model cache (fetched first when absent)."""
+    from flows.assets.models import fetch_model, load_model
+
+    fetched = fetch_model(params.model_config().model, params.roots.models, show_progress=False)
+    model, tok = load_model(fetched.path)
+    return BaseModel(model, tok, fetched.path.name, fetched.path, weights_hash(model))
+
+
+def base_stats(base: BaseModel, params, logger: logging.Logger | logging.LoggerAdapter = log,
+               require_cached: bool = False) -> dict[int, torch.Tensor]:
+    """C of every layer the model config edits (one file serves every method); ``require_cached``
+    refuses to measure (a replay uses the statistics the ``stats`` stage made)."""
+    cfg = params.model_config()
+    cov, path, cached = ensure_stats(base.model, base.tok, base.name, cfg.all_layers(), cfg.stats, base.base_hash,
+                                     params.roots)
+    if require_cached and not cached:
+        raise RuntimeError(f"covariance statistics {path} were not made by the stats stage (dvc repro stats)")
+    logger.info("covariance statistics %s%s", path, " (cached)" if cached else "")
+    return cov
+
+
+def base_anchor(base: BaseModel, params, settings, logger: logging.Logger | logging.LoggerAdapter = log,
+                require_cached: bool = False) -> float | None:
+    """The NAS reference norm for ``settings`` (None with NAS off), calibrated on the base model once."""
+    if not settings.nas.enabled:
+        return None
+    rec, path, cached = ensure_anchor(base.model, base.tok, base.name, params.edit.method, settings, base.base_hash,
+                                      params.roots)
+    if require_cached and not cached:
+        raise RuntimeError(f"NAS anchor {path} was not made by the anchor stage (dvc repro anchor)")
+    logger.info("NAS reference norm a = %.4f from %d pilots%s (%s)", rec["reference_norm"], rec["pilots"],
+                " (cached)" if cached else "", path)
+    return float(rec["reference_norm"])
