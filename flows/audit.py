@@ -89,7 +89,8 @@ from flows.identity import FactIdentity, identity_of, latest_facts
 from flows.io import sha256_file  # noqa: F401 (re-exported: callers hash batches with it)
 from flows.ledger import Ledger
 from flows.params import Params, load_params
-from nas_core.requests import EditRequest, SchemaPolicy, parse_fact_jsonl
+from nas_core.formats import SchemaPolicy, parse_fact_jsonl
+from nas_core.requests import EditRequest
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ import torch
 from flows import editing
 from nas_core.deltas import materialise
 from nas_core.evaluate.scoring import prefers_new
-from nas_core.requests import EditRequest, from_counterfact_rome
+from nas_core.formats import from_counterfact_rome
+from nas_core.requests import EditRequest
 
 COUNTERFACT_500 = editing.SHARED_DATA / "counterfact" / "counterfact_500.json"
 

@@ -109,7 +109,7 @@ def _anchor(m, tok, name, method, settings, base_hash) -> float | None:
 
 def read_requests(path: Path, limit: int | None = None) -> list[EditRequest]:
     """Requests from a fact-batch JSONL, or a CounterFact (ROME/EasyEdit) or zsRE JSON file."""
-    from nas_core import requests as rq
+    from nas_core import formats as rq
 
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":

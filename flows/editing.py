@@ -33,7 +33,8 @@ from nas_core.anchor import calibrate
 from nas_core.deltas import accumulate, edited_weights, frobenius_norms, materialise, weights_hash
 from nas_core.editors import VARIANTS, AlphaEditEditor, MemitEditor, RomeEditor, base_method
 from nas_core.editors.base import Editor, EditResult
-from nas_core.requests import EditRequest, from_counterfact_easyedit, parse_fact_jsonl
+from nas_core.formats import from_counterfact_easyedit, parse_fact_jsonl
+from nas_core.requests import EditRequest
 from nas_core.settings import AlphaEditSettings, MemitSettings, RomeSettings, StatsSettings
 from nas_core.spec import spec_for
 from nas_core.state import EditState

@@ -50,16 +50,16 @@ from typing import Any
 from flows.identity import FactIdentity, identity_of, last_match
 from flows.inbox import BatchSnapshot, release, store, take_snapshot
 from flows.io import atomic_write_bytes
-from nas_core.prompts import SubjectNotFoundError, subject_last_token
-from nas_core.requests import (
+from nas_core.formats import (
     CASE_ID_PATTERN,
     MAX_TEXT_CHARS,
     RULE_SEVERITY,
-    EditRequest,
     RecordProblem,
     SchemaPolicy,
     parse_fact_jsonl,
 )
+from nas_core.prompts import SubjectNotFoundError, subject_last_token
+from nas_core.requests import EditRequest
 from nas_core.text import fold
 
 #: Name of the Great Expectations suite run on every batch.

@@ -22,7 +22,7 @@ from flows.checkpoints import CheckpointTampered
 from flows.ledger import Ledger, LedgerDamaged, parse_entry
 from flows.params import load_params
 from flows.validate import FLOW_RULE_SEVERITY, ValidationSettings, quarantine, validate_batch
-from nas_core.requests import RULE_SEVERITY
+from nas_core.formats import RULE_SEVERITY
 
 night, tiny_folder, tracking_uri = test_refresh.night, test_refresh.tiny_folder, test_refresh.tracking_uri
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "FACT_SCHEMA.md"

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from nas_core.requests import (
+from nas_core.formats import (
     MAX_TEXT_CHARS,
     RULE_SEVERITY,
     RULES,
     SEVERITIES,
     ConversionReport,
-    EditRequest,
-    NeighbourhoodPrompt,
     RecordProblem,
     RequestError,
     SchemaPolicy,
@@ -29,6 +27,7 @@ from nas_core.requests import (
     template_from_filled,
     to_fact_record,
 )
+from nas_core.requests import EditRequest, NeighbourhoodPrompt
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "FACT_SCHEMA.md"
