@@ -154,6 +154,13 @@ class RecordChecker:
         self.add("wrong_type", path, f"{path} must be a list, got {type_name(value)}")
         return None
 
+    def single_text(self, value: Any, path: str) -> tuple[str, ...] | None:
+        """An optional text as a list of at most one: ``()`` when absent, ``None`` when bad."""
+        if value is MISSING:
+            return ()
+        text = self.text(value, path)
+        return None if text is None else (text,)
+
     def texts(self, value: Any, path: str, limit: int | None = None) -> tuple[str, ...] | None:
         """An evaluation-only list of texts: bad items left out with a warning, wrong types refused."""
         items = self.sequence(value, path)

@@ -121,12 +121,10 @@ def _easyedit_record(record: Mapping[str, Any], c: RecordChecker) -> EditRequest
     target_true = c.text(c.get(record, "ground_truth", "ground_truth", True), "ground_truth")
     template, subject = template_or_report(c, filled, subject, "prompt")
     rephrase = c.get(record, "rephrase_prompt", "rephrase_prompt", False)
-    paraphrases: tuple[str, ...] | None = ()
     if isinstance(rephrase, (list, tuple)):
         paraphrases = c.texts(rephrase, "rephrase_prompt")
-    elif rephrase is not MISSING:
-        text = c.text(rephrase, "rephrase_prompt")
-        paraphrases = None if text is None else (text,)
+    else:
+        paraphrases = c.single_text(rephrase, "rephrase_prompt")
     neighbours = c.neighbour_pair(
         c.get(record, "locality_prompt", "locality_prompt", False),
         c.get(record, "locality_ground_truth", "locality_ground_truth", False),
@@ -159,6 +157,3 @@ def from_counterfact_easyedit(records: Sequence[Mapping[str, Any]]) -> Conversio
     subject cannot be found fails with ``subject_not_found``. The layout has no relation id.
     """
     return convert(as_records(records), _easyedit_record, strict=False)
-
-
-__all__ = ["from_counterfact_easyedit", "from_counterfact_rome"]

@@ -223,12 +223,3 @@ def check_request(request: EditRequest) -> tuple[RecordProblem, ...]:
     positions are 0.
     """
     return from_fact_records([to_fact_record(request)]).problems
-
-
-__all__ = [
-    "CASE_ID_PATTERN",
-    "check_request",
-    "from_fact_records",
-    "parse_fact_jsonl",
-    "to_fact_record",
-]

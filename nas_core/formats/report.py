@@ -201,15 +201,3 @@ class ConversionReport:
         """Raise :class:`RequestError` carrying the summary when any record failed."""
         if self.problems:
             raise RequestError(self.summary(), self.problems)
-
-
-__all__ = [
-    "MAX_TEXT_CHARS",
-    "RULES",
-    "RULE_SEVERITY",
-    "SEVERITIES",
-    "ConversionReport",
-    "RecordProblem",
-    "RequestError",
-    "SchemaPolicy",
-]

@@ -70,6 +70,3 @@ def template_or_report(
         )
         return None, subject
     return found
-
-
-__all__ = ["template_from_filled"]

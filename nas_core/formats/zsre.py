@@ -23,11 +23,7 @@ def _zsre_record(record: Mapping[str, Any], c: RecordChecker) -> EditRequest | N
     target_new = c.text(c.get(record, "alt", "alt", True), "alt")
     template, subject = template_or_report(c, question, subject, "src")
     target_true = _zsre_true_answer(record, c)
-    rephrase = c.get(record, "rephrase", "rephrase", False)
-    paraphrases: tuple[str, ...] | None = ()
-    if rephrase is not MISSING:
-        text = c.text(rephrase, "rephrase")
-        paraphrases = None if text is None else (text,)
+    paraphrases = c.single_text(c.get(record, "rephrase", "rephrase", False), "rephrase")
     neighbours = c.neighbour_pair(
         c.get(record, "loc", "loc", False),
         c.get(record, "loc_ans", "loc_ans", False),
@@ -77,6 +73,3 @@ def from_zsre_mend(records: Sequence[Mapping[str, Any]]) -> ConversionReport:
     is ignored.
     """
     return convert(as_records(records), _zsre_record, strict=False)
-
-
-__all__ = ["from_zsre_mend"]
