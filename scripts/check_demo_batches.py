@@ -1,6 +1,6 @@
 """Check the demo nightly fact batches: schema problems, and whether the model knows each fact.
 
-Every batch is parsed with :func:`nas_core.requests.parse_fact_jsonl`.  Each valid request is
+Every batch is parsed with :func:`nas_core.formats.parse_fact_jsonl`.  Each valid request is
 scored with teacher-forced mean token NLL (:func:`nas_core.evaluate.scoring.target_nll`) in one
 batched pass over all files.  A fact is *known* when, on the filled prompt, NLL(target_true) <
 NLL(target_new) (the model prefers the true answer today) and, on every neighbourhood prompt,
@@ -27,7 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nas_core.requests import ConversionReport, EditRequest, parse_fact_jsonl
+from nas_core.formats import ConversionReport, parse_fact_jsonl
+from nas_core.requests import EditRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = ROOT / "data" / "demo" / "batches"

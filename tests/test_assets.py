@@ -18,6 +18,7 @@ from types import MappingProxyType
 import pytest
 import torch
 
+from flows.assets import models as assets
 from flows.assets.models import (
     REGISTRY,
     ModelFetchError,
@@ -33,7 +34,6 @@ from flows.assets.models import (
     resolve_model_dir,
     sanitize_name,
 )
-from flows.assets.models import models as assets
 
 
 def _sha(data: bytes) -> str:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from tiny import FACTS, fact
 
-from flows.audit.audit import audit as A
+from flows.audit import audit as A
 from flows.config.params import load_params
 from flows.ledger.records import Ledger
 from flows.paths import Paths

@@ -43,7 +43,7 @@ def test_each_night_records_the_forecast_and_status_shows_it(night, tmp_path):
     from test_refresh import FACTS, fact, write_batch
 
     from flows.ledger.records import Ledger
-    from flows.refresh.flow import operations
+    from flows.refresh import operations
 
     write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
     night()

@@ -23,8 +23,8 @@ from flows.engine.checkpoints import CheckpointTampered
 from flows.facts import inbox
 from flows.facts.validate import FLOW_RULE_SEVERITY, quarantine, validate_batch
 from flows.ledger.records import Ledger, LedgerDamaged, parse_entry
-from flows.refresh.flow import operations
-from nas_core.requests import RULE_SEVERITY
+from flows.refresh import operations
+from nas_core.formats import RULE_SEVERITY
 
 night, tiny_folder, tracking_uri = test_refresh.night, test_refresh.tiny_folder, test_refresh.tracking_uri
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "FACT_SCHEMA.md"

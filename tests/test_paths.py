@@ -42,7 +42,7 @@ def test_the_root_is_explicit_then_the_environment_then_the_working_directory(cl
 
 
 def test_every_folder_of_a_second_clone_stays_in_that_clone(clone, monkeypatch):
-    from flows.refresh.flow import operations
+    from flows.refresh import operations
 
     monkeypatch.chdir(clone)
     params = load_params()

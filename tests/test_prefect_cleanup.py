@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.refresh.flow import prefect_runtime
+from flows.refresh import prefect_runtime
 from flows.refresh.prefect_runtime import TOKEN_ENV, reap_orphans, records_dir
 
 REPO = Path(__file__).resolve().parents[1]

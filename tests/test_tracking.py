@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from flows.tracking import mlflow as tracking
 from flows.tracking.mlflow import (
     DEFAULT_EXPERIMENT,
     TRUNCATION_MARKER,
@@ -25,7 +26,6 @@ from flows.tracking.mlflow import (
     resolve_tracking_uri,
     sanitize_key,
 )
-from flows.tracking.mlflow import mlflow as tracking
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -33,8 +33,8 @@ from flows.facts.validate import (
     validate_batch,
     write_report,
 )
+from nas_core.formats import RecordProblem, parse_fact_jsonl
 from nas_core.prompts import target_ids
-from nas_core.requests import RecordProblem, parse_fact_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = "<script>alert(1)</script>"

@@ -89,7 +89,8 @@ from flows.io import sha256_file  # noqa: F401 (re-exported: callers hash batche
 from flows.ledger.identity import FactIdentity, identity_of, latest_facts
 from flows.ledger.records import Ledger
 from flows.paths import Roots, project_root
-from nas_core.requests import EditRequest, SchemaPolicy, parse_fact_jsonl
+from nas_core.formats import SchemaPolicy, parse_fact_jsonl
+from nas_core.requests import EditRequest
 
 log = logging.getLogger(__name__)
 

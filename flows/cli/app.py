@@ -129,7 +129,7 @@ def _anchor(m, tok, name, method, settings, base_hash) -> float | None:
 
 def read_requests(path: Path, limit: int | None = None) -> list[EditRequest]:
     """Requests from a fact-batch JSONL, or a CounterFact (ROME/EasyEdit) or zsRE JSON file."""
-    from nas_core import requests as rq
+    from nas_core import formats as rq
 
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
@@ -483,7 +483,7 @@ def bench_speed(
 def _stream_speed(model: str, label: str, n: int, batch_size: int, pilots: int | None, compute_dtype) -> None:
     """``nas bench speed --stream``: one method of the horizon flow, its phases and the target."""
     from flows.engine import precision
-    from flows.refresh.flow import prefect_runtime
+    from flows.refresh import prefect_runtime
     from flows.studies.horizon import HorizonSettings, amortised_line, horizon_study
 
     try:
@@ -673,7 +673,7 @@ def bench_horizon(
     --eval-every 250 --eval-every-dense 100 --dense-until 1000 --compute-dtype auto
     """
     from flows.engine import precision
-    from flows.refresh.flow import prefect_runtime
+    from flows.refresh import prefect_runtime
     from flows.studies.horizon import HorizonSettings, horizon_study
 
     try:
@@ -801,7 +801,7 @@ def status(
 
     Example: nas status --verify
     """
-    from flows.refresh.flow import operations
+    from flows.refresh import operations
 
     s = operations.status(_params(params_file), verify=verify)
     bad = bool(s["ledger_damage"] or s["integrity"])
@@ -931,9 +931,9 @@ def audit(
     """Does the replayed champion (dvc repro) have the weights hash the ledger promoted? Exit 0 only if so."""
     import subprocess
 
-    from flows.audit.audit import audit as auditing
+    from flows.audit import audit as auditing
     from flows.ledger.records import Ledger, LedgerDamaged
-    from flows.refresh.flow import operations
+    from flows.refresh import operations
 
     params = _params(params_file)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nas_core.requests import MAX_TEXT_CHARS, SchemaPolicy
+from nas_core.formats import MAX_TEXT_CHARS, SchemaPolicy
 
 CONFLICT_POLICIES = ("reject", "supersede")
 

@@ -25,7 +25,8 @@ from flows.io import atomic_save_tensors, atomic_write_text, digest, now
 from flows.paths import Roots
 from nas_core.anchor import calibrate
 from nas_core.deltas import weights_hash
-from nas_core.requests import EditRequest, from_counterfact_easyedit, parse_fact_jsonl
+from nas_core.formats import from_counterfact_easyedit, parse_fact_jsonl
+from nas_core.requests import EditRequest
 from nas_core.settings import AlphaEditSettings, MemitSettings, RomeSettings, StatsSettings
 from nas_core.spec import spec_for
 from nas_core.stats import sample_self_text, second_moment, token_batches

@@ -51,14 +51,14 @@ from flows.config.validation import ValidationSettings
 from flows.facts.inbox import BatchSnapshot, release, store, take_snapshot
 from flows.io import atomic_write_bytes
 from flows.ledger.identity import FactIdentity, identity_of, last_match
-from nas_core.prompts import SubjectNotFoundError, subject_last_token
-from nas_core.requests import (
+from nas_core.formats import (
     CASE_ID_PATTERN,
     RULE_SEVERITY,
-    EditRequest,
     RecordProblem,
     parse_fact_jsonl,
 )
+from nas_core.prompts import SubjectNotFoundError, subject_last_token
+from nas_core.requests import EditRequest
 from nas_core.text import fold
 
 #: Name of the Great Expectations suite run on every batch.

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nas_core.requests import (
+from nas_core.formats import (
     ConversionReport,
     from_counterfact_easyedit,
     from_counterfact_rome,

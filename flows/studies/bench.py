@@ -16,7 +16,8 @@ from flows.io import atomic_write_text
 from flows.paths import Roots
 from nas_core.deltas import materialise
 from nas_core.evaluate.scoring import prefers_new
-from nas_core.requests import EditRequest, from_counterfact_rome
+from nas_core.formats import from_counterfact_rome
+from nas_core.requests import EditRequest
 
 
 def counterfact_cases(roots: Roots, n: int, offset: int = 0) -> list[EditRequest]:

@@ -35,7 +35,8 @@ from nas_core.collapse import norm_ratios
 from nas_core.deltas import edited_weights, frobenius_norms, materialise
 from nas_core.editors import METHODS as METHODS_BASE
 from nas_core.editors import VARIANTS
-from nas_core.requests import EditRequest, from_counterfact_easyedit
+from nas_core.formats import from_counterfact_easyedit
+from nas_core.requests import EditRequest
 from nas_core.spec import spec_for
 
 METHODS = ("memit", "memit+nas", "alphaedit", "alphaedit+nas", "rome", "rome+nas")
