@@ -296,7 +296,7 @@ def test_dvc_yaml_lists_the_five_stages(tmp_path):
         assert replay_outs["data/replay/replay.json"].metric and not replay_outs["data/replay/replay.json"].use_cache
         deps = paths(stages["replay"].deps)
         assert {"data/ledger.jsonl", "data/accepted", f"data/models/{model}", f"data/stats/{model}",
-                f"data/anchors/{model}", "flows/stages/replay.py", "flows/editing.py"} <= deps
+                f"data/anchors/{model}", "flows/stages", "flows/engine", "flows/ledger"} <= deps
         assert "params.yaml" in deps  # the params dependency
         evaluate_outs = {str(Path(o.def_path)): o for o in stages["evaluate"].outs}
         assert evaluate_outs["data/replay/metrics.json"].metric
