@@ -7,12 +7,14 @@ a reader sees the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,30 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         raise
 
 
+def write_json(path: Path, doc: dict[str, Any]) -> Path:
+    """``doc`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=True) + "\n")
+    return Path(path)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object at ``path``, or None when it is absent or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[dict[str, Any]]) -> Path:
+    """``rows`` under ``header`` as CSV (``\n`` line ends), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(header), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+    return Path(path)
+
+
 def code_version(repo: Path | None = None) -> str:
     """The git commit of the code (``-dirty`` with uncommitted changes), or ``unknown``."""
     cwd = repo or Path(__file__).resolve().parent
@@ -97,4 +123,4 @@ def code_version(repo: Path | None = None) -> str:
 
 
 __all__ = ["CHUNK", "atomic_save_tensors", "atomic_write_bytes", "atomic_write_chunks", "atomic_write_text",
-           "code_version", "digest", "now", "sha256_file"]
+           "code_version", "digest", "now", "read_json", "sha256_file", "write_csv", "write_json"]

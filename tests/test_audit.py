@@ -13,8 +13,11 @@ import pytest
 import yaml
 from tiny import FACTS, fact
 
-from flows.audit import audit as A
+from flows import io as fio
+from flows.audit import machine as machine_facts
+from flows.audit import outputs, record, verdict
 from flows.config.params import load_params
+from flows.ledger import lineage
 from flows.ledger.records import Ledger
 from flows.paths import Paths
 
@@ -29,8 +32,9 @@ def machine(**changes) -> dict:
     return {**m, **changes}
 
 
-def promote(ledger: Ledger, version: str, parent: str | None, whash: str, **extra) -> dict:
-    return ledger.append("promote", batch_id=f"b-{version}", file_sha256="0" * 64, request_ids=["x"], skipped_ids=[],
+def promote(ledger: Ledger, version: str, parent: str | None, whash: str, file_sha256: str = "0" * 64,
+            **extra) -> dict:
+    return ledger.append("promote", batch_id=f"b-{version}", file_sha256=file_sha256, request_ids=["x"], skipped_ids=[],
                          version=version, parent=parent, weights_hash=whash, checkpoint=f"data/checkpoints/{version}",
                          accepted_path=f"data/accepted/{version}.jsonl", edits_so_far=1,
                          norm_ratios={"w": 1.01}, metrics={"retention.efficacy_success": 100.0}, **extra)
@@ -47,14 +51,14 @@ def repo(tmp_path) -> Path:
 
 
 def write_replay(repo: Path, whash: str, champion: str = "v0002", source: str = "replay", **m) -> None:
-    A.write_json(repo / A.REPLAY_JSON, {"source": source, "weights_hash": whash, "ledger_champion": champion,
+    fio.write_json(repo / outputs.REPLAY_JSON, {"source": source, "weights_hash": whash, "ledger_champion": champion,
                                         "ledger_weights_hash": H2, "match": whash == H2, "machine": machine(**m),
                                         "versions": [{"version": "v0001", "match": True},
                                                      {"version": "v0002", "match": whash == H2}]})
 
 
 def write_promotion(repo: Path, version: str = "v0002", **m) -> None:
-    A.write_json(repo / A.PROMOTION_JSON, {"version": version, "weights_hash": H2, "machine": machine(**m)})
+    fio.write_json(repo / outputs.PROMOTION_JSON, {"version": version, "weights_hash": H2, "machine": machine(**m)})
 
 
 # --- verdicts ------------------------------------------------------------------------------------
@@ -62,7 +66,7 @@ def write_promotion(repo: Path, version: str = "v0002", **m) -> None:
 def test_same_hash_is_reproduced(repo):
     write_promotion(repo)
     write_replay(repo, H2)
-    res = A.audit(load_params(project=repo))
+    res = verdict.audit(load_params(project=repo))
     assert res.verdict == "reproduced" and res.ok
     assert res.ledger_weights_hash == res.replay_weights_hash == H2 and res.champion == "v0002"
     assert res.machine_differences == {}
@@ -73,7 +77,7 @@ def test_same_hash_is_reproduced(repo):
 def test_other_hash_on_the_same_machine_is_a_real_mismatch(repo):
     write_promotion(repo)
     write_replay(repo, H3)
-    res = A.audit(load_params(project=repo))
+    res = verdict.audit(load_params(project=repo))
     assert res.verdict == "MISMATCH" and not res.ok
     assert (res.ledger_weights_hash, res.replay_weights_hash) == (H2, H3)
     assert res.machine_differences == {}
@@ -84,7 +88,7 @@ def test_other_hash_on_the_same_machine_is_a_real_mismatch(repo):
 def test_other_hash_on_another_machine_names_the_differences(repo):
     write_promotion(repo)
     write_replay(repo, H3, torch="2.6.0", cpu_capability="AVX512", threads=16)
-    res = A.audit(load_params(project=repo))
+    res = verdict.audit(load_params(project=repo))
     assert res.verdict == "MISMATCH"
     assert res.machine_differences == {"torch": ("2.5.1", "2.6.0"), "cpu_capability": ("AVX2", "AVX512"),
                                        "threads": (2, 16)}
@@ -95,7 +99,7 @@ def test_other_hash_on_another_machine_names_the_differences(repo):
 def test_same_hash_on_another_machine_is_still_reproduced(repo):
     write_promotion(repo, blas="mkl")
     write_replay(repo, H2)
-    res = A.audit(load_params(project=repo))
+    res = verdict.audit(load_params(project=repo))
     assert res.ok and res.machine_differences == {"blas": ("mkl", "open")}
     assert "even though" in res.explanation
 
@@ -103,47 +107,60 @@ def test_same_hash_on_another_machine_is_still_reproduced(repo):
 def test_machine_at_promotion_falls_back_to_the_ledger(repo):
     promote(Ledger(repo / "data" / "ledger.jsonl"), "v0003", "v0002", H3, machine=machine(threads=4))
     write_replay(repo, H1, champion="v0003")
-    res = A.audit(load_params(project=repo))
+    res = verdict.audit(load_params(project=repo))
     assert res.verdict == "MISMATCH" and res.machine_differences == {"threads": (4, 2)}
 
 
 def test_unknown_promotion_machine_cannot_rule_out_a_machine_effect(repo):
     write_replay(repo, H3)
-    res = A.audit(load_params(project=repo))
+    res = verdict.audit(load_params(project=repo))
     assert res.verdict == "MISMATCH" and "not recorded" in res.explanation
 
 
 def test_nothing_replayed_yet(repo):
-    assert A.audit(load_params(project=repo)).verdict == "NOT REPLAYED"
+    assert verdict.audit(load_params(project=repo)).verdict == "NOT REPLAYED"
     write_replay(repo, H2, source="promotion")
-    res = A.audit(load_params(project=repo))
+    res = verdict.audit(load_params(project=repo))
     assert res.verdict == "NOT REPLAYED" and "dvc repro --force --single-item replay" in res.explanation
 
 
 def test_a_replay_of_an_older_champion_is_stale(repo):
     write_replay(repo, H1, champion="v0001")
-    assert A.audit(load_params(project=repo)).verdict == "STALE"
+    assert verdict.audit(load_params(project=repo)).verdict == "STALE"
 
 
 def test_rollback_champion_uses_its_promotion_hash(repo):
     Ledger(repo / "data" / "ledger.jsonl").append("rollback", version="v0001", reason="bad answers")
     write_replay(repo, H1, champion="v0001")
-    res = A.audit(load_params(project=repo))
+    res = verdict.audit(load_params(project=repo))
     assert res.ok and res.ledger_weights_hash == H1
 
 
-def test_cli_exit_status(repo, capsys):
-    write_replay(repo, H3)
-    assert A.main(["--repo", str(repo)]) == 1
-    assert "MISMATCH" in capsys.readouterr().out
-    write_replay(repo, H2)
-    assert A.main(["--repo", str(repo), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["verdict"] == "reproduced"
+def test_nas_audit_exit_status(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli.app import app
+    from flows.paths import ENV_PROJECT
+
+    monkeypatch.setenv(ENV_PROJECT, str(tmp_path))  # recorded: `nas --project` sets it again, undone afterwards
+    (tmp_path / "params.yaml").write_text("model: smollm2-135m\n", encoding="utf-8")
+    ledger = Ledger(tmp_path / "data" / "ledger.jsonl")
+    for version, parent, whash in (("v0001", None, H1), ("v0002", "v0001", H2)):
+        batch = tmp_path / "data" / "accepted" / f"{version}.jsonl"
+        batch.parent.mkdir(parents=True, exist_ok=True)
+        batch.write_text(json.dumps(fact(*FACTS[0])) + "\n", encoding="utf-8")
+        promote(ledger, version, parent, whash, file_sha256=fio.sha256_file(batch))
+    write_replay(tmp_path, H3)
+    result = CliRunner().invoke(app, ["--project", str(tmp_path), "audit"])
+    assert result.exit_code == 1 and "MISMATCH" in result.output, result.output
+    write_replay(tmp_path, H2)
+    result = CliRunner().invoke(app, ["--project", str(tmp_path), "audit", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["verdict"] == "reproduced", result.output
 
 
 def test_machine_info_has_every_fact_the_audit_compares():
-    info = A.machine_info()
-    assert set(A.BIT_KEYS) <= set(info)
+    info = machine_facts.machine_info()
+    assert set(machine_facts.BIT_KEYS) <= set(info)
     assert info["threads"] >= 1 and info["device"] == "cpu" and info["dtype"] == "float32"
     json.dumps(info)
 
@@ -161,24 +178,24 @@ def test_lineage_batches_refuse_altered_files_and_keep_skipped_requests(tmp_path
     batch.write_text("".join(json.dumps(fact_line(c, s)) + "\n" for c, s in [("a", "A"), ("b", "B"), ("c", "C")]),
                      encoding="utf-8")
     ledger = Ledger(tmp_path / "data" / "ledger.jsonl")
-    ledger.append("promote", batch_id="n1", file_sha256=A.sha256_file(batch), request_ids=["a", "c"],
+    ledger.append("promote", batch_id="n1", file_sha256=fio.sha256_file(batch), request_ids=["a", "c"],
                   skipped_ids=["b"], version="v0001", parent=None, weights_hash=H1,
                   accepted_path="data/accepted/n1.jsonl", edits_so_far=2)
-    [b] = A.lineage_batches(ledger, "v0001", Paths().under(tmp_path), batch_size=2)
+    [b] = lineage.lineage_batches(ledger, "v0001", Paths().under(tmp_path), batch_size=2)
     assert [r.case_id for r in b.requests] == ["a", "b", "c"] and b.batch_size == 2
-    assert [r.case_id for r, _ in A.held_facts([b], True)] == ["a", "c"]
-    assert [r.case_id for r in A.retention_requests([b], True)] == ["a", "b", "c"]
+    assert [r.case_id for r, _ in lineage.held_facts([b], True)] == ["a", "c"]
+    assert [r.case_id for r in lineage.retention_requests([b], True)] == ["a", "b", "c"]
     batch.write_text(batch.read_text() + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match="altered"):
-        A.lineage_batches(ledger, "v0001", Paths().under(tmp_path), batch_size=2)
+        lineage.lineage_batches(ledger, "v0001", Paths().under(tmp_path), batch_size=2)
 
 
 # --- record_promotion ----------------------------------------------------------------------------
 
 def test_record_promotion_without_dvc_reports_and_never_raises(repo):
-    problems = A.record_promotion(load_params(project=repo))
+    problems = record.record_promotion(load_params(project=repo))
     assert len(problems) == 1 and "no .dvc/" in problems[0]
-    assert not (repo / A.REPLAY_JSON).exists()
+    assert not (repo / outputs.REPLAY_JSON).exists()
 
 
 def test_record_promotion_ignores_a_ledger_outside_the_repository(repo, tmp_path_factory):
@@ -188,7 +205,7 @@ def test_record_promotion_ignores_a_ledger_outside_the_repository(repo, tmp_path
     params = elsewhere / "params.yaml"
     params.write_text(yaml.safe_dump({"paths": {"ledger": str(repo / "data" / "ledger.jsonl").replace(
         str(repo), str(elsewhere))}}), encoding="utf-8")
-    assert A.record_promotion(load_params(params, repo)) == []
+    assert record.record_promotion(load_params(params, repo)) == []
     assert not (repo / "data" / "replay").exists()
 
 
@@ -242,27 +259,27 @@ def test_record_promotion_leaves_dvc_status_clean_and_pushes(repo, tmp_path_fact
         (ckpt / "state.safetensors").write_bytes(b"state")
         (ckpt / "manifest.json").write_text(json.dumps({"weights_hash": {"v0001": H1, "v0002": H2}[v],
                                                         "edit_count": 2}), encoding="utf-8")
-    with caplog.at_level(logging.INFO, logger="flows.audit.audit"):
-        assert A.record_promotion(load_params(project=repo)) == []
+    with caplog.at_level(logging.INFO, logger="flows.audit.record"):
+        assert record.record_promotion(load_params(project=repo)) == []
     # the mini dvc.yaml has no fetch_model/stats/anchor stage: warned about, never fatal
     assert "dvc.yaml has no stage fetch_model" in caplog.text
-    assert (repo / A.CHAMPION_DIR / "deltas.safetensors").read_bytes() == b"v0002" * 10
-    replay = json.loads((repo / A.REPLAY_JSON).read_text())
+    assert (repo / outputs.CHAMPION_DIR / "deltas.safetensors").read_bytes() == b"v0002" * 10
+    replay = json.loads((repo / outputs.REPLAY_JSON).read_text())
     assert replay["source"] == "promotion" and replay["weights_hash"] == H2 and replay["ledger_champion"] == "v0002"
-    assert json.loads((repo / A.PROMOTION_JSON).read_text())["machine"]["torch"]
-    assert json.loads((repo / A.METRICS_JSON).read_text())["efficacy_success"] == 100.0
-    assert (repo / A.NORMS_CSV).read_text().splitlines()[0] == "version,edits_so_far,layer,norm_ratio,source"
+    assert json.loads((repo / outputs.PROMOTION_JSON).read_text())["machine"]["torch"]
+    assert json.loads((repo / outputs.METRICS_JSON).read_text())["efficacy_success"] == 100.0
+    assert (repo / outputs.NORMS_CSV).read_text().splitlines()[0] == "version,edits_so_far,layer,norm_ratio,source"
     for name in ("ledger.jsonl.dvc", "accepted.dvc", "checkpoints.dvc"):
         assert (repo / "data" / name).is_file()
     assert "up to date" in dvc("status", cwd=repo)
     assert "in sync" in dvc("status", "--cloud", cwd=repo)  # everything was pushed
-    assert A.audit(load_params(project=repo)).verdict == "NOT REPLAYED"
+    assert verdict.audit(load_params(project=repo)).verdict == "NOT REPLAYED"
     # a second promotion: only the new data changes, and the status is clean again
     promote(Ledger(repo / "data" / "ledger.jsonl"), "v0003", "v0002", H3)
     shutil.copytree(repo / "data" / "checkpoints" / "v0002", repo / "data" / "checkpoints" / "v0003")
     (repo / "data" / "checkpoints" / "v0003" / "manifest.json").write_text(json.dumps({"weights_hash": H3}))
-    assert A.record_promotion(load_params(project=repo), git_commit=True) == []
-    assert json.loads((repo / A.REPLAY_JSON).read_text())["ledger_champion"] == "v0003"
+    assert record.record_promotion(load_params(project=repo), git_commit=True) == []
+    assert json.loads((repo / outputs.REPLAY_JSON).read_text())["ledger_champion"] == "v0003"
     assert "up to date" in dvc("status", cwd=repo)
     committed = subprocess.run(["git", "show", "--name-only", "--format=%s", "HEAD"], cwd=repo, capture_output=True,
                                text=True, check=True).stdout
@@ -281,7 +298,7 @@ def test_dvc_yaml_lists_the_five_stages(tmp_path):
     model = yaml.safe_load((REPO / "params.yaml").read_text())["model"]
     with Repo(str(tmp_path)) as repo:
         stages = {s.name: s for s in repo.index.stages}
-        assert list(stages) == list(A.STAGES)
+        assert list(stages) == list(record.STAGES)
 
         def paths(items) -> set[str]:
             return {str(Path(o.def_path)) for o in items}
@@ -319,10 +336,11 @@ def test_dvc_metrics_and_plots_show_read_the_stage_outputs(repo, tmp_path_factor
     dvc("init", "--no-scm", "-q", cwd=repo)
     entries = Ledger(repo / "data" / "ledger.jsonl").lineage("v0002")
     write_replay(repo, H2)
-    A.write_json(repo / A.METRICS_JSON, {"source": "replay", "version": "v0002", "edits": 2, "efficacy_success": 95.0})
-    A.write_csv(repo / A.NORMS_CSV, A.NORMS_HEADER, A.norms_rows(entries, {"w": 1.02}, "v0002", 2))
-    A.write_csv(repo / A.RETENTION_CSV, A.RETENTION_HEADER,
-                A.retention_rows(entries, {"efficacy_success": 95.0, "editing_score": 80.0}, "v0002", 2))
+    fio.write_json(repo / outputs.METRICS_JSON,
+                   {"source": "replay", "version": "v0002", "edits": 2, "efficacy_success": 95.0})
+    fio.write_csv(repo / outputs.NORMS_CSV, outputs.NORMS_HEADER, outputs.norms_rows(entries, {"w": 1.02}, "v0002", 2))
+    fio.write_csv(repo / outputs.RETENTION_CSV, outputs.RETENTION_HEADER,
+                outputs.retention_rows(entries, {"efficacy_success": 95.0, "editing_score": 80.0}, "v0002", 2))
     shown = json.loads(dvc("metrics", "show", "--json", cwd=repo))
     metrics = shown[""]["data"]
     assert metrics["data/replay/replay.json"]["data"]["weights_hash"] == H2
@@ -343,7 +361,7 @@ def test_one_statistics_file_covers_every_method_s_layers():
 
 def test_stage_modules_import_without_prefect():
     code = ("import sys; import flows.stages.replay, flows.stages.evaluate, flows.stages.stats, "
-            "flows.stages.anchor, flows.stages.fetch_model, flows.audit.audit; "
+            "flows.stages.anchor, flows.stages.fetch_model, flows.audit.record, flows.audit.verdict; "
             "assert 'prefect' not in sys.modules, 'a stage imported prefect'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=300)
 
@@ -412,15 +430,15 @@ def test_replay_rebuilds_the_flows_champion_bit_for_bit(prefect, tmp_path, tok, 
     # night 1: two batches (the first in two sub-batches of 2), continued in memory; night 2 reloads v0002
     write_batch(inbox / "night-01.jsonl", [fact(*f) for f in FACTS[:3]])
     write_batch(inbox / "night-02.jsonl", [fact(*FACTS[3])])
-    assert [o["outcome"] for o in nightly_refresh(str(params_file), str(tmp_path))] == ["promoted", "promoted"]
+    assert [o.outcome for o in nightly_refresh(str(params_file), str(tmp_path))] == ["promoted", "promoted"]
     write_batch(inbox / "night-03.jsonl", [fact(*f) for f in FACTS[4:]])
-    assert [o["outcome"] for o in nightly_refresh(str(params_file), str(tmp_path))] == ["promoted"]
+    assert [o.outcome for o in nightly_refresh(str(params_file), str(tmp_path))] == ["promoted"]
     ledger = Ledger(tmp_path / "data" / "ledger.jsonl")
     champ = ledger.champion()
     assert champ["version"] == "v0003"
     assert any(e["skipped_ids"] for e in ledger.promotions()), "no request skipped: the test lost its point"
 
-    doc = replay(load_params(params_file, tmp_path), tmp_path / A.CHAMPION_DIR, tmp_path / A.REPLAY_JSON)
+    doc = replay(load_params(params_file, tmp_path), tmp_path / outputs.CHAMPION_DIR, tmp_path / outputs.REPLAY_JSON)
     assert doc["base_weights_hash"] not in {e["weights_hash"] for e in ledger.promotions()}, "no edit moved weights"
     # (a batch whose every request NAS skipped keeps its parent's weights: at least two distinct)
     assert len({e["weights_hash"] for e in ledger.promotions()}) >= 2
@@ -428,22 +446,22 @@ def test_replay_rebuilds_the_flows_champion_bit_for_bit(prefect, tmp_path, tok, 
     assert [v["version"] for v in doc["versions"]] == ["v0001", "v0002", "v0003"]
     assert all(v["match"] and v["same_skips"] for v in doc["versions"])
     assert doc["edits"] == champ["edits_so_far"]
-    rebuilt = json.loads((tmp_path / A.CHAMPION_DIR / "manifest.json").read_text())
+    rebuilt = json.loads((tmp_path / outputs.CHAMPION_DIR / "manifest.json").read_text())
     flow_manifest = json.loads((tmp_path / "data" / "checkpoints" / "v0003" / "manifest.json").read_text())
     assert rebuilt["weights_hash"] == flow_manifest["weights_hash"]
-    assert ((tmp_path / A.CHAMPION_DIR / "deltas.safetensors").read_bytes()
+    assert ((tmp_path / outputs.CHAMPION_DIR / "deltas.safetensors").read_bytes()
             == (tmp_path / "data" / "checkpoints" / "v0003" / "deltas.safetensors").read_bytes())
-    assert ((tmp_path / A.CHAMPION_DIR / "state.safetensors").read_bytes()
+    assert ((tmp_path / outputs.CHAMPION_DIR / "state.safetensors").read_bytes()
             == (tmp_path / "data" / "checkpoints" / "v0003" / "state.safetensors").read_bytes())
 
-    A.write_json(tmp_path / A.PROMOTION_JSON, {"version": "v0003", "machine": A.machine_info()})
-    res = A.audit(load_params(params_file, tmp_path))
+    fio.write_json(tmp_path / outputs.PROMOTION_JSON, {"version": "v0003", "machine": machine_facts.machine_info()})
+    res = verdict.audit(load_params(params_file, tmp_path))
     assert res.verdict == "reproduced", res.render()
 
-    out = evaluate(load_params(params_file, tmp_path), tmp_path / A.CHAMPION_DIR, tmp_path / A.REPLAY_DIR)
+    out = evaluate(load_params(params_file, tmp_path), tmp_path / outputs.CHAMPION_DIR, tmp_path / outputs.REPLAY_DIR)
     flow_metrics = {k.removeprefix("retention."): v for k, v in champ["metrics"].items() if k.startswith("retention.")}
     assert flow_metrics and {k: out[k] for k in flow_metrics} == flow_metrics  # the flow's numbers, exactly
-    norms = (tmp_path / A.NORMS_CSV).read_text().splitlines()
+    norms = (tmp_path / outputs.NORMS_CSV).read_text().splitlines()
     assert norms[0] == "version,edits_so_far,layer,norm_ratio,source" and any(",replay" in r for r in norms)
-    assert len((tmp_path / A.RETENTION_CSV).read_text().splitlines()) == 1 + 3 + 1
+    assert len((tmp_path / outputs.RETENTION_CSV).read_text().splitlines()) == 1 + 3 + 1
 

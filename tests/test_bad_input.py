@@ -134,14 +134,14 @@ def test_one_night_of_bad_batches_quarantines_each_and_keeps_the_champion(night,
 
     outcomes, params = night()  # no exception escapes
 
-    by_batch = {o["batch"]: o for o in outcomes}
-    assert by_batch["0000-good"]["outcome"] == "promoted" and by_batch["0000-good"]["version"] == "v0001"
-    bad = [o for o in outcomes if o["batch"] != "0000-good"]
-    assert len(bad) == len(expected), [o["batch"] for o in bad]
+    by_batch = {o.batch: o for o in outcomes}
+    assert by_batch["0000-good"].outcome == "promoted" and by_batch["0000-good"].version == "v0001"
+    bad = [o for o in outcomes if o.batch != "0000-good"]
+    assert len(bad) == len(expected), [o.batch for o in bad]
     seen = {}
     for o in bad:
-        assert o["outcome"] == "quarantined" and o["stage"] == "validation", o
-        folder = Path(o["folder"])
+        assert o.outcome == "quarantined" and o.stage == "validation", o
+        folder = Path(o.folder)
         reason = json.loads((folder / "reason.json").read_text(encoding="utf-8"))
         seen[reason["original_name"]] = (folder, reason)
     assert set(seen) == set(expected)
@@ -175,7 +175,7 @@ def test_one_night_of_bad_batches_quarantines_each_and_keeps_the_champion(night,
     assert events.count("promote") == 1 and events.count("quarantine") == len(expected) and len(events) == 1 + len(
         expected)
     champ = ledger.champion()
-    assert champ["version"] == "v0001" and champ["weights_hash"] == by_batch["0000-good"]["weights_hash"]
+    assert champ["version"] == "v0001" and champ["weights_hash"] == by_batch["0000-good"].weights_hash
     checkpoints = params.roots.checkpoints
     assert sorted(p.name for p in checkpoints.iterdir()) == ["v0001"]
     manifest = json.loads((checkpoints / "v0001" / "manifest.json").read_text(encoding="utf-8"))

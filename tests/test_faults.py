@@ -55,7 +55,7 @@ def first_night(night, tmp_path: Path) -> tuple[dict, bytes]:
     """Promote v0001 (one fact); returns its ledger entry and the ledger's bytes."""
     write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
     outcomes, params = night()
-    assert [(o["outcome"], o.get("version")) for o in outcomes] == [("promoted", "v0001")]
+    assert [(o.outcome, o.version) for o in outcomes] == [("promoted", "v0001")]
     champ = Ledger(params.roots.ledger).champion()
     assert champ["version"] == "v0001" and manifest(tmp_path, "v0001")["weights_hash"] == champ["weights_hash"]
     return champ, ledger_bytes(tmp_path)
@@ -76,11 +76,11 @@ def assert_nothing_happened(tmp_path: Path, before: bytes, batch: Path, data: by
 
 def assert_promoted_after(tmp_path: Path, outcomes: list[dict], version: str, parent: str | None,
                           batch: Path) -> None:
-    assert [(o["outcome"], o.get("version")) for o in outcomes] == [("promoted", version)]
+    assert [(o.outcome, o.version) for o in outcomes] == [("promoted", version)]
     ledger = Ledger(tmp_path / "ledger.jsonl")
     champ = ledger.champion()
     assert champ["version"] == version and champ["parent"] == parent
-    assert manifest(tmp_path, version)["weights_hash"] == champ["weights_hash"] == outcomes[0]["weights_hash"]
+    assert manifest(tmp_path, version)["weights_hash"] == champ["weights_hash"] == outcomes[0].weights_hash
     assert not batch.exists() and (tmp_path / "accepted" / batch.name).is_file()
 
 
@@ -257,7 +257,7 @@ def closed_port() -> int:
 
 
 def test_unreachable_mlflow_fails_the_night_loudly_without_promoting(night, tmp_path, monkeypatch):
-    import flows.refresh.flow as refresh
+    import flows.refresh.steps as steps
     from flows.tracking.mlflow import TrackingError
 
     uri = f"http://127.0.0.1:{closed_port()}"
@@ -265,12 +265,12 @@ def test_unreachable_mlflow_fails_the_night_loudly_without_promoting(night, tmp_
     data = batch.read_bytes()
     attempts = []
 
-    class CountingTracker(refresh.Tracker):
+    class CountingTracker(steps.Tracker):
         def __init__(self, *args, **kwargs):
             attempts.append(time.monotonic())
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(refresh, "Tracker", CountingTracker)
+    monkeypatch.setattr(steps, "Tracker", CountingTracker)
     t0 = time.monotonic()
     with pytest.raises(TrackingError, match=f"{uri}.* is unreachable"):
         night(tracking={"uri": uri})
@@ -340,7 +340,7 @@ time.sleep(300)
 
 @pytest.mark.slow
 def test_a_refresh_in_another_process_blocks_this_one(night, tmp_path):
-    from flows.refresh.flow import RefreshLocked
+    from flows.refresh.lock import RefreshLocked
 
     batch = write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
     data = batch.read_bytes()

@@ -37,21 +37,21 @@ def sha(data: bytes) -> str:
 # --- the bytes edited are the bytes recorded ------------------------------------------------------
 
 def test_a_batch_rewritten_mid_night_is_recorded_and_stored_as_edited(night, tmp_path, monkeypatch):
-    import flows.refresh.flow as refresh
+    import flows.refresh.steps as steps
 
     batch = write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
     edited = batch.read_bytes()
     rewritten = json.dumps(fact(*FACTS[2])).encode() + b"\n"
-    real_validate = refresh.validate
+    real_validate = steps.validate
 
     def validate_then_rewrite(*args, **kwargs):
         result = real_validate(*args, **kwargs)
         batch.write_bytes(rewritten)  # an upload overwrites the file after validation, before the move
         return result
 
-    monkeypatch.setattr(refresh, "validate", validate_then_rewrite)
+    monkeypatch.setattr(steps, "validate", validate_then_rewrite)
     outcomes, params = night()
-    assert [o["outcome"] for o in outcomes] == ["promoted"]
+    assert [o.outcome for o in outcomes] == ["promoted"]
     entry = Ledger(params.roots.ledger).champion()
     accepted = (tmp_path / "accepted" / "night-01.jsonl").read_bytes()
     assert entry["file_sha256"] == sha(accepted) == sha(edited)
@@ -100,7 +100,7 @@ def test_the_night_leaves_what_is_not_a_batch_alone_and_status_lists_it(night, t
     (box / "night-02.jsonl.part").write_text("half an upload")
     (box / "x.jsonl").mkdir()
     outcomes, params = night()
-    assert [o["batch"] for o in outcomes] == ["night-01"]
+    assert [o.batch for o in outcomes] == ["night-01"]
     assert (box / "night-02.jsonl.part").read_text() == "half an upload" and (box / "x.jsonl").is_dir()
     status = operations.status(params)
     assert {i["name"] for i in status["inbox_ignored"]} == {"night-02.jsonl.part", "x.jsonl"}
@@ -126,7 +126,7 @@ def two_nights(night, tmp_path):
     night()
     write_batch(tmp_path / "inbox" / "night-02.jsonl", [fact(*FACTS[1])])
     outcomes, params = night()
-    assert [o["outcome"] for o in outcomes] == ["promoted"]
+    assert [o.outcome for o in outcomes] == ["promoted"]
     return params
 
 

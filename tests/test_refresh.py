@@ -119,8 +119,8 @@ def test_good_batches_are_promoted_in_order(night, tmp_path):
     write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*f) for f in FACTS[:3]])
     write_batch(tmp_path / "inbox" / "night-02.jsonl", [fact(*f) for f in FACTS[3:]])
     outcomes, params = night()
-    assert [o["outcome"] for o in outcomes] == ["promoted", "promoted"]
-    assert [o["version"] for o in outcomes] == ["v0001", "v0002"]
+    assert [o.outcome for o in outcomes] == ["promoted", "promoted"]
+    assert [o.version for o in outcomes] == ["v0001", "v0002"]
     ledger = Ledger(params.roots.ledger)
     promos = ledger.promotions()
     assert [p["parent"] for p in promos] == [None, "v0001"]
@@ -128,7 +128,7 @@ def test_good_batches_are_promoted_in_order(night, tmp_path):
     assert sorted(p.name for p in (tmp_path / "accepted").iterdir()) == ["night-01.jsonl", "night-02.jsonl"]
     assert not list((tmp_path / "inbox").iterdir())
     manifest = json.loads((tmp_path / "checkpoints" / "v0002" / "manifest.json").read_text())
-    assert manifest["weights_hash"] == promos[1]["weights_hash"] == outcomes[1]["weights_hash"]
+    assert manifest["weights_hash"] == promos[1]["weights_hash"] == outcomes[1].weights_hash
     assert (tmp_path / "reports").is_dir() and list((tmp_path / "reports").glob("night-02-*/validation.html"))
     tracker, champ = mlflow_champion(params)
     assert champ is not None and champ.version_label == "v0002"
@@ -144,8 +144,8 @@ def test_bad_batch_is_quarantined_untouched_and_champion_kept(night, tmp_path):
     bad_bytes = bad.read_bytes()
     del good
     outcomes, params = night()
-    assert [o["outcome"] for o in outcomes] == ["promoted", "quarantined"]
-    folder = Path(outcomes[1]["folder"])
+    assert [o.outcome for o in outcomes] == ["promoted", "quarantined"]
+    folder = Path(outcomes[1].folder)
     assert (folder / "b-bad.jsonl").read_bytes() == bad_bytes
     reason = json.loads((folder / "reason.json").read_text())
     assert reason["reason"]["stage"] == "validation"
@@ -161,16 +161,16 @@ def test_gate_rejects_a_collapsing_batch_and_keeps_the_champion_weights(night, t
     write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*f) for f in FACTS[:3]])
     outcomes, params = night()
     before = champion_hash(params)
-    assert outcomes[0]["outcome"] == "promoted"
+    assert outcomes[0].outcome == "promoted"
     # NAS off with aggressive value settings blows the edited weights up: the gate must reject it.
     write_batch(tmp_path / "inbox" / "night-02.jsonl", [fact(*f) for f in FACTS[3:]])
     outcomes, params = night(model=str(tiny_folder / "tiny-aggressive.yaml"), edit={"nas": False},
                              collapse={"max_norm_ratio": 1.5}, promotion={"max_norm_growth_per_edit": 0.01})
-    assert outcomes[0]["outcome"] == "rejected", outcomes
-    assert {"norm_ratio", "norm_growth_per_edit"} & set(outcomes[0]["failed_checks"])
+    assert outcomes[0].outcome == "rejected", outcomes
+    assert {"norm_ratio", "norm_growth_per_edit"} & set(outcomes[0].failed_checks)
     assert champion_hash(params) == before
     assert not (tmp_path / "checkpoints" / "v0002").exists()
-    reason = json.loads((Path(outcomes[0]["folder"]) / "reason.json").read_text())
+    reason = json.loads((Path(outcomes[0].folder) / "reason.json").read_text())
     assert reason["reason"]["stage"] == "gate"
     tracker, champ = mlflow_champion(params)
     assert champ.version_label == "v0001"
@@ -202,7 +202,7 @@ def test_rollback_and_manual_promote_move_the_champion(night, tmp_path):
     write_batch(tmp_path / "inbox" / "night-03.jsonl", [fact(*FACTS[2])])
     outcomes, params = night()
     promo = Ledger(params.roots.ledger).promotions()[-1]
-    assert outcomes[0]["version"] == "v0003" and promo["parent"] == "v0001" and promo["edits_so_far"] == 2
+    assert outcomes[0].version == "v0003" and promo["parent"] == "v0001" and promo["edits_so_far"] == 2
     move_champion(params, "v0002", "manual_promote", "roll forward", tracker)
     events = [e["event"] for e in Ledger(params.roots.ledger).entries()]
     assert events == ["promote", "promote", "rollback", "promote", "manual_promote"]
@@ -213,18 +213,18 @@ def test_rerunning_a_night_never_applies_a_batch_twice(night, tmp_path):
     batch = [fact(*f) for f in FACTS[:2]]
     write_batch(tmp_path / "inbox" / "night-01.jsonl", batch)
     outcomes, params = night()
-    assert outcomes[0]["outcome"] == "promoted"
+    assert outcomes[0].outcome == "promoted"
     assert night()[0] == []  # empty inbox: nothing to do
     # The same file delivered again (e.g. a crash before it was moved): recognised by its hash.
     write_batch(tmp_path / "inbox" / "night-01-again.jsonl", batch)
     outcomes, params = night()
-    assert outcomes[0]["outcome"] == "already_applied"
+    assert outcomes[0].outcome == "already_applied"
     assert len(Ledger(params.roots.ledger).promotions()) == 1
     assert not list((tmp_path / "inbox").iterdir())
 
 
 def test_a_second_refresh_does_not_run_while_one_holds_the_lock(night, tmp_path):
-    from flows.refresh.flow import RefreshLocked, refresh_lock
+    from flows.refresh.lock import RefreshLocked, refresh_lock
 
     write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
     with refresh_lock(tmp_path / ".refresh.lock"):

@@ -1,7 +1,7 @@
 """A deleted ``mlflow.db`` (issue 12, item 11): the registry and the ``champion`` alias are rebuilt from the ledger.
 
 A real SQLite MLflow store in a temp folder; checkpoints are registered exactly as
-``flows.refresh.flow.process_batch`` registers them (deltas + manifest from a staging copy).
+``flows.refresh.steps.promote`` registers them (deltas + manifest from a staging copy).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from flows.engine import editing
 from flows.engine.caches import ensure_anchor, ensure_stats
 from flows.engine.checkpoints import load_checkpoint_into, write_checkpoint
 from flows.paths import ENV_PROJECT, Roots, project_root
+from nas_core.editors import METHODS
 from nas_core.requests import EditRequest
 
 app = typer.Typer(help="Continual knowledge editing with Norm-Anchor Scaling.", no_args_is_help=True,
@@ -350,7 +351,7 @@ def _session(model, method, nas, config=None, pilots=None, settings_fn=None):
     return editing.open_session(m, tok, name, method, s, cov, h, a)
 
 
-DEFAULT_EFFICACY_METHODS = "memit+nas,alphaedit+nas,rome+nas"
+DEFAULT_EFFICACY_METHODS = ",".join(f"{m}+nas" for m in METHODS)
 
 ComputeOpt = Annotated[str | None, typer.Option("--compute-dtype", help="v* compute path: auto, float32 or "
                                                 "bfloat16 (default: the model config's)")]
@@ -739,7 +740,9 @@ def refresh(
     """Run the nightly refresh now (one Prefect flow run) over every batch in the inbox."""
     from flows.engine.checkpoints import CheckpointTampered
     from flows.ledger.records import LedgerDamaged
-    from flows.refresh.flow import RefreshLocked, nightly_refresh, operations, prefect_runtime
+    from flows.refresh import operations, prefect_runtime
+    from flows.refresh.flow import nightly_refresh
+    from flows.refresh.lock import RefreshLocked
 
     params = _params(params_file)
     t0 = time.perf_counter()
@@ -765,8 +768,8 @@ def refresh(
             raise typer.Exit(2) from None
     table = Table("batch", "outcome", "details", title="nightly refresh")
     for o in outcomes:
-        detail = o.get("version") or ", ".join(o.get("failed_checks", [])) or o.get("folder", "")
-        table.add_row(str(o["batch"]), o["outcome"], str(detail))
+        detail = o.version or ", ".join(o.failed_checks) or o.folder or ""
+        table.add_row(o.batch, o.outcome, detail)
     out.print(table)
     out.print(f"{len(outcomes)} batch(es) in {time.perf_counter() - t0:.0f} s; ledger {params.roots.ledger}")
 
@@ -856,7 +859,7 @@ def validate_cmd(
     from transformers import AutoTokenizer
 
     from flows.assets.models import fetch_model
-    from flows.refresh.flow import champion_facts, check_batch
+    from flows.refresh.steps import champion_facts, check_batch
 
     params = _params(params_file)
     fetched = fetch_model(params.model_config().model, params.roots.models, show_progress=False)
@@ -887,7 +890,8 @@ def validate_cmd(
 
 
 def _move_champion(params_file: Path, version: str, event: str, reason: str) -> None:
-    from flows.refresh.flow import RefreshLocked, operations
+    from flows.refresh import operations
+    from flows.refresh.lock import RefreshLocked
 
     params = _params(params_file)
     try:
@@ -931,7 +935,7 @@ def audit(
     """Does the replayed champion (dvc repro) have the weights hash the ledger promoted? Exit 0 only if so."""
     import subprocess
 
-    from flows.audit import audit as auditing
+    from flows.audit import verdict as auditing
     from flows.ledger.records import Ledger, LedgerDamaged
     from flows.refresh import operations
 

@@ -17,7 +17,7 @@ import yaml
 
 from flows.paths import project_root
 from nas_core.collapse import CollapseSettings
-from nas_core.editors import VARIANTS
+from nas_core.editors import METHODS, SETTINGS, VARIANTS, check_method
 from nas_core.settings import (
     AlphaEditSettings,
     EvalSettings,
@@ -27,8 +27,6 @@ from nas_core.settings import (
     StatsSettings,
     ValueSettings,
 )
-
-METHOD_SETTINGS = {"memit": MemitSettings, "alphaedit": AlphaEditSettings, "rome": RomeSettings}
 
 
 class ConfigError(ValueError):
@@ -123,8 +121,10 @@ class ModelConfig:
         """The settings of method ``name`` (or a baseline variant of one, ``memit-plain``,
         ``rome-classic``), with NAS switched on/off when ``nas`` is given."""
         base, changes = VARIANTS.get(name, (name, {}))  # a baseline is a setting of its editor
-        if base not in METHOD_SETTINGS:
-            raise ConfigError(f"unknown method {name!r}; known: {sorted(METHOD_SETTINGS)} and {sorted(VARIANTS)}")
+        try:
+            check_method(name)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         s = dataclasses.replace(getattr(self, base), **changes)
         if nas is not None:
             s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, enabled=nas))
@@ -136,18 +136,18 @@ def load_model_config(path: Path) -> ModelConfig:
     raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    allowed = {"model", "layers_note", "stats", "values", "nas", "memit", "alphaedit", "rome", "eval", "collapse"}
+    allowed = {"model", "layers_note", "stats", "values", "nas", *METHODS, "eval", "collapse"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown}; allowed: {sorted(allowed)}")
     shared = {"values": raw.get("values", {}), "nas": raw.get("nas", {})}
     try:
         sections = {}
-        for name in METHOD_SETTINGS:
+        for name in METHODS:
             sec = dict(raw.get(name) or {})
             for key in ("values", "nas"):
                 sec[key] = {**shared[key], **(sec.get(key) or {})}
-            sections[name] = build(METHOD_SETTINGS[name], sec, f"{Path(path).name}:{name}")
+            sections[name] = build(SETTINGS[name], sec, f"{Path(path).name}:{name}")
         return ModelConfig(
             model=_coerce(raw.get("model"), str, f"{Path(path).name}:model"),
             layers_note=_coerce(raw.get("layers_note", ""), str, f"{Path(path).name}:layers_note"),

@@ -18,6 +18,7 @@ from flows.config.model import ConfigError, ModelConfig, build, config_for
 from flows.config.validation import ValidationSettings
 from flows.paths import Paths, Roots, project_root
 from nas_core.collapse import CollapseSettings
+from nas_core.editors import METHODS
 from nas_core.settings import EvalSettings
 
 
@@ -40,8 +41,8 @@ class EditParams:
     stats_tokens: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in ("memit", "alphaedit", "rome"):
-            raise ValueError(f"edit.method must be memit, alphaedit or rome, not {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"edit.method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.batch_size < 1 or self.pilots < 0 or self.stats_tokens < 0:
             raise ValueError("edit.batch_size >= 1, edit.pilots >= 0 and edit.stats_tokens >= 0 are required")
 

@@ -19,7 +19,7 @@ from torch import nn
 from flows.engine import precision
 from flows.engine.checkpoints import read_checkpoint
 from nas_core.deltas import accumulate, edited_weights, frobenius_norms, materialise
-from nas_core.editors import VARIANTS, AlphaEditEditor, MemitEditor, RomeEditor, base_method
+from nas_core.editors import EDITORS, check_method
 from nas_core.editors.base import Editor, EditResult
 from nas_core.requests import EditRequest
 from nas_core.spec import spec_for
@@ -30,11 +30,7 @@ log = logging.getLogger(__name__)
 
 def make_editor(method: str, settings, cov: dict[int, torch.Tensor]) -> Editor:
     """The editor of a method or a baseline variant (``memit-plain`` runs MEMIT's class)."""
-    editors = {"memit": MemitEditor, "alphaedit": AlphaEditEditor, "rome": RomeEditor}
-    base = base_method(method)
-    if base not in editors:
-        raise ValueError(f"unknown method {method!r}; known: {sorted(editors)} and {sorted(VARIANTS)}")
-    return editors[base](settings, cov)
+    return EDITORS[check_method(method)](settings, cov)
 
 
 @dataclasses.dataclass(frozen=True)

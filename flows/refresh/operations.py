@@ -7,13 +7,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flows.audit.audit import record_promotion
+from flows.audit.record import record_promotion
 from flows.config.params import Params
 from flows.engine.checkpoints import CheckpointTampered, verify_checkpoint
 from flows.facts.inbox import scan_inbox
 from flows.io import sha256_file
 from flows.ledger.records import CHAMPION_EVENTS, Ledger, LedgerDamaged
-from flows.refresh.flow import refresh_lock
+from flows.refresh.lock import refresh_lock
 from nas_core.collapse import norm_growth_per_edit
 
 
@@ -52,7 +52,7 @@ def verify_lineage(params: Params, ledger: Ledger, version: str | None, missing_
 
 
 def _forecast(params: Params, ledger: Ledger, version: str) -> dict[str, float | None] | None:
-    from flows.refresh.flow import lineage_forecast
+    from flows.ledger.norms import lineage_forecast
 
     try:
         return lineage_forecast(ledger, version, params.model_config().collapse.max_norm_ratio)
@@ -103,7 +103,7 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
 
     The checkpoint folder must still rebuild the weights the ledger recorded; the MLflow
     ``champion`` alias follows when ``tracker`` is given, and the DVC audit record
-    (:func:`flows.audit.audit.record_promotion`; its problems are in the returned entry's
+    (:func:`flows.audit.record.record_promotion`; its problems are in the returned entry's
     ``audit_problems``). Holds the refresh lock.
     """
     ledger = Ledger(params.roots.ledger)

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows.audit.audit import (
+from flows.audit.outputs import (
     CHAMPION_DIR,
     METRICS_JSON,
     NORMS_CSV,
@@ -29,15 +29,13 @@ from flows.audit.audit import (
     REPLAY_DIR,
     RETENTION_CSV,
     RETENTION_HEADER,
-    lineage_batches,
     norms_rows,
-    retention_requests,
     retention_rows,
-    write_csv,
-    write_json,
 )
 from flows.engine.checkpoints import load_checkpoint_into
 from flows.engine.loading import load_base
+from flows.io import write_csv, write_json
+from flows.ledger.lineage import lineage_batches, retention_requests
 from flows.stages.common import log, parser, recorded_settings, setup_logging, stage_params
 
 

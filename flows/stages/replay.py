@@ -17,8 +17,8 @@ Before editing, every batch is checked against the ledger (file sha256; records 
 compared with the one the ledger recorded for that version, so a divergence is pinned to
 its first version. Writes the checkpoint to ``--out`` and ``replay.json`` with
 ``weights_hash``, ``ledger_champion``, ``ledger_weights_hash``, ``match``, ``edits``,
-``seconds``, the per-version hashes and :func:`flows.audit.audit.machine_info`. Exit status 0 even
-on a mismatch: the verdict is ``flows.audit.audit``'s (and a mismatch must still be recorded).
+``seconds``, the per-version hashes and :func:`flows.audit.machine.machine_info`. Exit status 0 even
+on a mismatch: the verdict is ``flows.audit.verdict``'s (and a mismatch must still be recorded).
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.audit.audit import CHAMPION_DIR, REPLAY_JSON, champion_of, lineage_batches, machine_info, write_json
+from flows.audit.machine import machine_info
+from flows.audit.outputs import CHAMPION_DIR, REPLAY_JSON
 from flows.engine import precision
 from flows.engine.checkpoints import write_checkpoint
 from flows.engine.loading import base_anchor, base_stats, load_base
+from flows.io import write_json
+from flows.ledger.lineage import champion_of, lineage_batches
 from flows.stages.common import log, parser, recorded_settings, setup_logging, stage_params
 
 

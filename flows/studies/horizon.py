@@ -39,7 +39,8 @@ from nas_core.formats import from_counterfact_easyedit
 from nas_core.requests import EditRequest
 from nas_core.spec import spec_for
 
-METHODS = ("memit", "memit+nas", "alphaedit", "alphaedit+nas", "rome", "rome+nas")
+#: Every editor with and without NAS, in registry order.
+METHODS = tuple(f"{m}{nas}" for m in METHODS_BASE for nas in ("", "+nas"))
 
 
 @dataclass(frozen=True)

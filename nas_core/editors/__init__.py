@@ -9,8 +9,13 @@ from nas_core.editors.alphaedit import AlphaEditEditor
 from nas_core.editors.base import Editor, EditResult, RequestDiagnostics
 from nas_core.editors.memit import MemitEditor
 from nas_core.editors.rome import RomeEditor
+from nas_core.settings import AlphaEditSettings, MemitSettings, RomeSettings
 
-METHODS: tuple[str, ...] = ("memit", "alphaedit", "rome")
+#: The one method registry: each method's editor class and settings class.
+EDITORS: Mapping[str, type] = MappingProxyType({"memit": MemitEditor, "alphaedit": AlphaEditEditor, "rome": RomeEditor})
+SETTINGS: Mapping[str, type] = MappingProxyType(
+    {"memit": MemitSettings, "alphaedit": AlphaEditSettings, "rome": RomeSettings})
+METHODS: tuple[str, ...] = tuple(EDITORS)
 
 #: The classic baselines the literature compares against, as settings of an editor above:
 #: ``memit-plain`` forgets earlier keys (no sequential key cache: the MEMIT row of the
@@ -26,8 +31,19 @@ def base_method(name: str) -> str:
     """The editor a method or variant name runs (``memit-plain`` -> ``memit``)."""
     return VARIANTS[name][0] if name in VARIANTS else name
 
+
+def check_method(name: str) -> str:
+    """``name``'s editor method; a ValueError naming every known method and variant otherwise."""
+    base = base_method(name)
+    if base not in EDITORS:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)} and {sorted(VARIANTS)}")
+    return base
+
 __all__ = [
+    "EDITORS",
     "METHODS",
+    "SETTINGS",
+    "check_method",
     "VARIANTS",
     "base_method",
     "AlphaEditEditor",

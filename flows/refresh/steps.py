@@ -1,0 +1,320 @@
+"""The night's steps, each a Prefect task, so the UI shows where a night spent its time and failed.
+
+load the champion -> per batch: validate -> edit -> evaluate -> gate -> promote | reject
+(| quarantine after a failed validation). Each step takes and returns typed values; the
+wiring is :mod:`flows.refresh.flow`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.audit.machine import machine_info
+from flows.config.params import Params
+from flows.engine import evaluation
+from flows.engine.checkpoints import file_hashes, write_checkpoint
+from flows.engine.editing import EditSession, SessionSnapshot, apply_in_batches, open_session
+from flows.engine.loading import base_anchor, base_stats, load_base
+from flows.facts.inbox import BatchSnapshot, InboxScan, release, scan_inbox, store
+from flows.facts.validate import BatchValidation, LedgerFact, quarantine, validate_batch, write_report
+from flows.ledger.lineage import held_facts, lineage_batches
+from flows.ledger.norms import lineage_forecast, norm_history
+from flows.ledger.records import Ledger
+from flows.refresh.gate import flat_metrics, gate, verdict_of
+from flows.refresh.versions import free_target, next_version
+from flows.tracking.mlflow import Tracker, norm_plot, registered_model_name, resolve_tracking_uri
+from nas_core.collapse import Check, norm_ratios
+from nas_core.deltas import frobenius_norms, weights_hash
+from nas_core.evaluate.counterfact import edit_metrics
+from nas_core.requests import EditRequest
+
+
+@dataclass
+class Champion:
+    """What a night edits: the model loaded once (the champion's weights, then each promoted
+    batch's on top), with the base model's references. The ledger says which version it is."""
+
+    session: EditSession
+    base_ref: dict[str, Any]
+    base_hash: str
+    name: str
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What became of one inbox batch tonight."""
+
+    batch: str
+    outcome: str  # promoted | rejected | quarantined | already_applied | unreadable
+    version: str | None = None
+    weights_hash: str | None = None
+    stage: str | None = None
+    failed_checks: tuple[str, ...] = ()
+    folder: str | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The edited model's scores: the new batch alone, retention and health over everything."""
+
+    batch: dict[str, Any]
+    retention: dict[str, Any]
+    collapse_checks: tuple[Check, ...]
+    norm_ratios: dict[str, float]
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's checks and everything the ledger line records about the candidate."""
+
+    checks: tuple[Check, ...]
+    metrics: dict[str, float]
+    forecast: dict[str, float | None]
+    record: dict[str, Any] = field(repr=False)
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+
+@dataclass(frozen=True)
+class NightBatch:
+    """One batch in flight: its snapshot, ids, report folder and MLflow run."""
+
+    snap: BatchSnapshot
+    batch_id: str
+    report_dir: Path
+    run_id: str
+
+
+# --- what the champion knows -----------------------------------------------------------------
+
+def lineage_requests(ledger: Ledger, version: str | None, params: Params) -> tuple[list[EditRequest], list[LedgerFact]]:
+    """Every request the champion holds and its ledger facts: :func:`flows.ledger.lineage.held_facts`
+    of the lineage, each accepted batch checked against the ledger's hash (the audit's own code)."""
+    batches = lineage_batches(ledger, version, params.roots, params.edit.batch_size, params.validation.schema_policy())
+    pairs = held_facts(batches, params.validation.fold_confusables)
+    return [r for r, _ in pairs], [LedgerFact.from_request(r, b) for r, b in pairs]
+
+
+def champion_facts(params: Params) -> list[LedgerFact]:
+    """The facts the ledger's champion holds (what a batch's ledger checks compare against)."""
+    ledger = Ledger(params.roots.ledger)
+    champ = ledger.champion()
+    return lineage_requests(ledger, champ.version if champ else None, params)[1]
+
+
+def check_batch(source: Path | BatchSnapshot, tok, facts: list[LedgerFact], params: Params) -> BatchValidation:
+    """The night's checks of one batch against the champion's facts (``nas validate`` calls this too)."""
+    return validate_batch(source, tok, facts, params.validation)
+
+
+# --- steps -----------------------------------------------------------------------------------
+
+@task(retries=3, retry_delay_seconds=2)
+def connect_tracking(params: Params) -> Tracker:
+    """Open the MLflow store (retried: a store that is briefly down should not fail the night)."""
+    tracker = Tracker(resolve_tracking_uri(params.tracking.uri or None, params.root), params.tracking.experiment)
+    tracker.healthcheck()
+    return tracker
+
+
+@task(retries=2, retry_delay_seconds=1)
+def inbox_batches(inbox: Path) -> InboxScan:
+    """The inbox's batches; what is not a batch is logged and left alone."""
+    scan = scan_inbox(inbox)
+    for item in scan.ignored:
+        get_run_logger().warning("inbox entry %r is not a batch (%s): left alone", item.name, item.why)
+    return scan
+
+
+@task(cache_policy=NO_CACHE)
+def load_champion(params: Params, ledger: Ledger) -> Champion:
+    """Load the base model once, its statistics and anchor, and the champion checkpoint on top."""
+    logger = get_run_logger()
+    s = params.method_settings()
+    base = load_base(params)
+    cov = base_stats(base, params, logger)
+    anchor = base_anchor(base, params, s, logger)
+    base_ref = evaluation.base_reference(base.model, base.tok, base.name, base.base_hash, params.model_config().eval,
+                                         params.roots)
+    champ = ledger.champion()
+    ckpt = None
+    if champ is not None:
+        ckpt = params.roots.checkpoints / champ.version
+        if not (ckpt / "manifest.json").is_file():
+            raise FileNotFoundError(f"the champion's checkpoint {ckpt} is missing: restore it with "
+                                    "`dvc pull data/checkpoints.dvc`")
+        logger.info("champion %s (%d edits) from %s", champ.version, champ.get("edits_so_far", 0), ckpt)
+    else:
+        logger.info("no champion yet: starting from the base model %s", base.name)
+    promo = ledger.promotion(champ.version) if champ is not None else None
+    session = open_session(base.model, base.tok, base.name, params.edit.method, s, cov, base.base_hash, anchor, ckpt,
+                           promo.files if promo is not None else None)
+    if champ is not None and weights_hash(base.model) != champ["weights_hash"]:
+        raise RuntimeError(f"champion {champ.version} rebuilt to weights {weights_hash(base.model)[:12]}, but the "
+                           f"ledger recorded {champ['weights_hash'][:12]}: the checkpoint folder was altered")
+    return Champion(session, base_ref, base.base_hash, base.name)
+
+
+@task(cache_policy=NO_CACHE)
+def validate(snap: BatchSnapshot, tok, facts: list[LedgerFact], params: Params, report_dir: Path) -> BatchValidation:
+    """The batch's checks (GX suite, tokenizer, ledger) and its HTML/JSON report."""
+    result = check_batch(snap, tok, facts, params)
+    write_report(result, report_dir)
+    return result
+
+
+@task(cache_policy=NO_CACHE)
+def edit(session: EditSession, requests: list[EditRequest], batch_size: int) -> list[dict[str, Any]]:
+    """Apply the batch in sequential sub-batches; returns the per-request diagnostics."""
+    return apply_in_batches(session, requests, batch_size, get_run_logger())
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate(session: EditSession, new: list[EditRequest], retained: list[EditRequest], base_ref: dict[str, Any],
+             params: Params) -> Candidate:
+    """The edited model's metrics: the new batch alone, and retention
+    (:func:`flows.ledger.lineage.retention_set`) + health over everything."""
+    cfg = params.model_config()
+    ratios = norm_ratios(frobenius_norms(session.model, list(session.base)), session.original_norms)
+    batch = edit_metrics(session.model, session.tok, new, cfg.eval.batch_size, cfg.eval.batch_tokens).as_dict()
+    retention, result = evaluation.evaluate(session.model, session.tok, retained, cfg.eval, base_ref, params.roots,
+                                            ratios, session.state.edit_count, cfg.collapse)
+    return Candidate(batch, retention, result.checks, ratios)
+
+
+@task(name="gate", cache_policy=NO_CACHE)
+def judge(nb: NightBatch, candidate: Candidate, diagnostics: list[dict[str, Any]], edits: int, ledger: Ledger,
+          champion: str | None, params: Params, tracker: Tracker) -> GateResult:
+    """The gate's verdict, its metrics and the norm forecast, logged to MLflow and metrics.json."""
+    logger = get_run_logger()
+    skipped_fraction = sum(d["skipped"] for d in diagnostics) / len(diagnostics)
+    checks = gate(candidate.batch, candidate.retention, candidate.collapse_checks, skipped_fraction, params)
+    flat = flat_metrics(candidate.batch, candidate.retention, diagnostics)
+    tracker.log_metrics(nb.run_id, flat, step=edits)
+    tracker.log_metrics(nb.run_id, {f"norm_ratio.{n}": r for n, r in candidate.norm_ratios.items()}, step=edits)
+    history = norm_history(ledger, champion, candidate.norm_ratios, edits)
+    png = norm_plot(history, nb.report_dir / "norms.png", f"{nb.batch_id}: edited weight norms",
+                    "||W_t||_F / ||W_0||_F")
+    tracker.log_artifact(nb.run_id, png, "plots")
+    outlook = lineage_forecast(ledger, champion, params.model_config().collapse.max_norm_ratio,
+                               candidate.norm_ratios, edits)
+    tracker.log_metrics(nb.run_id, {f"forecast.{k}": v for k, v in outlook.items() if v is not None}, step=edits)
+    _warn_forecast(nb, outlook, params, tracker)
+    evaluation.write_metrics(nb.report_dir / "metrics.json", {**flat}, verdict_of(checks), {
+        "batch_id": nb.batch_id, "batch_sha256": nb.snap.sha256, "edits_so_far": edits})
+    tracker.log_artifact(nb.run_id, nb.report_dir / "metrics.json")
+    failed = [c for c in checks if not c.passed]
+    logger.info("%s gate: %s", nb.batch_id, "pass" if not failed else "fail: " + "; ".join(c.message for c in failed))
+    record = {"batch_id": nb.batch_id, "file_sha256": nb.snap.sha256,
+              "request_ids": [d["case_id"] for d in diagnostics if not d["skipped"]],
+              "skipped_ids": [d["case_id"] for d in diagnostics if d["skipped"]],
+              "metrics": flat, "checks": [dataclasses.asdict(c) for c in checks], "mlflow_run_id": nb.run_id,
+              "edits_so_far": edits, "norm_ratios": candidate.norm_ratios, "forecast": outlook}
+    return GateResult(checks, flat, outlook, record)
+
+
+def _warn_forecast(nb: NightBatch, outlook: dict[str, float | None], params: Params, tracker: Tracker) -> None:
+    nights = outlook["nights_left"]
+    if nights is not None and nights < params.promotion.forecast_warn_nights:
+        get_run_logger().warning(
+            "%s: at the current rate the worst norm ratio reaches the bound in %.0f nights (%.0f edits; "
+            "promotion.forecast_warn_nights %g)", nb.batch_id, nights, outlook["edits_left"],
+            params.promotion.forecast_warn_nights)
+        tracker.tag_run(nb.run_id, {"forecast_warning": f"{nights:.0f} nights left"})
+
+
+@task(name="quarantine", cache_policy=NO_CACHE)
+def quarantine_invalid(nb: NightBatch, validation: BatchValidation, ledger: Ledger, params: Params,
+                       tracker: Tracker) -> BatchOutcome:
+    """A batch that failed validation: stored untouched in quarantine with its report; nothing edited."""
+    get_run_logger().warning("%r failed validation: %s", nb.snap.name, validation.summary())
+    problems = validation.problems_by_rule()
+    folder = quarantine(nb.snap, validation, params.roots.quarantine, {"stage": "validation", "problems": problems})
+    warn_if_rewritten(nb.snap)
+    ledger.append("quarantine", batch_id=nb.batch_id, file_sha256=nb.snap.sha256, stage="validation",
+                  problems=problems, quarantine=str(folder), mlflow_run_id=nb.run_id)
+    _close_rejected(tracker, nb.run_id, [f"validation:{r}" for r in problems])
+    return BatchOutcome(nb.batch_id, "quarantined", stage="validation", folder=str(folder))
+
+
+@task(name="reject", cache_policy=NO_CACHE)
+def reject(nb: NightBatch, validation: BatchValidation, result: GateResult, session: EditSession,
+           saved: SessionSnapshot, ledger: Ledger, params: Params, tracker: Tracker) -> BatchOutcome:
+    """A batch the gate refused: the champion's weights restored in memory, the batch quarantined."""
+    session.restore(saved)
+    failed = result.failed
+    folder = quarantine(nb.snap, validation, params.roots.quarantine,
+                        {"stage": "gate", "failed_checks": [c.message for c in failed]})
+    warn_if_rewritten(nb.snap)
+    names = tuple(c.name for c in failed)
+    ledger.append("reject", **result.record, failed_checks=list(names), quarantine=str(folder))
+    _close_rejected(tracker, nb.run_id, list(names))
+    return BatchOutcome(nb.batch_id, "rejected", failed_checks=names, folder=str(folder))
+
+
+@task(cache_policy=NO_CACHE)
+def promote(nb: NightBatch, result: GateResult, champion: Champion, parent: str | None, ledger: Ledger,
+            params: Params, tracker: Tracker) -> BatchOutcome:
+    """Write checkpoint ``vNNNN``, register it in MLflow, append the ledger, store the batch, move the alias."""
+    logger, roots, session = get_run_logger(), params.roots, champion.session
+    version = next_version(roots.checkpoints)
+    ckpt = write_checkpoint(session, roots.checkpoints / version,
+                            {"version": version, "batch_id": nb.batch_id, "batch_sha256": nb.snap.sha256})
+    manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
+    model_name = registered_model_name(champion.name)
+    mv = _register(tracker, model_name, nb, ckpt, version, manifest["weights_hash"])
+    # Ledger first, then the store: a crash in between leaves the batch in the inbox, and the next
+    # night recognises it by its hash and finishes the store (a move first would lose it).
+    accepted = free_target(nb.snap.path, roots.accepted)
+    ledger.append("promote", **result.record, version=version, parent=parent,
+                  weights_hash=manifest["weights_hash"], checkpoint=roots.relative(ckpt),
+                  accepted_path=roots.relative(accepted), model_version=mv, edit_batch_size=params.edit.batch_size,
+                  machine=machine_info(session.model), files=file_hashes(ckpt), compute_dtype=session.compute_dtype,
+                  attention=session.attention)
+    store(nb.snap, accepted)  # the edited bytes, checked against the ledger's file_sha256
+    release_stored(nb.snap)
+    tracker.set_champion(model_name, mv)
+    tracker.tag_run(nb.run_id, {"verdict": "promoted", "version": version})
+    tracker.finish_run(nb.run_id)
+    logger.info("%s promoted: champion is now %s (MLflow %s v%s), %d edits in all", nb.batch_id, version, model_name,
+                mv, session.state.edit_count)
+    return BatchOutcome(nb.batch_id, "promoted", version=version, weights_hash=manifest["weights_hash"])
+
+
+def _close_rejected(tracker: Tracker, run_id: str, reasons: list[str]) -> None:
+    tracker.mark_rejected(run_id, reasons)
+    tracker.finish_run(run_id)
+
+
+def _register(tracker: Tracker, model_name: str, nb: NightBatch, ckpt: Path, version: str, whash: str) -> str:
+    """The checkpoint in MLflow's registry: the model (deltas + manifest); the editor state stays on disk."""
+    with tempfile.TemporaryDirectory() as staging:
+        for f in ("deltas.safetensors", "manifest.json"):
+            shutil.copy2(ckpt / f, Path(staging) / f)
+        return tracker.register_checkpoint(model_name, nb.run_id, Path(staging), version,
+                                           {"batch_id": nb.batch_id, "weights_hash": whash})
+
+
+def release_stored(snap: BatchSnapshot) -> None:
+    """Clear the inbox entry whose bytes were stored (kept, with a warning, when rewritten meanwhile)."""
+    kept = release(snap)
+    if kept:
+        get_run_logger().warning("%s", kept)
+
+
+def warn_if_rewritten(snap: BatchSnapshot) -> None:
+    if os.path.lexists(snap.path):
+        get_run_logger().warning("%s was rewritten while the night ran: the quarantine holds the bytes the night "
+                                 "read, the new content stays in the inbox as a new batch", snap.name)
