@@ -19,9 +19,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
 CHUNK = 1 << 20
 
 
@@ -73,18 +70,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, doc: dict[str, Any]) -> Path:
     """``doc`` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(doc, indent=1, allow_nan=True) + "\n")
@@ -122,5 +107,5 @@ def code_version(repo: Path | None = None) -> str:
         return "unknown"
 
 
-__all__ = ["CHUNK", "atomic_save_tensors", "atomic_write_bytes", "atomic_write_chunks", "atomic_write_text",
+__all__ = ["CHUNK", "atomic_write_bytes", "atomic_write_chunks", "atomic_write_text",
            "code_version", "digest", "now", "read_json", "sha256_file", "write_csv", "write_json"]

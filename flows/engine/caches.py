@@ -10,18 +10,20 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import random
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flows.engine import precision
-from flows.io import atomic_save_tensors, atomic_write_text, digest, now
+from flows.io import atomic_write_text, digest, now
 from flows.paths import Roots
 from nas_core.anchor import calibrate
 from nas_core.deltas import weights_hash
@@ -32,6 +34,18 @@ from nas_core.spec import spec_for
 from nas_core.stats import sample_self_text, second_moment, token_batches
 
 log = logging.getLogger(__name__)
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # --- covariance statistics -------------------------------------------------------------------

@@ -23,18 +23,15 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from flows.io import now
 
 log = logging.getLogger(__name__)
 
 CHAMPION_EVENTS = ("promote", "rollback", "manual_promote")
 EVENTS = (*CHAMPION_EVENTS, "reject", "quarantine")
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class LedgerDamaged(ValueError):

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import psutil
 
+from flows.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "NAS_NIGHT_TOKEN"
@@ -80,10 +82,7 @@ def claim_night(home: Path | None = None) -> Path | None:
     record = {"pid": me.pid, "started": started, "token": token, "argv": sys.argv}
     path = folder / f"{me.pid}.json"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record), encoding="utf-8")
-        os.replace(tmp, path)  # atomic: the reaper never reads half a record
+        atomic_write_text(path, json.dumps(record))  # the reaper never reads half a record
     except OSError as err:
         log.warning("could not record this night in %s (%s): a Prefect server it leaves if killed "
                     "will not be cleaned up", folder, err)

@@ -82,16 +82,18 @@ def check_timezone(timezone: str) -> str:
 
 def check_cron(cron: str) -> str:
     """``cron`` if it is a valid five-field cron expression, else :class:`ScheduleError`."""
-    from prefect._internal.schemas.validators import validate_cron_string
+    from prefect.client.schemas.schedules import CronSchedule
 
     fields = cron.split()
     if len(fields) != 5:
         raise ScheduleError(f"invalid cron expression {cron!r}: expected 5 fields (minute hour day-of-month month "
                             f"day-of-week, e.g. '0 2 * * *' for 02:00 every day), got {len(fields)}")
     try:
-        validate_cron_string(cron)
-    except ValueError as err:
-        raise ScheduleError(f"invalid cron expression {cron!r}: {err} (e.g. '0 2 * * *' for 02:00 every day)") from None
+        CronSchedule(cron=cron)  # Prefect's public schedule model validates the expression
+    except ValueError as err:  # pydantic's ValidationError: keep its one message
+        detail = err.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(err, "errors") else str(err)
+        raise ScheduleError(f"invalid cron expression {cron!r}: {detail} (e.g. '0 2 * * *' for 02:00 every day)") \
+            from None
     return cron
 
 
