@@ -399,10 +399,6 @@ class _Progress:
         self._meta[task] = [unit, total, 0.0]
         return task
 
-    def set_total(self, task: int, total: float | None) -> None:
-        self._meta[task][1:] = [total, 0.0]
-        self._rich.update(task, total=total, completed=0)
-
     def advance(self, task: int, n: float = 1) -> None:
         meta = self._meta[task]
         meta[2] += n
@@ -426,65 +422,26 @@ class _Progress:
         finally:
             self.remove(task)
 
-
-class _TqdmToRich:
-    """Stands in for ``tqdm(iterable, ...)`` inside transformers' GGUF dequantiser."""
-
-    def __init__(self, progress: _Progress, task: int, iterable: Any = None, *args: Any, **kwargs: Any):
-        self._iterable = iterable
-        self._progress = progress
-        self._task = task
-        total = kwargs.get("total")
-        if total is None and iterable is not None and hasattr(iterable, "__len__"):
-            total = len(iterable)
-        progress.set_total(task, total)
-
-    def __iter__(self) -> Iterator[Any]:
-        for item in self._iterable:
-            yield item
-            self._progress.advance(self._task)
-
-    def __len__(self) -> int:
-        return len(self._iterable)
-
-    def __enter__(self) -> _TqdmToRich:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, n: float = 1) -> None:
-        self._progress.advance(self._task, n)
-
-    def set_description(self, *a: Any, **k: Any) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Take the display off the terminal for the block, so a library's own bar can draw there."""
+        self._rich.stop()
+        try:
+            yield
+        finally:
+            self._rich.start()
 
 
 @contextmanager
-def _quiet_transformers(progress: _Progress | None = None, task: int | None = None) -> Iterator[None]:
-    """Silence transformers' own tqdm bars; route the GGUF dequantisation bar to ``progress``."""
+def _quiet_transformers() -> Iterator[None]:
+    """Turn transformers' own progress bars off for the block (its public switch), then restore them."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    gm = None
-    original = None
-    if progress is not None and task is not None:
-        try:
-            import transformers.modeling_gguf_pytorch_utils as gm
-        except ImportError:  # pragma: no cover - depends on the transformers version
-            gm = None
-        original = getattr(gm, "tqdm", None) if gm is not None else None
-        if original is not None:
-            gm.tqdm = lambda iterable=None, *a, **k: _TqdmToRich(progress, task, iterable, *a, **k)
     try:
         yield
     finally:
-        if gm is not None and original is not None:
-            gm.tqdm = original
         if was_enabled:
             hf_logging.enable_progress_bar()
 
@@ -566,7 +523,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, *, dtype: torch.dtype, progres
     try:
         with progress.status("GGUF tokenizer"), _quiet_transformers():
             tok = AutoTokenizer.from_pretrained(folder, **common)
-        with progress.status("dequantise GGUF tensors") as task, _quiet_transformers(progress, task):
+        # The dequantiser draws a plain tqdm bar that no public switch reaches: give it the terminal.
+        with progress.paused(), _quiet_transformers():
             src = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **common)
     except Exception as exc:
         raise ModelFetchError(
