@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from flows.assets.models import load_model
+from flows.assets.load import load_model
 from flows.config.model import config_for
 from flows.config.params import load_params
 from flows.engine import precision

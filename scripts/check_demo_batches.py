@@ -69,7 +69,7 @@ class BatchResult:
 
 def score_requests(model_path: Path, requests: list[EditRequest]) -> list[FactScore]:
     """Score every request (and its neighbourhood prompts) in one batched model pass."""
-    from flows.assets.models import load_model
+    from flows.assets.load import load_model
     from nas_core.evaluate.scoring import target_nll
 
     prompts: list[str] = []

@@ -43,7 +43,7 @@ def shared_data() -> Path:
 def smollm2_fetch():
     """The real SmolLM2-135M, fetched once into the models cache (``data/models`` unless
     NAS_TEST_MODELS says otherwise); later sessions find it there and skip the download."""
-    from flows.assets.models import fetch_model
+    from flows.assets.fetch import fetch_model
 
     cache = Path(os.environ.get("NAS_TEST_MODELS", REPO / "data" / "models"))
     return fetch_model("smollm2-135m", cache, show_progress=False)
@@ -52,7 +52,7 @@ def smollm2_fetch():
 @pytest.fixture(scope="session")
 def smollm2(smollm2_fetch):
     """(model, tokenizer) of the real SmolLM2-135M."""
-    from flows.assets.models import load_model
+    from flows.assets.load import load_model
 
     return load_model(smollm2_fetch.path)
 

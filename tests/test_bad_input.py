@@ -185,7 +185,7 @@ def test_one_night_of_bad_batches_quarantines_each_and_keeps_the_champion(night,
     assert hashlib.sha256(hidden.read_bytes()).hexdigest() == digests["..jsonl"]
 
     # The champion rebuilt from disk (base + v0001 deltas) has exactly the ledger's weights.
-    from flows.assets.models import load_model
+    from flows.assets.load import load_model
     from nas_core.deltas import weights_hash
 
     model, _ = load_model(params.roots.models / "local--tiny-llama")
@@ -337,7 +337,8 @@ def test_every_model_from_pretrained_insists_on_safetensors():
 def test_a_local_model_folder_with_only_pickle_weights_is_refused(tmp_path, tok, llama, monkeypatch):
     import torch
 
-    from flows.assets.models import ModelFetchError, fetch_model
+    from flows.assets.errors import ModelFetchError
+    from flows.assets.fetch import fetch_model
 
     folder = tmp_path / "bin-only"
     llama.config.save_pretrained(folder)

@@ -89,7 +89,8 @@ def _method(cfg: ModelConfig, method: str, nas: bool | None, pilots: int | None 
 
 def _load(model: str, fetch: bool = True):
     """Fetch (no-op when present) and load a model; returns (model, tok, name, base hash)."""
-    from flows.assets.models import fetch_model, load_model
+    from flows.assets.fetch import fetch_model
+    from flows.assets.load import load_model
     from nas_core.deltas import weights_hash
 
     result = fetch_model(model, _roots().models) if fetch else None
@@ -159,7 +160,7 @@ def fetch_model_cmd(
     force: Annotated[bool, typer.Option(help="fetch again even when present")] = False,
 ) -> None:
     """Fetch a model and save it as an fp32 safetensors folder under data/models/."""
-    from flows.assets.models import fetch_model
+    from flows.assets.fetch import fetch_model
 
     result = fetch_model(name, _roots().models, force=force)
     out.print(f"{result.path} {'(already present, nothing to do)' if result.already_present else ''}")
@@ -858,7 +859,7 @@ def validate_cmd(
     """
     from transformers import AutoTokenizer
 
-    from flows.assets.models import fetch_model
+    from flows.assets.fetch import fetch_model
     from flows.refresh.steps import champion_facts, check_batch
 
     params = _params(params_file)

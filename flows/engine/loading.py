@@ -32,7 +32,8 @@ class BaseModel:
 
 def load_base(params) -> BaseModel:
     """params.yaml's model from the project's model cache (fetched first when absent)."""
-    from flows.assets.models import fetch_model, load_model
+    from flows.assets.fetch import fetch_model
+    from flows.assets.load import load_model
 
     fetched = fetch_model(params.model_config().model, params.roots.models, show_progress=False)
     model, tok = load_model(fetched.path)

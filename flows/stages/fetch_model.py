@@ -1,7 +1,7 @@
 """Stage ``fetch_model``: fetch params.yaml's model into ``data/models/MODEL`` (fp32 safetensors).
 
 ``python -m flows.stages.fetch_model [--params FILE]``. The model config's ``model`` source
-(``configs/MODEL.yaml``) is fetched with :func:`flows.assets.models.fetch_model`, as the nightly flow
+(``configs/MODEL.yaml``) is fetched with :func:`flows.assets.fetch.fetch_model`, as the nightly flow
 does; a second run finds it in place and returns at once.
 """
 
@@ -13,7 +13,7 @@ from flows.stages.common import log, parser, setup_logging, stage_params
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.assets.models import fetch_model
+    from flows.assets.fetch import fetch_model
 
     params = stage_params(parser(__doc__.split("\n")[0]).parse_args(argv))
     setup_logging()

@@ -395,7 +395,8 @@ def horizon_study(
 ) -> dict[str, Any]:
     """Run every method over the same stream (default: CounterFact's edit split) of the project's
     shared data; write results.json, horizon.png and MLflow runs."""
-    from flows.assets.models import fetch_model, load_model
+    from flows.assets.fetch import fetch_model
+    from flows.assets.load import load_model
     from flows.config.model import config_for
     from flows.config.params import load_params
     from nas_core.deltas import weights_hash
