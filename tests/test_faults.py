@@ -300,11 +300,11 @@ def test_checkpoint_folder_under_a_regular_file_fails_the_night_cleanly(night, t
 
 
 def test_disk_full_while_writing_a_checkpoint_keeps_the_champion(night, tmp_path, monkeypatch):
-    import flows.engine.editing as editing
+    import flows.engine.checkpoints as checkpoints
 
     champ, before = first_night(night, tmp_path)
     batch, data = second_batch(tmp_path)
-    real_save = editing.save_file
+    real_save = checkpoints.save_file
     failed = []
 
     def save_until_full(tensors, filename, *args, **kwargs):
@@ -315,7 +315,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_champion(night, tmp_path
         return real_save(tensors, filename, *args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(editing, "save_file", save_until_full)
+        m.setattr(checkpoints, "save_file", save_until_full)
         with pytest.raises(OSError, match="No space left on device"):
             night()
     assert failed
