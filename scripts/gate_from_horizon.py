@@ -26,7 +26,7 @@ import math
 import statistics
 from pathlib import Path
 
-from flows.studies.horizon import collapse_point
+from flows.studies.horizon_points import collapse_point
 
 
 def norm_at_ppl(points: list[dict], ppl: float = 2.0) -> float | None:
@@ -85,7 +85,10 @@ def main() -> None:
     res = json.loads(args.results.read_text(encoding="utf-8"))
     methods = {k: v["points"] for k, v in res["methods"].items() if v.get("points")}
     settings = res.get("settings", {})
-    out = derive(methods, int(settings.get("general_items", 10)), 6)
+    # The general tasks the points scored (``general.<task>`` metrics), not an assumed count.
+    tasks = len({k for pts in methods.values() for p in pts for k in p["metrics"]
+                 if k.startswith("general.")})
+    out = derive(methods, int(settings.get("general_items", 10)), tasks)
     if args.json:
         print(json.dumps(out, indent=1))
         return

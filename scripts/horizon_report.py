@@ -16,15 +16,13 @@ import json
 import math
 from pathlib import Path
 
-from flows.studies.horizon import collapse_point
+from flows.studies.horizon_points import collapse_point, verdict_point
 
 
 def verdict_checks(points: list[dict]) -> tuple[int | None, list[str]]:
-    """The product's collapse verdict (collapse settings of the model config): first point and its failed checks."""
-    for p in points:
-        if p["collapsed"]:
-            return p["edits"], p["failed_checks"]
-    return None, []
+    """The product's collapse verdict (:func:`verdict_point`) and the checks that failed there."""
+    at = verdict_point(points)
+    return at, next((p["failed_checks"] for p in points if p["edits"] == at), [])
 
 
 def fit(points: list[dict]) -> dict[str, float | str | None]:
@@ -75,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("study", type=Path)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--png", type=Path, default=None, help="also draw horizon.png (flows.studies.horizon.plot) here")
+    ap.add_argument("--png", type=Path, default=None, help="also draw horizon.png here")
     ap.add_argument("--markdown", action="store_true", help="also print the series tables in markdown")
     args = ap.parse_args()
     methods = {}
@@ -87,7 +85,7 @@ def main() -> None:
         methods[doc["method"]] = doc
     report = {"study": args.study.name, "methods": methods}
     if args.png and methods:
-        from flows.studies.horizon import plot
+        from flows.studies.horizon_points import plot
 
         first = next(iter(methods.values()))["points"]
         edits = max(p["edits"] for doc in methods.values() for p in doc["points"])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.studies.horizon import HorizonSettings, collapse_point, past_collapse, plot, verdict_point
+from flows.studies.horizon import HorizonSettings
+from flows.studies.horizon_points import collapse_point, past_collapse, plot, verdict_point
 
 
 def test_settings_reject_unknown_methods_and_bad_sizes():
@@ -94,17 +95,17 @@ def test_adding_a_method_keeps_the_study_folder(tmp_path):
 
 def test_amortised_line_judges_only_the_targets_stream(monkeypatch):
     from flows.engine import precision
-    from flows.studies import horizon
+    from flows.studies import horizon_points
 
     monkeypatch.setattr(precision, "cpu_facts", lambda: {"cpu": "x", "bf16_flags": ["amx_bf16"]})
     pts = [{"edits": e, "seconds_per_edit": 0.8, "seconds_per_edit_all": s, "phase_seconds": {"values": 1.0}}
            for e, s in ((500, 0.9), (1000, 1.2), (1250, 0.5))]
     ten = HorizonSettings(methods=("alphaedit+nas",), batch_size=10)
-    line = horizon.amortised_line("alphaedit+nas", pts, ten)
+    line = horizon_points.amortised_line("alphaedit+nas", pts, ten)
     assert "1.20 s/edit amortised over 1000 edits" in line and "(missed)" in line  # 1250 is past the window
-    assert "(met)" in horizon.amortised_line("alphaedit+nas", [{**pts[1], "seconds_per_edit_all": 0.99}], ten)
-    assert "not the target's stream" in horizon.amortised_line("memit", pts, ten)
-    assert "not the target's stream" in horizon.amortised_line("alphaedit+nas", pts[:1], ten)
+    assert "(met)" in horizon_points.amortised_line("alphaedit+nas", [{**pts[1], "seconds_per_edit_all": 0.99}], ten)
+    assert "not the target's stream" in horizon_points.amortised_line("memit", pts, ten)
+    assert "not the target's stream" in horizon_points.amortised_line("alphaedit+nas", pts[:1], ten)
     monkeypatch.setattr(precision, "cpu_facts", lambda: {"cpu": "x", "bf16_flags": []})
-    assert "target <= 2.0 s" in horizon.amortised_line("alphaedit+nas", pts, ten)
-    assert horizon.amortised_line("alphaedit+nas", [{"edits": 10, "seconds_per_edit": 1.0}], ten) is None
+    assert "target <= 2.0 s" in horizon_points.amortised_line("alphaedit+nas", pts, ten)
+    assert horizon_points.amortised_line("alphaedit+nas", [{"edits": 10, "seconds_per_edit": 1.0}], ten) is None

@@ -486,7 +486,8 @@ def _stream_speed(model: str, label: str, n: int, batch_size: int, pilots: int |
     """``nas bench speed --stream``: one method of the horizon flow, its phases and the target."""
     from flows.engine import precision
     from flows.refresh import prefect_runtime
-    from flows.studies.horizon import HorizonSettings, amortised_line, horizon_study
+    from flows.studies.horizon import HorizonSettings, horizon_study
+    from flows.studies.horizon_points import amortised_line
 
     try:
         settings = HorizonSettings(methods=(label,), stream_length=n, batch_size=batch_size, eval_every=250,
