@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -13,10 +11,10 @@ from torch import nn
 from nas_core.editors.base import (
     EditResult,
     Stopwatch,
-    compute_targets,
-    diagnostics,
+    all_skipped,
     inverse_or,
-    sweep_layers,
+    kept_targets,
+    spread_over_layers,
 )
 from nas_core.linalg import nullspace_projector, woodbury_solve
 from nas_core.requests import EditRequest
@@ -69,14 +67,9 @@ class AlphaEditEditor:
         s, spec, clock = self.settings, spec_for(model), Stopwatch()
         if any(layer not in state.projectors for layer in s.layers):
             raise ValueError("AlphaEdit state has no projector; build it with init_state()")
-        t = time.perf_counter()
-        tg = compute_targets(model, tok, spec, requests, s.layers[-1], s.values, s.nas,
-                             state.reference_norm)
-        t = clock.lap("values", t)
-        kept = [requests[i] for i in tg.kept]
+        tg, kept = kept_targets(model, tok, spec, requests, s.layers[-1], s, state, clock)
         if not kept:
-            return EditResult({}, replace(state, skipped_count=state.skipped_count + len(requests)),
-                              diagnostics(requests, tg), {}, clock.times)
+            return all_skipped(requests, state, tg, clock)
 
         inverses: dict[int, torch.Tensor] = {}
 
@@ -90,8 +83,4 @@ class AlphaEditEditor:
             a_inv_pk, inverses[layer] = woodbury_solve(inv, pk, keys, pk)  # (d_in, n)
             return resid.double() @ a_inv_pk.T  # (d_out, d_in)
 
-        deltas, keys, norms = sweep_layers(model, tok, spec, kept, tg.z, s.layers,
-                                           s.values.prefixes, solve, clock)
-        new_state = state.with_keys(keys, edited=len(kept), skipped=len(requests) - len(kept),
-                                    inverses=inverses)
-        return EditResult(deltas, new_state, diagnostics(requests, tg), norms, clock.times)
+        return spread_over_layers(model, tok, spec, requests, kept, tg, s, solve, clock, state, inverses)

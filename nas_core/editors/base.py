@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -185,6 +185,32 @@ def sweep_layers(
         norms[layer] = float(delta.norm())
         t = clock.lap("write", t)
     return deltas, used_keys, norms
+
+
+def kept_targets(model: nn.Module, tok, spec: ModelSpec, requests: Sequence[EditRequest], layer: int, settings,
+                 state: EditState, clock: Stopwatch) -> tuple[Targets, list[EditRequest]]:
+    """v* at ``layer`` for every request (NAS anchored, timed as ``values``) and the requests NAS kept."""
+    t = time.perf_counter()
+    tg = compute_targets(model, tok, spec, requests, layer, settings.values, settings.nas, state.reference_norm)
+    clock.lap("values", t)
+    return tg, [requests[i] for i in tg.kept]
+
+
+def all_skipped(requests: Sequence[EditRequest], state: EditState, tg: Targets, clock: Stopwatch) -> EditResult:
+    """A batch NAS skipped entirely: no deltas; the state counts the skips."""
+    return EditResult({}, replace(state, skipped_count=state.skipped_count + len(requests)),
+                      diagnostics(requests, tg), {}, clock.times)
+
+
+def spread_over_layers(model: nn.Module, tok, spec: ModelSpec, requests: Sequence[EditRequest],
+                       kept: Sequence[EditRequest], tg: Targets, settings, solve: Callable, clock: Stopwatch,
+                       state: EditState, inverses: dict[int, torch.Tensor]) -> EditResult:
+    """MEMIT's and AlphaEdit's shared tail: :func:`sweep_layers` over ``settings.layers`` with the
+    editor's ``solve``, then the state with the new keys and maintained inverses."""
+    deltas, keys, norms = sweep_layers(model, tok, spec, kept, tg.z, settings.layers, settings.values.prefixes, solve,
+                                       clock)
+    new_state = state.with_keys(keys, edited=len(kept), skipped=len(requests) - len(kept), inverses=inverses)
+    return EditResult(deltas, new_state, diagnostics(requests, tg), norms, clock.times)
 
 
 class Stopwatch:

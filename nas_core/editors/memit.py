@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -12,10 +10,10 @@ from torch import nn
 from nas_core.editors.base import (
     EditResult,
     Stopwatch,
-    compute_targets,
-    diagnostics,
+    all_skipped,
     inverse_or,
-    sweep_layers,
+    kept_targets,
+    spread_over_layers,
 )
 from nas_core.linalg import woodbury_solve
 from nas_core.requests import EditRequest
@@ -51,14 +49,9 @@ class MemitEditor:
         self, model: nn.Module, tok, requests: Sequence[EditRequest], state: EditState
     ) -> EditResult:
         s, spec, clock = self.settings, spec_for(model), Stopwatch()
-        t = time.perf_counter()
-        tg = compute_targets(model, tok, spec, requests, s.layers[-1], s.values, s.nas,
-                             state.reference_norm)
-        t = clock.lap("values", t)
-        kept = [requests[i] for i in tg.kept]
+        tg, kept = kept_targets(model, tok, spec, requests, s.layers[-1], s, state, clock)
         if not kept:
-            return EditResult({}, replace(state, skipped_count=state.skipped_count + len(requests)),
-                              diagnostics(requests, tg), {}, clock.times)
+            return all_skipped(requests, state, tg, clock)
 
         inverses: dict[int, torch.Tensor] = {}
 
@@ -70,8 +63,4 @@ class MemitEditor:
                 inverses[layer] = new_inv
             return resid.double() @ x.T
 
-        deltas, keys, norms = sweep_layers(model, tok, spec, kept, tg.z, s.layers,
-                                           s.values.prefixes, solve, clock)
-        new_state = state.with_keys(keys, edited=len(kept), skipped=len(requests) - len(kept),
-                                    inverses=inverses)
-        return EditResult(deltas, new_state, diagnostics(requests, tg), norms, clock.times)
+        return spread_over_layers(model, tok, spec, requests, kept, tg, s, solve, clock, state, inverses)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 from torch import nn
 
-from nas_core.editors.base import EditResult, Stopwatch, compute_targets, diagnostics, sweep_layers
+from nas_core.editors.base import EditResult, Stopwatch, all_skipped, diagnostics, kept_targets, sweep_layers
 from nas_core.keys import read_at_subject
 from nas_core.linalg import classic_rank_one_update, rank_one_update
 from nas_core.requests import EditRequest
@@ -42,13 +40,9 @@ class RomeEditor:
     ) -> EditResult:
         s, spec, clock = self.settings, spec_for(model), Stopwatch()
         layer = s.layers[0]
-        t = time.perf_counter()
-        tg = compute_targets(model, tok, spec, requests, layer, s.values, s.nas, state.reference_norm)
-        t = clock.lap("values", t)
-        kept = [requests[i] for i in tg.kept]
+        tg, kept = kept_targets(model, tok, spec, requests, layer, s, state, clock)
         if not kept:
-            return EditResult({}, replace(state, skipped_count=state.skipped_count + len(requests)),
-                              diagnostics(requests, tg), {}, clock.times)
+            return all_skipped(requests, state, tg, clock)
         total: torch.Tensor | None = None
         all_keys = []
 
