@@ -27,12 +27,12 @@ from flows.facts.validate import (
     BatchNameError,
     BatchValidation,
     ExpectationOutcome,
-    LedgerFact,
     batch_id_for,
     quarantine,
     validate_batch,
     write_report,
 )
+from flows.ledger.facts import LedgerFact
 from nas_core.formats import RecordProblem, parse_fact_jsonl
 from nas_core.prompts import target_ids
 

@@ -50,6 +50,7 @@ from typing import Any
 from flows.config.validation import ValidationSettings
 from flows.facts.inbox import BatchSnapshot, release, store, take_snapshot
 from flows.io import atomic_write_bytes
+from flows.ledger.facts import LedgerFact
 from flows.ledger.identity import FactIdentity, identity_of, last_match
 from nas_core.formats import (
     CASE_ID_PATTERN,
@@ -115,51 +116,9 @@ class BatchNameError(ValueError):
     """A batch file name is not a valid batch id; the message names the file and the rule."""
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
 # --------------------------------------------------------------------------------------
-# Settings, ledger, outcome types
+# Outcome types
 # --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LedgerFact:
-    """A fact already written into the model by an earlier batch.
-
-    Attributes:
-        subject: the subject as the request held it.
-        relation: the request's relation id ("" when it had none).
-        target_new: the answer that was written.
-        case_id: the case id of the record that wrote it.
-        batch_id: the batch that record came from.
-        template: the request's prompt template.
-    """
-
-    subject: str
-    relation: str
-    target_new: str
-    case_id: str
-    batch_id: str
-    template: str = ""
-
-    def __post_init__(self) -> None:
-        for name in ("subject", "target_new", "case_id", "batch_id"):
-            value = getattr(self, name)
-            _check(isinstance(value, str) and bool(value.strip()), f"LedgerFact.{name} must be a non-empty string")
-        _check(bool(self.relation.strip() or self.template.strip()), "LedgerFact needs a relation or a template")
-
-    def identity(self, confusables: bool = True) -> FactIdentity:
-        """This fact's identity (:mod:`flows.ledger.identity`)."""
-        return identity_of(self.subject, self.relation, self.template, confusables)
-
-    @classmethod
-    def from_request(cls, request: EditRequest, batch_id: str) -> LedgerFact:
-        """The ledger entry for an applied ``request`` of batch ``batch_id``."""
-        return cls(request.subject, request.relation_id, request.target_new, request.case_id, batch_id,
-                   request.prompt)
 
 
 @dataclass(frozen=True)
@@ -1130,7 +1089,6 @@ __all__ = [
     "BatchNameError",
     "BatchValidation",
     "ExpectationOutcome",
-    "LedgerFact",
     "batch_id_for",
     "severity_of",
     "quarantine",

@@ -44,8 +44,9 @@ from flows.engine import editing, evaluation
 from flows.engine.checkpoints import file_hashes, write_checkpoint
 from flows.engine.loading import base_anchor, base_stats, load_base
 from flows.facts.inbox import BatchSnapshot, InboxScan, NotARegularFile, release, scan_inbox, store, take_snapshot
-from flows.facts.validate import BatchValidation, LedgerFact, batch_id_for, quarantine, validate_batch, write_report
+from flows.facts.validate import BatchValidation, batch_id_for, quarantine, validate_batch, write_report
 from flows.io import code_version, sha256_file
+from flows.ledger.facts import LedgerFact
 from flows.ledger.records import Ledger
 from flows.tracking.mlflow import PromotedCheckpoint, Tracker, norm_plot, registered_model_name, resolve_tracking_uri
 from nas_core.collapse import Check, forecast, norm_ratios
