@@ -18,20 +18,13 @@ import pytest
 from tokenizers import Tokenizer, normalizers
 from transformers import PreTrainedTokenizerFast
 
-import flows.facts.validate as validate_module
 from flows.config.validation import ValidationSettings
-from flows.facts.validate import (
-    BATCH_POSITION,
-    EXPECTATIONS,
-    SUITE_NAME,
-    BatchNameError,
-    BatchValidation,
-    ExpectationOutcome,
-    batch_id_for,
-    quarantine,
-    validate_batch,
-    write_report,
-)
+from flows.facts.batch import BatchNameError, BatchValidation, batch_id_for
+from flows.facts.gx_suite import EXPECTATIONS, SUITE_NAME, ExpectationOutcome, FactBatchSuite
+from flows.facts.quarantine import quarantine
+from flows.facts.report import write_report
+from flows.facts.rules import BATCH_POSITION
+from flows.facts.validate import validate_batch
 from flows.ledger.facts import LedgerFact
 from nas_core.formats import RecordProblem, parse_fact_jsonl
 from nas_core.prompts import target_ids
@@ -169,11 +162,11 @@ def good_run(workdir, tok) -> tuple[BatchValidation, list]:
         raise OSError("network access refused by test_validate")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(validate_module, "_GX_STATE", {})  # build the context inside the guard
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket, "getaddrinfo", refuse)
         mp.chdir(folder)  # GX must leave no files behind, neither here nor in the repo
-        return validate_batch(path, tok, LEDGER[:1]), attempts
+        # A new suite builds its GX context on first use: inside the guard.
+        return validate_batch(path, tok, LEDGER[:1], suite=FactBatchSuite()), attempts
 
 
 @pytest.fixture(scope="module")

@@ -43,8 +43,11 @@ from flows.config.params import Params, load_params
 from flows.engine import editing, evaluation
 from flows.engine.checkpoints import file_hashes, write_checkpoint
 from flows.engine.loading import base_anchor, base_stats, load_base
+from flows.facts.batch import BatchValidation, batch_id_for
 from flows.facts.inbox import BatchSnapshot, InboxScan, NotARegularFile, release, scan_inbox, store, take_snapshot
-from flows.facts.validate import BatchValidation, batch_id_for, quarantine, validate_batch, write_report
+from flows.facts.quarantine import quarantine
+from flows.facts.report import write_report
+from flows.facts.validate import validate_batch
 from flows.io import code_version, sha256_file
 from flows.ledger.facts import LedgerFact
 from flows.ledger.records import Ledger
