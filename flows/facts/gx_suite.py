@@ -1,8 +1,16 @@
-"""The Great Expectations suite ``fact_batch`` (see :data:`EXPECTATIONS`).
+"""The Great Expectations suite ``fact_batch``: only what the fact-schema parser cannot check.
 
-It runs on a pandas DataFrame with one row per line that parsed as a JSON object. Every
-unexpected row of a failing expectation becomes a problem with rule ``gx:<name>``; the
-row-count expectation is table-level and reported at :data:`~flows.facts.rules.BATCH_POSITION`.
+The parser (:func:`nas_core.formats.parse_fact_jsonl`) owns every record-level schema rule
+(required fields, types, empty texts, the 1000-character bound, the placeholder, case ids,
+equal targets), so GX does not check them again: one bad record is reported once. GX checks
+the batch as a table (its number of records) and the night's own length bounds
+(``validation.max_*_chars``), which the parser does not know.
+
+The suite runs on one row per record (every non-blank line, readable or not); the text
+columns hold the texts of the records the parser accepted and are null for the others, so a
+record the parser refused is reported by the parser alone. Every unexpected row becomes a
+problem with rule ``gx:<name>``; the row count is reported at
+:data:`~flows.facts.rules.BATCH_POSITION`.
 
 GX runs on an in-memory (ephemeral) Data Context with progress bars off: it writes no files
 and makes no network calls. It is imported on first use because its import takes seconds.
@@ -18,14 +26,13 @@ from typing import Any
 
 from flows.config.validation import ValidationSettings
 from flows.facts.rules import BATCH_POSITION, short
-from nas_core.formats import CASE_ID_PATTERN, RecordProblem
-from nas_core.text import fold
+from nas_core.formats import RecordProblem
+from nas_core.requests import EditRequest
 
 #: Name of the Great Expectations suite run on every batch.
 SUITE_NAME = "fact_batch"
 
-_TEXT_COLUMNS = ("case_id", "prompt", "subject", "target_new", "target_true", "relation_id")
-_COLUMNS = (*_TEXT_COLUMNS, "n_placeholders", "targets_differ")
+_TEXT_COLUMNS = ("prompt", "subject", "target_new", "target_true")
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ class ExpectationOutcome:
         success: whether the expectation held.
         unexpected_count: number of rows that broke it (0 for the table-level row count).
         unexpected_examples: up to five offending values, as short reprs.
-        expectation_type: the GX expectation, e.g. ``expect_column_values_to_be_unique``.
+        expectation_type: the GX expectation, e.g. ``expect_column_value_lengths_to_be_between``.
         description: what it checks, in words.
         observed: the observed value of a table-level expectation (the row count), or an
             error message when GX could not evaluate the expectation.
@@ -72,44 +79,8 @@ def _suite_specs(s: ValidationSettings) -> tuple[_Spec, ...]:
             lambda E: E.ExpectTableRowCountToBeBetween(min_value=s.min_records, max_value=s.max_records),
         )
     ]
-    for column in ("case_id", "prompt", "subject", "target_new", "target_true"):
-        specs.append(
-            _Spec(
-                f"{column}_not_null",
-                column,
-                f"{column} is present and a string",
-                lambda E, c=column: E.ExpectColumnValuesToNotBeNull(column=c),
-            )
-        )
-    specs += [
-        _Spec(
-            "case_id_unique",
-            "case_id",
-            "case_id is unique within the batch",
-            lambda E: E.ExpectColumnValuesToBeUnique(column="case_id"),
-        ),
-        _Spec(
-            "case_id_format",
-            "case_id",
-            f"case_id matches {CASE_ID_PATTERN.pattern}",
-            lambda E: E.ExpectColumnValuesToMatchRegex(column="case_id", regex=rf"^{CASE_ID_PATTERN.pattern}\Z"),
-        ),
-        _Spec(
-            "prompt_one_placeholder",
-            "prompt",
-            "prompt contains exactly one {} placeholder",
-            lambda E: E.ExpectColumnValuesToBeBetween(column="n_placeholders", min_value=1, max_value=1),
-        ),
-        _Spec(
-            "targets_differ",
-            "target_new",
-            "target_new differs from target_true (after Unicode normalisation and casefolding)",
-            lambda E: E.ExpectColumnValuesToBeInSet(column="targets_differ", value_set=[True]),
-        ),
-    ]
-    # One expectation per text gives both the non-empty check (min 1) and the length bound:
-    # every expectation costs GX some 40 ms whatever the batch size. An empty case_id
-    # fails case_id_format.
+    # Only the upper bound: an empty text is the parser's empty_field, and a text over
+    # MAX_TEXT_CHARS its text_too_long (that record's texts are null here).
     for column, limit in (
         ("prompt", s.max_prompt_chars),
         ("subject", s.max_subject_chars),
@@ -120,8 +91,8 @@ def _suite_specs(s: ValidationSettings) -> tuple[_Spec, ...]:
             _Spec(
                 f"{column}_length",
                 column,
-                f"{column} is not empty and has at most {limit} characters",
-                lambda E, c=column, n=limit: E.ExpectColumnValueLengthsToBeBetween(column=c, min_value=1, max_value=n),
+                f"{column} has at most {limit} characters",
+                lambda E, c=column, n=limit: E.ExpectColumnValueLengthsToBeBetween(column=c, max_value=n),
             )
         )
     return tuple(specs)
@@ -133,38 +104,21 @@ EXPECTATIONS: Mapping[str, str] = MappingProxyType(
 )
 
 
-def _row(record: Mapping[str, Any], confusables: bool) -> dict[str, Any]:
-    """One record's row: texts stripped as the request would hold them, plus derived columns.
-
-    A field that is absent or not a string is null (the parser reports which). ``case_id`` is
-    kept unstripped because the schema checks it as written.
-    """
-    row: dict[str, Any] = {}
-    for column in _TEXT_COLUMNS:
-        value = record.get(column)
-        if isinstance(value, str):
-            # A lone surrogate (a valid JSON escape) makes pandas/pyarrow raise inside GX;
-            # "?" keeps the length. The record fails ``unencodable_text`` anyway.
-            value = value.encode("utf-8", "replace").decode("utf-8")
-            row[column] = value if column == "case_id" else value.strip()
-        else:
-            row[column] = None
-    prompt, new, true = row["prompt"], row["target_new"], row["target_true"]
-    # Derived columns are null when their inputs are missing or empty, so one missing
-    # field is reported once (by its own expectations), not again here.
-    row["n_placeholders"] = prompt.count("{}") if prompt else None
-    row["targets_differ"] = fold(new, confusables) != fold(true, confusables) if new and true else None
-    return row
-
-
-def _frame(objects: Sequence[tuple[int, Mapping[str, Any]]], confusables: bool) -> Any:
-    """One row per JSON-object line, indexed by line position."""
+def _frame(positions: Sequence[int], accepted: Mapping[int, EditRequest]) -> Any:
+    """One row per record, indexed by line position; the texts of accepted records, else nulls."""
     import pandas as pd
 
-    rows = [_row(record, confusables) for _, record in objects]
-    # object dtype keeps None as None and bools as bools (pandas 3 would infer a string
-    # dtype with NaN); the index is the line position, so GX reports unexpected rows by it.
-    return pd.DataFrame(rows, columns=list(_COLUMNS), index=[p for p, _ in objects], dtype=object)
+    rows = []
+    for position in positions:
+        request = accepted.get(position)
+        # A lone surrogate (a valid JSON escape) makes pandas/pyarrow raise inside GX; "?"
+        # keeps the length. The record fails ``unencodable_text`` anyway.
+        rows.append({column: None if request is None else
+                     getattr(request, column).encode("utf-8", "replace").decode("utf-8")
+                     for column in _TEXT_COLUMNS})
+    # object dtype keeps None as None (pandas 3 would infer a string dtype with NaN); the
+    # index is the line position, so GX reports unexpected rows by it.
+    return pd.DataFrame(rows, columns=list(_TEXT_COLUMNS), index=list(positions), dtype=object)
 
 
 def _batch_definition() -> Any:
@@ -213,13 +167,13 @@ class FactBatchSuite:
         self._batch_definition: Any = None
 
     def run(
-        self, objects: Sequence[tuple[int, Mapping[str, Any]]], settings: ValidationSettings
+        self, positions: Sequence[int], accepted: Mapping[int, EditRequest], settings: ValidationSettings
     ) -> tuple[tuple[ExpectationOutcome, ...], list[RecordProblem]]:
-        """Run the suite on the ``(line position, JSON object)`` records; the outcome of every
-        expectation and one problem per unexpected row."""
+        """Run the suite on the records at ``positions`` (``accepted``: the parser's requests by
+        position); the outcome of every expectation and one problem per unexpected row."""
         import great_expectations as gx
 
-        frame = _frame(objects, settings.fold_confusables)
+        frame = _frame(positions, accepted)
         specs = _suite_specs(settings)
         with self._lock:
             # Expectations go through the constructor, not add_expectation(): the latter looks
@@ -233,7 +187,7 @@ class FactBatchSuite:
             batch = self._batch_definition.get_batch(batch_parameters={"dataframe": frame})
             result = batch.validate(suite, result_format={"result_format": "COMPLETE"})
         by_name = {r.expectation_config.meta.get("name"): r for r in result.results}
-        case_ids = {int(position): case_id for position, case_id in zip(frame.index, frame["case_id"], strict=True)}
+        case_ids = {position: request.case_id for position, request in accepted.items()}
         outcomes: list[ExpectationOutcome] = []
         problems: list[RecordProblem] = []
         for spec in specs:
@@ -261,7 +215,7 @@ def _exception_message(info: Any) -> str | None:
 
 
 def _judge(
-    spec: _Spec, res: Any, case_ids: Mapping[int, str | None]
+    spec: _Spec, res: Any, case_ids: Mapping[int, str]
 ) -> tuple[ExpectationOutcome, list[RecordProblem]]:
     """The outcome of one expectation and its problems: one per unexpected row, or one for the
     batch when it failed as a table (or could not be evaluated)."""
@@ -289,16 +243,11 @@ def _judge(
         detail = f"GX could not evaluate it: {error}" if error else f"observed {observed}"
         return outcome, [RecordProblem(BATCH_POSITION, None, rule, f"expected: {spec.description}; {detail}")]
     padded = values + [None] * (len(indexes) - len(values))
-    lines_of: dict[str, list[int]] = {}  # for uniqueness: which lines share each value
-    for index, value in zip(indexes, padded, strict=True):
-        lines_of.setdefault(repr(value), []).append(int(index) + 1)
-    problems = []
-    for index, value in zip(indexes, padded, strict=True):
-        message = f"expected: {spec.description}; got {short(value)}"
-        if spec.name == "case_id_unique":
-            message += f" (on lines {', '.join(map(str, lines_of[repr(value)]))})"
-        problems.append(RecordProblem(int(index), case_ids.get(int(index)), rule, message, spec.field))
-    return outcome, problems
+    return outcome, [
+        RecordProblem(int(index), case_ids.get(int(index)), rule,
+                      f"expected: {spec.description}; got {short(value)}", spec.field)
+        for index, value in zip(indexes, padded, strict=True)
+    ]
 
 
 __all__ = ["EXPECTATIONS", "SUITE_NAME", "ExpectationOutcome", "FactBatchSuite"]

@@ -4,14 +4,15 @@ A batch is one ``.jsonl`` file in the fact schema (``docs/FACT_SCHEMA.md``).
 :func:`validate_batch` runs the checks below and returns a
 :class:`~flows.facts.batch.BatchValidation` that lists *every* problem, each as a
 :class:`~nas_core.formats.RecordProblem` naming the record (0-based line index), its case id
-where readable, and a rule:
+where readable, and a rule. Each rule is checked in one place only, so one fault is reported
+once:
 
 1. **Decoding**: the bytes must be UTF-8 (a byte-order mark is allowed); each line that is
    not is reported as ``not_utf8`` with its byte offset.
-2. **Schema**: :func:`nas_core.formats.parse_fact_jsonl` applies the schema rules
+2. **Schema**: :func:`nas_core.formats.parse_fact_jsonl` owns every record-level schema rule
    (``malformed_json``, ``missing_field``, ``template_placeholder_count``, ...).
-3. **Great Expectations** (:mod:`flows.facts.gx_suite`): the suite ``fact_batch`` on every line
-   that is a JSON object (``gx:row_count``, ``gx:case_id_unique``, ...).
+3. **Great Expectations** (:mod:`flows.facts.gx_suite`): what the parser cannot check, the
+   number of records and the night's length bounds (``gx:row_count``, ``gx:prompt_length``, ...).
 4. **Tokenizer** (:mod:`flows.facts.tokenizer_checks`) and **ledger**
    (:mod:`flows.facts.ledger_checks`) checks, on the records the parser accepted.
 
@@ -22,7 +23,6 @@ quarantined whole (:mod:`flows.facts.quarantine`), with its reports (:mod:`flows
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -69,36 +69,9 @@ def _decode(data: bytes) -> tuple[str, list[RecordProblem]]:
     return "\n".join(lines), problems
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-def _json_objects(text: str) -> list[tuple[int, dict[str, Any]]]:
-    """``(line index, object)`` of every line that is a JSON object without repeated keys.
-
-    The same line split and the same leniency as :func:`parse_fact_jsonl`, so the GX rows and
-    the parser's positions agree.
-    """
-    out: list[tuple[int, dict[str, Any]]] = []
-    for index, line in enumerate(text.removeprefix("\ufeff").split("\n")):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line, object_pairs_hook=_unique_object)
-        except (ValueError, RecursionError):  # reported by the parser
-            continue
-        if isinstance(value, dict):
-            out.append((index, value))
-    return out
+def _text_records(text: str) -> list[int]:
+    """Line indices of the non-blank lines of ``text``: its records, numbered as the parser numbers them."""
+    return [index for index, line in enumerate(text.removeprefix("\ufeff").split("\n")) if line.strip()]
 
 
 def _record_problems(
@@ -145,20 +118,20 @@ def validate_batch(
         return _finish(batch_id, snap, 0, problems, (), [], (), settings)
 
     text, decode_problems = _decode(snap.data)
-    n_records = sum(1 for line in text.removeprefix("\ufeff").split("\n") if line.strip()) + len(decode_problems)
     report = parse_fact_jsonl(text, settings.schema_policy())
     problems += [*decode_problems, *report.problems, *report.warnings]
-    objects = _json_objects(text)
-    outcomes, gx_problems = (suite or FactBatchSuite()).run(objects, settings)
-    problems += gx_problems
-    # parse_fact_jsonl keeps no positions for its requests; they are the lines of the
-    # records without refusing problems, in order.
+    # parse_fact_jsonl keeps no positions for its requests; they are the records without
+    # refusing problems, in order (a line that is not a JSON object always has one).
+    lines = _text_records(text)
     refused = {p.position for p in report.problems}
-    placed = list(zip([p for p, _ in objects if p not in refused], report.requests, strict=True))
+    placed = list(zip([p for p in lines if p not in refused], report.requests, strict=True))
+    records = sorted([*lines, *(p.position for p in decode_problems)])
+    outcomes, gx_problems = (suite or FactBatchSuite()).run(records, dict(placed), settings)
+    problems += gx_problems
     problems += _record_problems(tokenizer, placed, settings)
     found, superseded = ledger_problems(placed, ledger, settings)
     problems += found
-    return _finish(batch_id, snap, n_records, problems, report.requests, superseded, outcomes, settings)
+    return _finish(batch_id, snap, len(records), problems, report.requests, superseded, outcomes, settings)
 
 
 def _cap(problems: Sequence[RecordProblem], limit: int) -> tuple[list[RecordProblem], dict[str, int]]:
