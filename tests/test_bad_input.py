@@ -36,34 +36,29 @@ BATCH = None  # RecordProblem.position -1 (a batch-level problem) has line None 
 # Line 1 of most files is a valid record: the batch is rejected whole all the same.
 EXPECTED: dict[str, set[tuple[int | None, str]]] = {
     "malformed_json.jsonl": {(2, "malformed_json"), (3, "malformed_json"), (4, "malformed_json")},
-    "wrong_type_target_number.jsonl": {(2, "wrong_type"), (2, "gx:target_new_not_null")},
-    "wrong_type_subject_list.jsonl": {(2, "wrong_type"), (2, "gx:subject_not_null")},
-    "wrong_type_nan_target.jsonl": {(2, "wrong_type"), (2, "gx:target_new_not_null")},
+    "wrong_type_target_number.jsonl": {(2, "wrong_type")},
+    "wrong_type_subject_list.jsonl": {(2, "wrong_type")},
+    "wrong_type_nan_target.jsonl": {(2, "wrong_type")},
     "wrong_type_not_an_object.jsonl": {(2, "wrong_type"), (3, "wrong_type"), (4, "wrong_type"), (5, "wrong_type")},
-    "missing_fields.jsonl": {
-        (2, "missing_field"), (2, "gx:subject_not_null"), (3, "missing_field"), (3, "gx:target_true_not_null"),
-        (4, "missing_field"), (4, "gx:case_id_not_null"), (4, "gx:prompt_not_null"), (4, "gx:subject_not_null"),
-        (4, "gx:target_new_not_null"), (4, "gx:target_true_not_null"),
-    },
-    "empty_strings.jsonl": {(2, "empty_field"), (2, "gx:subject_length"), (3, "empty_field"),
-                            (3, "gx:target_new_length")},
-    "prompt_without_placeholder.jsonl": {(2, "template_placeholder_count"), (2, "gx:prompt_one_placeholder")},
-    "prompt_two_placeholders.jsonl": {(2, "template_placeholder_count"), (2, "gx:prompt_one_placeholder")},
-    "huge_string.jsonl": {(2, "text_too_long"), (2, "gx:subject_length")},  # a 5000-character subject
+    "missing_fields.jsonl": {(2, "missing_field"), (3, "missing_field"), (4, "missing_field")},
+    "empty_strings.jsonl": {(2, "empty_field"), (3, "empty_field")},
+    "prompt_without_placeholder.jsonl": {(2, "template_placeholder_count")},
+    "prompt_two_placeholders.jsonl": {(2, "template_placeholder_count")},
+    "huge_string.jsonl": {(2, "text_too_long")},  # a 5000-character subject
     "control_nul.jsonl": {(2, "control_character")},
     "control_line_separator.jsonl": {(2, "control_character")},  # U+2028 inside the prompt
     "control_ansi_escape.jsonl": {(2, "control_character")},  # ESC[31m around the target
     "lone_surrogate.jsonl": {(2, "unencodable_text")},  # the JSON escape \ud800
-    "target_equals_true.jsonl": {(2, "target_equals_true"), (2, "gx:targets_differ")},
-    "duplicate_case_ids.jsonl": {(2, "duplicate_case_id"), (1, "gx:case_id_unique"), (2, "gx:case_id_unique")},
+    "target_equals_true.jsonl": {(2, "target_equals_true")},
+    "duplicate_case_ids.jsonl": {(2, "duplicate_case_id")},
     "duplicate_fact_in_batch.jsonl": {(3, "duplicate_fact")},
     "duplicate_json_key.jsonl": {(2, "duplicate_field")},
     "unknown_field.jsonl": {(2, "unknown_field")},
-    "invalid_case_id.jsonl": {(2, "invalid_case_id"), (2, "gx:case_id_format")},  # case id ../../etc/passwd
+    "invalid_case_id.jsonl": {(2, "invalid_case_id")},  # case id ../../etc/passwd
     "ledger_conflict.jsonl": {(2, "ledger_conflict")},  # Eiffel Tower -> Berlin after the good batch's Rome
     "ledger_already_applied.jsonl": {(2, "already_applied")},  # Eiffel Tower -> Rome once more
     "not_utf8_latin1.jsonl": {(2, "not_utf8")},  # "Zürich" in latin-1
-    "utf16.jsonl": {(1, "not_utf8"), (2, "malformed_json"), (BATCH, "gx:row_count")},
+    "utf16.jsonl": {(1, "not_utf8"), (2, "malformed_json")},  # 2 records, both unreadable: not a row-count fault
     "empty.jsonl": {(BATCH, "gx:row_count")},
     "blank_lines_only.jsonl": {(BATCH, "gx:row_count")},
     "bom_only.jsonl": {(BATCH, "gx:row_count")},

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from flows.config.validation import ValidationSettings
-from flows.facts.validate import LedgerFact, validate_batch
+from flows.facts.validate import validate_batch
+from flows.ledger.facts import LedgerFact
 from flows.ledger.identity import identity_of, latest_facts
 from nas_core.text import fold, has_visible
 

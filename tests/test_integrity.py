@@ -21,7 +21,9 @@ from flows.config.params import load_params
 from flows.config.validation import ValidationSettings
 from flows.engine.checkpoints import CheckpointTampered
 from flows.facts import inbox
-from flows.facts.validate import FLOW_RULE_SEVERITY, quarantine, validate_batch
+from flows.facts.quarantine import quarantine
+from flows.facts.rules import FLOW_RULE_SEVERITY
+from flows.facts.validate import validate_batch
 from flows.ledger.records import Ledger, LedgerDamaged, parse_entry
 from flows.refresh import operations
 from nas_core.formats import RULE_SEVERITY

@@ -18,21 +18,15 @@ import pytest
 from tokenizers import Tokenizer, normalizers
 from transformers import PreTrainedTokenizerFast
 
-import flows.facts.validate as validate_module
 from flows.config.validation import ValidationSettings
-from flows.facts.validate import (
-    BATCH_POSITION,
-    EXPECTATIONS,
-    SUITE_NAME,
-    BatchNameError,
-    BatchValidation,
-    ExpectationOutcome,
-    LedgerFact,
-    batch_id_for,
-    quarantine,
-    validate_batch,
-    write_report,
-)
+from flows.facts.batch import BatchNameError, BatchValidation, batch_id_for
+from flows.facts.gx_suite import EXPECTATIONS, SUITE_NAME, ExpectationOutcome, FactBatchSuite
+from flows.facts.quarantine import quarantine
+from flows.facts.report import write_report
+from flows.facts.rules import BATCH_POSITION
+from flows.facts.validate import validate_batch
+from flows.ledger.facts import LedgerFact
+from nas_core.formats import RULES as SCHEMA_RULES
 from nas_core.formats import RecordProblem, parse_fact_jsonl
 from nas_core.prompts import target_ids
 
@@ -68,22 +62,22 @@ GOOD = (
     record("good-2", "Germany", prompt="The capital city of {} is", relation_id=None),
 )
 
-# Line index -> the record; each bad line breaks one rule (parser rules also fail a GX
-# expectation where the suite checks the same thing).
+# Line index -> the record; each bad line breaks one rule, reported once (each rule is
+# checked in one place: the parser, the GX suite or the night's own checks).
 BAD_LINES: tuple[dict | str, ...] = (
     record("good-0", "Eiffel Tower"),  # 0: valid, but the batch fails as a whole
     '{"case_id": "broken", "prompt": ',  # 1: malformed_json
-    record("wrong-type", "Place 2", target_new=5),  # 2: wrong_type, gx:target_new_not_null
-    record("no-subject", "x", subject=None),  # 3: missing_field, gx:subject_not_null
-    record("empty-subject", "   "),  # 4: empty_field, gx:subject_length
+    record("wrong-type", "Place 2", target_new=5),  # 2: wrong_type
+    record("no-subject", "x", subject=None),  # 3: missing_field
+    record("empty-subject", "   "),  # 4: empty_field
     record("two-slots", "Place 5", prompt="{} and {} are in"),  # 5: template_placeholder_count
     record("same-answer", "Place 6", target_new="Paris", target_true="paris"),  # 6: target_equals_true
-    record("dup", "Place 7"),  # 7: first use of "dup": gx:case_id_unique flags both uses
+    record("dup", "Place 7"),  # 7: first use of "dup": kept, the later use is reported
     record("dup", "Place 8"),  # 8: duplicate_case_id
     record("tab", "Place 9", prompt="The {} is\tlocated in"),  # 9: control_character
-    record("too-long", "Place 10", target_true="x" * 1001),  # 10: text_too_long, gx:target_true_length
+    record("too-long", "Place 10", target_true="x" * 1001),  # 10: text_too_long (not also gx:target_true_length)
     record("long-prompt", "Place 11", prompt="The {} is located in" + " the city" * 32),  # 11: gx:prompt_length
-    record("bad id!", "Place 12"),  # 12: invalid_case_id, gx:case_id_format
+    record("bad id!", "Place 12"),  # 12: invalid_case_id
     record("special-target", "Place 13", target_new="<eos>"),  # 13: target_no_tokens
     record("long-target", "Place 14", target_new=" ".join(["Rome"] * 8)),  # 14: target_too_many_tokens
     record("special-subject", "<pad>"),  # 15: subject_not_located (a special token)
@@ -120,15 +114,7 @@ EXPECTED = {
     "duplicate_fact": {18},
     "ledger_conflict": {19},
     "already_applied": {20},
-    "gx:target_new_not_null": {2},
-    "gx:subject_not_null": {3},
-    "gx:subject_length": {4},
-    "gx:prompt_one_placeholder": {5},
-    "gx:targets_differ": {6},
-    "gx:case_id_unique": {7, 8},
-    "gx:target_true_length": {10},
     "gx:prompt_length": {11},
-    "gx:case_id_format": {12},
 }
 
 
@@ -169,11 +155,11 @@ def good_run(workdir, tok) -> tuple[BatchValidation, list]:
         raise OSError("network access refused by test_validate")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(validate_module, "_GX_STATE", {})  # build the context inside the guard
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket, "getaddrinfo", refuse)
         mp.chdir(folder)  # GX must leave no files behind, neither here nor in the repo
-        return validate_batch(path, tok, LEDGER[:1]), attempts
+        # A new suite builds its GX context on first use: inside the guard.
+        return validate_batch(path, tok, LEDGER[:1], suite=FactBatchSuite()), attempts
 
 
 @pytest.fixture(scope="module")
@@ -225,9 +211,11 @@ def test_good_batch_passes_with_requests_in_file_order(good):
 
 def test_gx_suite_runs_every_expectation(good):
     assert [e.name for e in good.expectations] == list(EXPECTATIONS)
+    assert list(EXPECTATIONS) == ["row_count", "prompt_length", "subject_length", "target_new_length",
+                                  "target_true_length"]
     assert all(e.success for e in good.expectations)
     assert outcome(good, "row_count").observed == "3"
-    assert outcome(good, "case_id_unique").expectation_type == "expect_column_values_to_be_unique"
+    assert outcome(good, "row_count").expectation_type == "expect_table_row_count_to_be_between"
     assert outcome(good, "prompt_length").expectation_type == "expect_column_value_lengths_to_be_between"
     assert good.to_dict()["suite"] == SUITE_NAME == "fact_batch"
 
@@ -281,13 +269,31 @@ def test_no_unexpected_rules(bad):
 
 
 def test_gx_outcomes_report_the_failing_rows(bad):
-    unique = outcome(bad, "case_id_unique")
-    assert not unique.success and unique.unexpected_count == 2 and unique.unexpected_examples == ("'dup'", "'dup'")
-    assert not outcome(bad, "prompt_length").success and outcome(bad, "prompt_length").unexpected_count == 1
-    # 23 lines: one blank, one not JSON, one not an object
-    assert outcome(bad, "row_count").success and outcome(bad, "row_count").observed == "20"
+    long_prompt = outcome(bad, "prompt_length")
+    assert not long_prompt.success and long_prompt.unexpected_count == 1
+    assert long_prompt.unexpected_examples == (repr(BAD_LINES[11]["prompt"])[:59] + "…",)
+    # Line 10's target_true has 1001 characters: the parser's text_too_long, not GX's too.
+    assert outcome(bad, "target_true_length").success
+    # 23 lines, one blank: 22 records, readable or not
+    assert outcome(bad, "row_count").success and outcome(bad, "row_count").observed == "22"
     failed = {e.name for e in bad.expectations if not e.success}
     assert failed == {rule.removeprefix("gx:") for rule in EXPECTED if rule.startswith("gx:")}
+
+
+def test_each_fault_is_reported_once(bad):
+    # The parser owns the record schema; GX checks only the records the parser accepted, so no
+    # line carries both a parser problem and a gx: problem.
+    parser = {p.position for p in bad.problems if p.rule in SCHEMA_RULES}
+    assert parser and parser.isdisjoint(p.position for p in bad.problems if p.rule.startswith("gx:"))
+
+
+def test_a_record_the_parser_refuses_is_not_checked_again_by_gx(tmp_path, tok):
+    path = tmp_path / "refused.jsonl"
+    long_prompt = "The {} is located in" + " the city" * 32  # over max_prompt_chars, as on line 11
+    path.write_bytes(jsonl(GOOD[0], record("refused", "Place 1", prompt=long_prompt, colour="red")))
+    validation = validate_batch(path, tok, ())
+    assert [(p.position, p.rule) for p in validation.problems] == [(1, "unknown_field")]
+    assert outcome(validation, "prompt_length").success and outcome(validation, "row_count").observed == "2"
 
 
 def test_problem_messages_name_the_evidence(bad):
@@ -295,7 +301,7 @@ def test_problem_messages_name_the_evidence(bad):
     assert "'old-7' of batch '2025-01-01'" in by_rule["ledger_conflict"].message
     assert "'old-9'" in by_rule["already_applied"].message
     assert "line 18 (case 'script-1')" in by_rule["duplicate_fact"].message
-    assert "(on lines 8, 9)" in by_rule["gx:case_id_unique"].message
+    assert "already used by record #7" in by_rule["duplicate_case_id"].message
     assert "at most 16" in by_rule["target_too_many_tokens"].message
     assert by_rule["target_no_tokens"].field == "target_new"
 
@@ -313,7 +319,7 @@ def test_not_utf8_reports_the_byte_offset_and_checks_the_rest(not_utf8):
     assert problem.rule == "not_utf8" and problem.position == 1
     assert f"byte offset {offset}" in problem.message
     assert not validation.passed and validation.n_records == 3
-    assert outcome(validation, "row_count").observed == "2"  # the other lines still ran through GX
+    assert outcome(validation, "row_count").observed == "3"  # the undecodable line is a record too
 
 
 def test_empty_batch_fails_the_row_count(tmp_path, tok):
@@ -422,7 +428,7 @@ def test_report_escapes_user_text(bad, tmp_path):
     page = paths["html"].read_text(encoding="utf-8")
     assert "<script" not in page  # the page has no script at all: the subject's tag is text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "bad id!" in page and "gx:case_id_unique" in page and bad.sha256 in page
+    assert "bad id!" in page and "duplicate_case_id" in page and "gx:prompt_length" in page and bad.sha256 in page
     assert "<td>20</td><td>conflict</td><td>ledger_conflict</td>" in page  # line = position 19 + 1
     data = json.loads(paths["json"].read_text(encoding="utf-8"))
     assert data == json.loads(json.dumps(bad.to_dict())) and data["passed"] is False

@@ -50,7 +50,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False, pr
         os.environ[ENV_PROJECT] = str(project_root(project))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

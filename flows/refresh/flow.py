@@ -32,8 +32,8 @@ from prefect.utilities.annotations import quote
 
 from flows.audit.record import record_promotion
 from flows.config.params import Params, load_params
+from flows.facts.batch import batch_id_for
 from flows.facts.inbox import NotARegularFile, store, take_snapshot
-from flows.facts.validate import batch_id_for
 from flows.io import code_version, sha256_file
 from flows.ledger.lineage import retention_set
 from flows.ledger.records import Ledger

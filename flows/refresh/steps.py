@@ -25,8 +25,12 @@ from flows.engine import evaluation
 from flows.engine.checkpoints import file_hashes, write_checkpoint
 from flows.engine.editing import EditSession, SessionSnapshot, apply_in_batches, open_session
 from flows.engine.loading import base_anchor, base_stats, load_base
+from flows.facts.batch import BatchValidation
 from flows.facts.inbox import BatchSnapshot, InboxScan, release, scan_inbox, store
-from flows.facts.validate import BatchValidation, LedgerFact, quarantine, validate_batch, write_report
+from flows.facts.quarantine import quarantine
+from flows.facts.report import write_report
+from flows.facts.validate import validate_batch
+from flows.ledger.facts import LedgerFact
 from flows.ledger.lineage import held_facts, lineage_batches
 from flows.ledger.norms import lineage_forecast, norm_history
 from flows.ledger.records import Ledger
