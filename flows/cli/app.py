@@ -739,7 +739,8 @@ def refresh(
     """Run the nightly refresh now (one Prefect flow run) over every batch in the inbox."""
     from flows.engine.checkpoints import CheckpointTampered
     from flows.ledger.records import LedgerDamaged
-    from flows.refresh.flow import RefreshLocked, nightly_refresh, operations, prefect_runtime
+    from flows.refresh import operations, prefect_runtime
+    from flows.refresh.flow import RefreshLocked, nightly_refresh
 
     params = _params(params_file)
     t0 = time.perf_counter()
@@ -887,7 +888,8 @@ def validate_cmd(
 
 
 def _move_champion(params_file: Path, version: str, event: str, reason: str) -> None:
-    from flows.refresh.flow import RefreshLocked, operations
+    from flows.refresh import operations
+    from flows.refresh.flow import RefreshLocked
 
     params = _params(params_file)
     try:
