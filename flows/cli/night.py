@@ -34,7 +34,9 @@ def _params(path: Path):
 
 def _tracker(params):
     """The project's MLflow tracker, or None (with a warning) when the store is unavailable."""
-    from flows.tracking.mlflow import Tracker, TrackingError, resolve_tracking_uri
+    from flows.tracking.store import TrackingError
+    from flows.tracking.tracker import Tracker
+    from flows.tracking.uris import resolve_tracking_uri
 
     try:
         return Tracker(resolve_tracking_uri(params.tracking.uri or None, params.root), params.tracking.experiment)

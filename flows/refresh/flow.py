@@ -47,7 +47,11 @@ from flows.facts.inbox import BatchSnapshot, InboxScan, NotARegularFile, release
 from flows.facts.validate import BatchValidation, LedgerFact, batch_id_for, quarantine, validate_batch, write_report
 from flows.io import code_version, sha256_file
 from flows.ledger.records import Ledger
-from flows.tracking.mlflow import PromotedCheckpoint, Tracker, norm_plot, registered_model_name, resolve_tracking_uri
+from flows.tracking.names import registered_model_name
+from flows.tracking.plots import norm_plot
+from flows.tracking.rebuild import PromotedCheckpoint
+from flows.tracking.tracker import Tracker
+from flows.tracking.uris import resolve_tracking_uri
 from nas_core.collapse import Check, forecast, norm_ratios
 from nas_core.evaluate.counterfact import edit_metrics
 from nas_core.requests import EditRequest
