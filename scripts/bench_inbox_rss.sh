@@ -26,7 +26,7 @@ PY
   head -3 data/demo/batches/night-01.jsonl > "$d/inbox/night-a.jsonl"
   [ "$3" = yes ] && .venv/bin/python -c "open('$d/inbox/night-b.jsonl', 'wb').truncate(2 * 2**30)"
   (cd "$tree" && PYTHONPATH="$tree" PREFECT_HOME="$d/prefect" /usr/bin/time -v "$OLDPWD/.venv/bin/python" \
-      -c "from flows.cli import app; app()" refresh --params "$d/params.yaml" > "$d/night.log" 2>&1) || true
+      -c "from flows.cli.app import app; app()" refresh --params "$d/params.yaml" > "$d/night.log" 2>&1) || true
   printf '%-28s peak RSS %6.0f MB, wall %s\n' "$1" \
       "$(awk '/Maximum resident/ {print $6 / 1024}' "$d/night.log")" "$(awk '/Elapsed/ {print $8}' "$d/night.log")"
 }

@@ -7,7 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli.app import app, read_requests
+from flows.cli.app import app
+from flows.cli.editing import read_requests
 
 runner = CliRunner()
 

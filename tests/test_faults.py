@@ -171,7 +171,7 @@ class SimulatedCrash(Exception):
 
 
 def test_crash_after_the_checkpoint_rename_and_a_killed_temp_folder_are_survived(night, tmp_path, monkeypatch):
-    from flows.tracking.mlflow import Tracker
+    from flows.tracking.tracker import Tracker
 
     champ, before = first_night(night, tmp_path)
     batch, data = second_batch(tmp_path)
@@ -258,7 +258,7 @@ def closed_port() -> int:
 
 def test_unreachable_mlflow_fails_the_night_loudly_without_promoting(night, tmp_path, monkeypatch):
     import flows.refresh.steps as steps
-    from flows.tracking.mlflow import TrackingError
+    from flows.tracking.store import TrackingError
 
     uri = f"http://127.0.0.1:{closed_port()}"
     batch = write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from flows.config.model import ConfigError
 from flows.config.params import load_params
 from flows.paths import ENV_PROJECT, Paths, project_root
-from flows.tracking.mlflow import resolve_tracking_uri
+from flows.tracking.uris import resolve_tracking_uri
 
 REPO = Path(__file__).resolve().parents[1]
 

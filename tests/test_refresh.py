@@ -109,7 +109,8 @@ def champion_hash(params) -> str | None:
 
 
 def mlflow_champion(params):
-    from flows.tracking.mlflow import Tracker, registered_model_name
+    from flows.tracking.names import registered_model_name
+    from flows.tracking.tracker import Tracker
 
     tracker = Tracker(params.tracking.uri, params.tracking.experiment)
     return tracker, tracker.champion(registered_model_name("local--tiny-llama"))

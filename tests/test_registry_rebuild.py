@@ -14,14 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flows.tracking.mlflow import (
-    REBUILT_TAG,
-    PromotedCheckpoint,
-    RegistryRebuild,
-    Tracker,
-    default_tracking_uri,
-    registered_model_name,
-)
+from flows.tracking.names import registered_model_name
+from flows.tracking.rebuild import REBUILT_TAG, PromotedCheckpoint, RegistryRebuild
+from flows.tracking.tracker import Tracker
+from flows.tracking.uris import default_tracking_uri
 
 NAME = registered_model_name("smollm2-135m")
 DELTA_KEY = "model.layers.3.mlp.down_proj.weight"

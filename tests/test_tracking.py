@@ -1,4 +1,4 @@
-"""flows.tracking.mlflow against a real SQLite MLflow store in a temp folder (MLflow itself is not mocked)."""
+"""flows.tracking against a real SQLite MLflow store in a temp folder (MLflow itself is not mocked)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flows.tracking import mlflow as tracking
-from flows.tracking.mlflow import (
+from flows.tracking import names as tracking
+from flows.tracking.names import (
     DEFAULT_EXPERIMENT,
     TRUNCATION_MARKER,
-    Tracker,
-    TrackingError,
-    check_tracking_store,
-    default_tracking_uri,
     flatten_params,
-    norm_plot,
     registered_model_name,
-    resolve_tracking_uri,
     sanitize_key,
 )
+from flows.tracking.plots import norm_plot
+from flows.tracking.store import TrackingError, check_tracking_store
+from flows.tracking.tracker import Tracker
+from flows.tracking.uris import default_tracking_uri, resolve_tracking_uri
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -194,7 +192,7 @@ def test_mark_rejected_and_finish(tracker):
 
 
 def test_close_orphaned_runs_kills_only_running_runs(tracker):
-    from flows.tracking.mlflow import Tracker
+    from flows.tracking.tracker import Tracker
 
     # Its own experiment: other tests of the shared store leave runs open on purpose.
     tracker = Tracker(tracker.tracking_uri, experiment="orphan-test")

@@ -41,7 +41,9 @@ from flows.refresh import steps
 from flows.refresh.lock import refresh_lock
 from flows.refresh.steps import BatchOutcome, Champion, NightBatch
 from flows.refresh.versions import free_target, tidy_checkpoints
-from flows.tracking.mlflow import PromotedCheckpoint, Tracker, registered_model_name
+from flows.tracking.names import registered_model_name
+from flows.tracking.rebuild import PromotedCheckpoint
+from flows.tracking.tracker import Tracker
 
 
 def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, champion: Champion) -> BatchOutcome:

@@ -128,7 +128,7 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
         # The DVC record follows the ledger (data/replay/champion, dvc.lock), so `dvc status` stays clean.
         entry["audit_problems"] = record_promotion(params)
     if tracker is not None:
-        from flows.tracking.mlflow import registered_model_name
+        from flows.tracking.names import registered_model_name
 
         name = registered_model_name(Path(json.loads(manifest.read_text(encoding="utf-8"))["model"]).name)
         mv = tracker.version_for_label(name, version)

@@ -36,7 +36,10 @@ from flows.ledger.norms import lineage_forecast, norm_history
 from flows.ledger.records import Ledger
 from flows.refresh.gate import flat_metrics, gate, verdict_of
 from flows.refresh.versions import free_target, next_version
-from flows.tracking.mlflow import Tracker, norm_plot, registered_model_name, resolve_tracking_uri
+from flows.tracking.names import registered_model_name
+from flows.tracking.plots import norm_plot
+from flows.tracking.tracker import Tracker
+from flows.tracking.uris import resolve_tracking_uri
 from nas_core.collapse import Check, norm_ratios
 from nas_core.deltas import frobenius_norms, weights_hash
 from nas_core.evaluate.counterfact import edit_metrics

@@ -356,7 +356,8 @@ def horizon_study(
 def log_to_mlflow(results: dict[str, Any], results_path: Path, png: Path, tracking_uri: str | None,
                   project: Path) -> None:
     """One MLflow run per method in experiment ``horizon-study``: metrics with step = edits so far."""
-    from flows.tracking.mlflow import Tracker, resolve_tracking_uri
+    from flows.tracking.tracker import Tracker
+    from flows.tracking.uris import resolve_tracking_uri
 
     tracker = Tracker(resolve_tracking_uri(tracking_uri, project), experiment="horizon-study")
     for label, res in results["methods"].items():

@@ -1,0 +1,123 @@
+"""What the ``nas`` commands share: the two consoles, the common options, and the helpers that
+read the project's config and load a model with its cached statistics and anchor, with progress bars.
+
+``out`` is stdout (results, tables, JSON); ``console`` is stderr (progress, warnings, refusals).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from flows.config.model import ConfigError, ModelConfig, config_for
+from flows.engine import editing
+from flows.engine.caches import ensure_anchor, ensure_stats
+from flows.paths import Roots
+
+console = Console(stderr=True)
+out = Console()
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="known name, hf:ORG/NAME, or a folder")]
+ConfigOpt = Annotated[str | None, typer.Option(help="model config name or YAML (default: the model's)")]
+ComputeOpt = Annotated[str | None, typer.Option("--compute-dtype", help="v* compute path: auto, float32 or "
+                                                "bfloat16 (default: the model config's)")]
+
+
+def progress_bar() -> Progress:
+    """A progress bar on stderr with a free-text ``rate`` field (tok/s, s/edit)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console)
+
+
+def roots() -> Roots:
+    """The project's folders (params.yaml ``paths``; defaults without a params.yaml)."""
+    from flows.config.params import load_params
+
+    try:
+        return load_params().roots
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint="params.yaml") from None
+
+
+def model_config(model: str, config: str | None) -> ModelConfig:
+    """The ``--config`` (default: the model's own) as a ModelConfig; a bad one is a usage error."""
+    try:
+        return config_for(config or model, roots().configs)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+def method_settings(cfg: ModelConfig, method: str, nas: bool | None, pilots: int | None = None):
+    """The method's settings, NAS switched by ``nas`` and the pilot count overridden by ``pilots``."""
+    try:
+        s = cfg.method(method, nas)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint="--method") from None
+    if pilots:
+        s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=pilots))
+    return s
+
+
+def fetch_and_load(model: str, fetch: bool = True):
+    """Fetch (no-op when present) and load a model; returns (model, tok, name, base hash)."""
+    from flows.assets.fetch import fetch_model
+    from flows.assets.load import load_model
+    from nas_core.deltas import weights_hash
+
+    result = fetch_model(model, roots().models) if fetch else None
+    path = result.path if result is not None else Path(model)
+    t0 = time.perf_counter()
+    m, tok = load_model(path)
+    logging.getLogger(__name__).info("loaded %s in %.2f s", path, time.perf_counter() - t0)
+    return m, tok, path.name, weights_hash(m)
+
+
+def covariance_stats(m, tok, name, cfg: ModelConfig, base_hash: str, layers,
+                     force: bool = False) -> dict[int, torch.Tensor]:
+    """The cached covariance statistics C of ``layers`` (measured now, with a progress bar, if absent)."""
+    with progress_bar() as bar:
+        task = bar.add_task("covariance", total=cfg.stats.tokens, rate="")
+        t0 = time.perf_counter()
+
+        def tick(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total,
+                       rate=f"{done / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+
+        cov, path, cached = ensure_stats(m, tok, name, layers, cfg.stats, base_hash, roots(), progress=tick,
+                                                 force=force)
+    console.print(f"statistics {'(cached) ' if cached else ''}{path}")
+    return cov
+
+
+def reference_norm(m, tok, name, method, settings, base_hash) -> float | None:
+    """The cached NAS reference norm a (calibrated now if absent); None when NAS is off."""
+    if not settings.nas.enabled:
+        return None
+    with progress_bar() as bar:
+        task = bar.add_task("NAS pilots", total=settings.nas.pilots, rate="")
+        rec, path, cached = ensure_anchor(
+            m, tok, name, method, settings, base_hash, roots(),
+            progress=lambda d, t: bar.update(task, completed=d, total=t, rate=""))
+    console.print(f"NAS reference norm a = {rec['reference_norm']:.3f} "
+                  f"({rec['pilots']} pilots, {rec['dropped']} dropped){' (cached)' if cached else ''}: {path}")
+    return float(rec["reference_norm"])
+
+
+def base_session(model, method, nas, config=None, pilots=None, settings_fn=None):
+    """An edit session on the base model with its cached statistics and anchor (``settings_fn`` adjusts the method)."""
+    cfg = model_config(model, config)
+    s = method_settings(cfg, method, nas, pilots)
+    if settings_fn is not None:
+        s = settings_fn(s)
+    m, tok, name, h = fetch_and_load(model)
+    cov = covariance_stats(m, tok, name, cfg, h, cfg.all_layers())
+    a = reference_norm(m, tok, name, method, s, h)
+    return editing.open_session(m, tok, name, method, s, cov, h, a)

@@ -1,0 +1,211 @@
+"""``nas edit``, ``nas export``, ``nas eval``, ``nas demo``: edit a model by hand, outside the night.
+
+The request reader takes every layout the product converts (fact-batch JSONL, CounterFact in the
+ROME or EasyEdit layout, zsRE) and reports the records it could not convert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+
+from flows.cli.common import (
+    ConfigOpt,
+    ModelOpt,
+    console,
+    covariance_stats,
+    fetch_and_load,
+    method_settings,
+    model_config,
+    out,
+    progress_bar,
+    reference_norm,
+    roots,
+)
+from flows.engine import editing
+from flows.engine.checkpoints import load_checkpoint_into, write_checkpoint
+from nas_core.requests import EditRequest
+
+commands = typer.Typer()
+
+
+def read_requests(path: Path, limit: int | None = None) -> list[EditRequest]:
+    """Requests from a fact-batch JSONL, or a CounterFact (ROME/EasyEdit) or zsRE JSON file."""
+    from nas_core import formats as rq
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        report = rq.parse_fact_jsonl(text)
+    else:
+        data = json.loads(text)
+        first = data[0] if isinstance(data, list) and data else {}
+        if "requested_rewrite" in first:
+            report = rq.from_counterfact_rome(data)
+        elif "ground_truth" in first:
+            report = rq.from_counterfact_easyedit(data)
+        elif "alt" in first and "src" in first:
+            report = rq.from_zsre_mend(data)
+        else:
+            report = rq.from_fact_records(data)
+    if report.problems:
+        console.print(f"[yellow]{path}: {report.n_failed} record(s) could not be converted:[/]\n"
+                      f"{report.summary()}")
+    reqs = list(report.requests)
+    return reqs[:limit] if limit else reqs
+
+
+@commands.command()
+def edit(
+    requests: Annotated[Path, typer.Option("--requests", "-r", exists=True, dir_okay=False)],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="checkpoint folder to write")],
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="memit, alphaedit or rome")] = "alphaedit",
+    nas: Annotated[bool, typer.Option("--nas/--no-nas", help="Norm-Anchor Scaling")] = True,
+    limit: Annotated[int | None, typer.Option(help="first N requests only")] = None,
+    batch_size: Annotated[int, typer.Option(help="requests per sequential batch")] = 1,
+    from_dir: Annotated[Path | None, typer.Option("--from", help="continue from this checkpoint")] = None,
+    pilots: Annotated[int | None, typer.Option(help="override the NAS pilot count")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Apply requests in sequential batches and write a checkpoint (deltas + state + manifest)."""
+    cfg = model_config(model, config)
+    s = method_settings(cfg, method, nas, pilots)
+    reqs = read_requests(requests, limit)
+    if not reqs:
+        raise typer.BadParameter(f"{requests}: no usable requests")
+    m, tok, name, h = fetch_and_load(model)
+    cov = covariance_stats(m, tok, name, cfg, h, cfg.all_layers())
+    a = reference_norm(m, tok, name, method, s, h)
+    session = editing.open_session(m, tok, name, method, s, cov, h, a, from_dir)
+    t0 = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task(f"{method}{'+nas' if nas else ''}", total=len(reqs), rate="")
+        for i in range(0, len(reqs), batch_size):
+            session.apply(reqs[i : i + batch_size])
+            done = min(i + batch_size, len(reqs))
+            bar.update(task, completed=done, rate=f"{(time.perf_counter() - t0) / done:.2f} s/edit")
+    write_checkpoint(session, out_dir, {"requests_file": str(requests)})
+    skipped = sum(r["skipped"] for r in session.request_log[-len(reqs):])
+    out.print(f"wrote {out_dir}: {len(reqs) - skipped} edits, {skipped} skipped by NAS, "
+              f"{time.perf_counter() - t0:.1f} s")
+
+
+@commands.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+    out_dir: Annotated[Path, typer.Option("--out", "-o")],
+    model: ModelOpt = "smollm2-135m",
+) -> None:
+    """Write a full Hugging Face model folder (base + checkpoint deltas) that transformers loads."""
+    m, tok, name, h = fetch_and_load(model)
+    from nas_core.deltas import weights_hash
+
+    try:
+        manifest = load_checkpoint_into(m, h, checkpoint)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    got = weights_hash(m)
+    if got != manifest["weights_hash"]:
+        raise typer.BadParameter(f"rebuilt weights hash {got[:12]} != checkpoint's {manifest['weights_hash'][:12]}")
+    m.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    out.print(f"exported {out_dir} (weights hash {got[:16]})")
+
+
+@commands.command("eval")
+def eval_cmd(
+    requests: Annotated[Path, typer.Option("--requests", "-r", exists=True, dir_okay=False)],
+    model: ModelOpt = "smollm2-135m",
+    checkpoint: Annotated[Path | None, typer.Option(exists=True, file_okay=False,
+                                                   help="checkpoint to evaluate (default: the base model)")] = None,
+    limit: Annotated[int | None, typer.Option(help="first N requests only")] = None,
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="where to write metrics.json")] = Path("metrics.json"),
+    no_health: Annotated[bool, typer.Option("--no-health", help="skip canary perplexity and general tasks")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Edit metrics, model health and the collapse verdict of a checkpoint (or the base model)."""
+    from flows.engine import evaluation
+    from nas_core.collapse import norm_ratios
+    from nas_core.deltas import frobenius_norms
+
+    cfg = model_config(model, config)
+    reqs = read_requests(requests, limit)
+    m, tok, name, h = fetch_and_load(model)
+    base = None if no_health else evaluation.base_reference(m, tok, name, h, cfg.eval, roots())
+    ratios, edits, manifest = None, 0, {}
+    if checkpoint is not None:
+        try:
+            manifest = load_checkpoint_into(m, h, checkpoint)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+        names = manifest["edited_weights"]
+        ratios = norm_ratios(frobenius_norms(m, names), {n: manifest["norms"][n]["before"] for n in names})
+        edits = int(manifest["edit_count"])
+    t0 = time.perf_counter()
+    metrics, verdict = evaluation.evaluate(m, tok, reqs, cfg.eval, base, roots(), ratios, edits, cfg.collapse,
+                                           health=not no_health)
+    evaluation.write_metrics(out_file, metrics, verdict, {
+        "model": name, "base_weights_hash": h, "checkpoint": str(checkpoint) if checkpoint else None,
+        "weights_hash": manifest.get("weights_hash", h), "requests_file": str(requests),
+        "edits_so_far": edits, "seconds": round(time.perf_counter() - t0, 2)})
+    table = Table("metric", "value", "base", title=f"{name}{f' @ {checkpoint}' if checkpoint else ' (base)'}")
+    base_metrics = base["metrics"] if base else {}
+    for key, value in metrics.items():
+        ref = base_metrics.get(key)
+        table.add_row(key, "-" if value is None else f"{value:.4g}", "" if ref is None else f"{ref:.4g}")
+    out.print(table)
+    out.print(f"verdict: {verdict.summary()}\nwrote {out_file}")
+
+
+def greedy_answer(m, tok, prompt: str, max_new_tokens: int = 6) -> str:
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        gen = m.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@commands.command()
+def demo(
+    model: ModelOpt = "smollm2-135m",
+    pilots: Annotated[int, typer.Option(help="NAS pilots (the demo uses fewer than the default 1000)")] = 20,
+    stats_tokens: Annotated[int, typer.Option(help="corpus tokens for C (the config's default is 250k)")] = 100_000,
+) -> None:
+    """One edit on the real model: fetch it, write one fact with AlphaEdit+NAS, show before/after.
+
+    To be quick on a CPU the demo measures C on 100k tokens and calibrates NAS on 20 pilots;
+    `nas stats` / `nas anchor` compute the full-size versions.
+    """
+    cfg = model_config(model, None)
+    cfg = dataclasses.replace(cfg, stats=dataclasses.replace(cfg.stats, tokens=stats_tokens))
+    s = method_settings(cfg, "alphaedit", True, pilots)
+    m, tok, name, h = fetch_and_load(model)
+    cov = covariance_stats(m, tok, name, cfg, h, cfg.all_layers())
+    a = reference_norm(m, tok, name, "alphaedit", s, h)
+    req = EditRequest("demo-eiffel", "The {} is located in the city of", "Eiffel Tower", "Rome",
+                      "Paris", paraphrase_prompts=("Where is the Eiffel Tower? It stands in the city of",))
+    probes = [req.filled_prompt, req.paraphrase_prompts[0], "The capital of France is"]
+    before = {p: greedy_answer(m, tok, p) for p in probes}
+    session = editing.open_session(m, tok, name, "alphaedit", s, cov, h, a)
+    t0 = time.perf_counter()
+    result = session.apply([req])
+    seconds = time.perf_counter() - t0
+    after = {p: greedy_answer(m, tok, p) for p in probes}
+    table = Table(title=f"AlphaEdit+NAS on {name}: '{req.subject}' -> '{req.target_new}' ({seconds:.1f} s)")
+    table.add_column("prompt")
+    table.add_column("before")
+    table.add_column("after")
+    for p in probes:
+        table.add_row(p, repr(before[p]), repr(after[p]))
+    out.print(table)
+    d = result.requests[0]
+    out.print(f"||v*|| {d.v_norm_before:.2f} -> {d.v_norm_after:.2f} (anchor a = {a:.2f}); "
+              f"target NLL {d.nll_start:.2f} -> {d.nll_end:.2f}")
+

@@ -1,0 +1,64 @@
+"""``nas fetch-model``, ``nas stats``, ``nas anchor``: the base model and what is measured on it once.
+
+Statistics and the NAS anchor are cached per base weights hash; these commands fill the caches
+that ``edit``, ``eval`` and the nightly refresh read.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from flows.cli.common import (
+    ConfigOpt,
+    ModelOpt,
+    covariance_stats,
+    fetch_and_load,
+    method_settings,
+    model_config,
+    out,
+    reference_norm,
+    roots,
+)
+
+commands = typer.Typer()
+
+
+@commands.command("fetch-model")
+def fetch_model_cmd(
+    name: Annotated[str, typer.Argument(help="smollm2-135m, gemma3-270m, hf:ORG/NAME[@REV], a folder or .gguf")],
+    force: Annotated[bool, typer.Option(help="fetch again even when present")] = False,
+) -> None:
+    """Fetch a model and save it as an fp32 safetensors folder under data/models/."""
+    from flows.assets.fetch import fetch_model
+
+    result = fetch_model(name, roots().models, force=force)
+    out.print(f"{result.path} {'(already present, nothing to do)' if result.already_present else ''}")
+
+
+@commands.command()
+def stats(
+    model: ModelOpt = "smollm2-135m",
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option(help="measure again even when cached (benchmarking)")] = False,
+) -> None:
+    """Covariance statistics C for every layer the model's config edits (cached)."""
+    cfg = model_config(model, config)
+    m, tok, name, h = fetch_and_load(model)
+    covariance_stats(m, tok, name, cfg, h, cfg.all_layers(), force=force)
+
+
+@commands.command()
+def anchor(
+    model: ModelOpt = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="memit, alphaedit or rome")] = "alphaedit",
+    pilots: Annotated[int | None, typer.Option(help="override the config's pilot count")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Calibrate the NAS reference norm on the unedited model (cached, never on an edited one)."""
+    cfg = model_config(model, config)
+    s = method_settings(cfg, method, True, pilots)
+    m, tok, name, h = fetch_and_load(model)
+    reference_norm(m, tok, name, method, s, h)
+
