@@ -39,7 +39,9 @@ from flows.refresh.prefect_runtime import claim_night
 def trivial():
     return 1
 
-claim_night()
+import os
+from flows.refresh.prefect_runtime import TOKEN_ENV
+os.environ[TOKEN_ENV] = claim_night().token  # as the CLI does
 trivial()
 server = SubprocessASGIServer().server_process  # Prefect's own handle on the server it started
 Path(sys.argv[1]).write_text(str(server.pid))
@@ -215,8 +217,8 @@ def test_records_that_cannot_be_read_are_dropped(tmp_path):
 def test_claim_night_records_the_process_and_its_exit_removes_the_record(tmp_path):
     code = ("import os, sys; from pathlib import Path\n"
             "from flows.refresh.prefect_runtime import claim_night, TOKEN_ENV\n"
-            "path = claim_night(Path(sys.argv[1])); assert path.exists(), path\n"
-            "print(path, os.environ[TOKEN_ENV], path.read_text(), sep='\\n')")
+            "claim = claim_night(Path(sys.argv[1])); assert claim.path.exists(), claim\n"
+            "print(claim.path, claim.token, claim.path.read_text(), sep='\\n')")
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=120, check=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -29,6 +30,17 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="known name, hf:ORG
 ConfigOpt = Annotated[str | None, typer.Option(help="model config name or YAML (default: the model's)")]
 ComputeOpt = Annotated[str | None, typer.Option("--compute-dtype", help="v* compute path: auto, float32 or "
                                                 "bfloat16 (default: the model config's)")]
+
+
+def claim_prefect_night() -> None:
+    """Stop the temporary Prefect servers of killed nights, record this process as a night and put
+    its token in the environment, so the server Prefect starts for this run carries it
+    (:mod:`flows.refresh.prefect_runtime`). Call before running a flow."""
+    from flows.refresh import prefect_runtime
+
+    claim = prefect_runtime.claim_night()
+    if claim is not None:
+        os.environ[prefect_runtime.TOKEN_ENV] = claim.token
 
 
 def progress_bar() -> Progress:

@@ -87,12 +87,10 @@ def edit(
     t0 = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task(f"{method}{'+nas' if nas else ''}", total=len(reqs), rate="")
-        for i in range(0, len(reqs), batch_size):
-            session.apply(reqs[i : i + batch_size])
-            done = min(i + batch_size, len(reqs))
-            bar.update(task, completed=done, rate=f"{(time.perf_counter() - t0) / done:.2f} s/edit")
+        done = editing.apply_in_batches(session, reqs, batch_size, progress=lambda n, _total: bar.update(
+            task, completed=n, rate=f"{(time.perf_counter() - t0) / n:.2f} s/edit"))
     write_checkpoint(session, out_dir, {"requests_file": str(requests)})
-    skipped = sum(r["skipped"] for r in session.request_log[-len(reqs):])
+    skipped = sum(r["skipped"] for r in done)
     out.print(f"wrote {out_dir}: {len(reqs) - skipped} edits, {skipped} skipped by NAS, "
               f"{time.perf_counter() - t0:.1f} s")
 

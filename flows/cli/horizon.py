@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.cli.common import ComputeOpt, ModelOpt, out
+from flows.cli.common import ComputeOpt, ModelOpt, claim_prefect_night, out
 
 commands = typer.Typer()
 
@@ -19,7 +19,6 @@ commands = typer.Typer()
 def stream_speed(model: str, label: str, n: int, batch_size: int, pilots: int | None, compute_dtype) -> None:
     """``nas bench speed --stream``: one method of the horizon flow, its phases and the target."""
     from flows.engine import precision
-    from flows.refresh import prefect_runtime
     from flows.studies.horizon import HorizonSettings, horizon_study
     from flows.studies.horizon_points import amortised_line
 
@@ -29,7 +28,7 @@ def stream_speed(model: str, label: str, n: int, batch_size: int, pilots: int | 
                                    compute_dtype=compute_dtype or "auto")
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    prefect_runtime.claim_night()
+    claim_prefect_night()
     res = horizon_study(model, settings, None, Path("bench/stream"), None)
     points = res["methods"][label]["points"]
     table = Table("edits", "s/edit editing", "with measurements", "values", "keys", "solve", "write", "measure",
@@ -74,7 +73,6 @@ def bench_horizon(
     --eval-every 250 --eval-every-dense 100 --dense-until 1000 --compute-dtype auto
     """
     from flows.engine import precision
-    from flows.refresh import prefect_runtime
     from flows.studies.horizon import horizon_study
 
     settings = _settings(methods, {
@@ -82,7 +80,7 @@ def bench_horizon(
         "general_items": general_items, "canary_tokens": canary_tokens, "pilots": pilots,
         "eval_every_dense": eval_every_dense, "dense_until": dense_until,
         "retention_sample": retention_sample, "compute_dtype": compute_dtype})
-    prefect_runtime.claim_night()  # stops the temporary Prefect servers of killed runs; records this one
+    claim_prefect_night()  # stops the temporary Prefect servers of killed runs; records this one
     t0 = time.perf_counter()
     res = horizon_study(model, settings, source, out_root, tracking_uri)
     out.print(_results_table(res, settings, stream_length))

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from flows.cli.common import console, out
+from flows.cli.common import claim_prefect_night, console, out
 from flows.config.model import ConfigError
 
 commands = typer.Typer()
@@ -53,7 +53,7 @@ def refresh(
     """Run the nightly refresh now (one Prefect flow run) over every batch in the inbox."""
     from flows.engine.checkpoints import CheckpointTampered
     from flows.ledger.records import LedgerDamaged
-    from flows.refresh import operations, prefect_runtime
+    from flows.refresh import operations
     from flows.refresh.flow import nightly_refresh
     from flows.refresh.lock import RefreshLocked
 
@@ -65,7 +65,7 @@ def refresh(
         if not nights:
             out.print("every demo night is already in the ledger: nothing to do (see `nas status`)")
             return
-    prefect_runtime.claim_night()  # stops the temporary Prefect servers of killed nights; records this one
+    claim_prefect_night()  # stops the temporary Prefect servers of killed nights; records this one
     outcomes = []
     for night in nights:
         if night is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,14 +148,19 @@ def open_session(
 
 
 def apply_in_batches(session: EditSession, requests: Sequence[EditRequest], batch_size: int,
-                     logger: logging.Logger | logging.LoggerAdapter = log, label: str = "") -> list[dict[str, Any]]:
-    """Apply ``requests`` as sequential edits of ``batch_size`` each (the night's and the replay's
-    one loop); returns the per-request diagnostics of this call."""
+                     logger: logging.Logger | logging.LoggerAdapter = log, label: str = "",
+                     progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Apply ``requests`` as sequential edits of ``batch_size`` each: the one loop of the night,
+    the replay and ``nas edit``. Each sub-batch is logged, or reported to ``progress(done, total)``
+    instead. Returns the per-request diagnostics of this call."""
     start = len(session.request_log)
     t0 = time.perf_counter()
     for i in range(0, len(requests), batch_size):
         result = session.apply(requests[i : i + batch_size])
         done = min(i + batch_size, len(requests))
+        if progress is not None:
+            progress(done, len(requests))
+            continue
         logger.info("%sedited %d/%d requests (%.1f s/edit); ||delta W|| per layer: %s", f"{label}: " if label else "",
                     done, len(requests), (time.perf_counter() - t0) / done,
                     ", ".join(f"{k}: {v:.3g}" for k, v in result.layer_delta_norms.items()))

@@ -8,8 +8,8 @@ reparented to init, runs forever, one more per killed night.
 
 Two halves, both called through :func:`claim_night` before the CLI runs a flow:
 
-* the night writes a record of itself (pid and process start time) under the Prefect home and
-  puts a token naming it into its environment. Every process it starts inherits the token, the
+* the night writes a record of itself (pid and process start time) under the Prefect home, and
+  the CLI puts the token naming it into its environment. Every process it starts inherits the token, the
   server included, whenever and from whichever thread Prefect starts it, so the flow needs no
   hook and there is no window between a server's start and its record;
 * :func:`reap_orphans` (so, the next night) takes each record whose night is gone (pid gone,
@@ -28,8 +28,8 @@ import atexit
 import contextlib
 import json
 import logging
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -67,12 +67,21 @@ def looks_like_prefect_server(cmdline: list[str]) -> bool:
     return any(name == "prefect" and cmdline[i + 1:i + 3] == ["server", "start"] for i, name in enumerate(names))
 
 
-def claim_night(home: Path | None = None) -> Path | None:
-    """Clean up after dead nights, then record this process as a night; call before running a flow.
+@dataclass(frozen=True)
+class NightClaim:
+    """This process's night record and the token its children must carry in ``TOKEN_ENV``."""
 
-    Returns the record's path, or None when it could not be written (logged: the night still
-    runs, only an orphan it might leave would not be cleaned up). The record is removed when
-    this process exits normally; a killed process leaves it for the next night's reaper.
+    path: Path
+    token: str
+
+
+def claim_night(home: Path | None = None) -> NightClaim | None:
+    """Clean up after dead nights, then record this process as a night; call before running a flow
+    and put the returned token in the environment as ``TOKEN_ENV`` (the CLI does).
+
+    None when the record could not be written (logged: the night still runs, only an orphan it
+    might leave would not be cleaned up). The record is removed when this process exits
+    normally; a killed process leaves it for the next night's reaper.
     """
     folder = records_dir(home)
     reap_orphans(folder.parent)
@@ -87,10 +96,9 @@ def claim_night(home: Path | None = None) -> Path | None:
         log.warning("could not record this night in %s (%s): a Prefect server it leaves if killed "
                     "will not be cleaned up", folder, err)
         return None
-    os.environ[TOKEN_ENV] = token
     atexit.unregister(_forget)
     atexit.register(_forget, path)
-    return path
+    return NightClaim(path, token)
 
 
 def reap_orphans(home: Path | None = None, timeout: float = 5.0) -> list[int]:
