@@ -18,6 +18,9 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
+#: The nightly-flow harness (``night``, ``tiny_folder``, ``tracking_uri``) for every test that runs a night.
+pytest_plugins = ("nights",)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

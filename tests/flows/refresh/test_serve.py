@@ -28,7 +28,7 @@ from flows.refresh.serve import (
     serve,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 STARTUP_TIMEOUT_S = 180.0  # the server and the serving process each, on a loaded 2-core machine
 RUN_TIMEOUT_S = 180.0
 RUNNER_PREFETCH_S = 10  # prefect.runner.Runner's default prefetch_seconds, which serve() keeps

@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 
 import pytest
-import test_refresh
 import torch
+from nights import make_params, write_batch
 from safetensors.torch import load_file, save_file
-from test_refresh import FACTS, fact, make_params, write_batch
+from tiny import FACTS, fact
 from typer.testing import CliRunner
 
 from flows.config.params import load_params
@@ -28,8 +28,7 @@ from flows.ledger.records import Ledger, LedgerDamaged, parse_entry
 from flows.refresh import operations
 from nas_core.formats import RULE_SEVERITY
 
-night, tiny_folder, tracking_uri = test_refresh.night, test_refresh.tiny_folder, test_refresh.tracking_uri
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "FACT_SCHEMA.md"
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "FACT_SCHEMA.md"
 
 
 def sha(data: bytes) -> str:

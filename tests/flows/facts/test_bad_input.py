@@ -18,17 +18,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-import test_refresh
-from test_refresh import FACTS, fact, write_batch
+from nights import write_batch
+from tiny import FACTS, fact
 
 from flows.engine.checkpoints import load_checkpoint_into
 from flows.ledger.records import Ledger
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 # The flow fixtures (fixtures only: importing test functions would collect them a second time).
-night, tiny_folder, tracking_uri = test_refresh.night, test_refresh.tiny_folder, test_refresh.tracking_uri
-BAD = Path(__file__).resolve().parent / "bad_batches"
+BAD = Path(__file__).resolve().parents[2] / "bad_batches"
 GOOD_BATCH = "0000-good.jsonl"  # sorts before every letter, so its fact is in the ledger for the conflict files
 BATCH = None  # RecordProblem.position -1 (a batch-level problem) has line None in validation.json
 

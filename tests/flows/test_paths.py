@@ -13,7 +13,7 @@ from flows.config.params import load_params
 from flows.paths import ENV_PROJECT, Paths, project_root
 from flows.tracking.uris import resolve_tracking_uri
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -5,11 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import test_refresh
 
 from nas_core.collapse import forecast
-
-night, tiny_folder, tracking_uri = test_refresh.night, test_refresh.tiny_folder, test_refresh.tracking_uri
 
 
 def test_linear_growth_is_forecast_by_the_line():
@@ -40,7 +37,8 @@ def test_a_flat_or_shrinking_norm_has_no_forecast():
 
 
 def test_each_night_records_the_forecast_and_status_shows_it(night, tmp_path):
-    from test_refresh import FACTS, fact, write_batch
+    from nights import write_batch
+    from tiny import FACTS, fact
 
     from flows.ledger.records import Ledger
     from flows.refresh import operations

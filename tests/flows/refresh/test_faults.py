@@ -25,15 +25,14 @@ import time
 from pathlib import Path
 
 import pytest
-import test_refresh
-from test_refresh import FACTS, fact, write_batch
+from nights import write_batch
+from tiny import FACTS, fact
 
 from flows.ledger.records import Ledger
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 # The flow fixtures (fixtures only: importing test functions would collect them a second time).
-night, tiny_folder, tracking_uri = test_refresh.night, test_refresh.tiny_folder, test_refresh.tracking_uri
 
 
 def ledger_bytes(tmp_path: Path) -> bytes:

@@ -26,7 +26,7 @@ import pytest
 from flows.refresh import prefect_runtime
 from flows.refresh.prefect_runtime import TOKEN_ENV, reap_orphans, records_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 CHILD = """
 import sys, time

@@ -21,7 +21,7 @@ from flows.ledger import lineage
 from flows.ledger.records import Ledger
 from flows.paths import Paths
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 H1, H2, H3 = "a" * 64, "b" * 64, "c" * 64
 
 

@@ -30,7 +30,7 @@ from nas_core.formats import RULES as SCHEMA_RULES
 from nas_core.formats import RecordProblem, parse_fact_jsonl
 from nas_core.prompts import target_ids
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 SCRIPT = "<script>alert(1)</script>"
 
 

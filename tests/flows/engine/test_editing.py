@@ -24,7 +24,7 @@ REQS = [
     EditRequest("b", "{} speaks", "Danielle Darrieux", "English", "French"),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)

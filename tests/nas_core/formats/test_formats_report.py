@@ -20,7 +20,7 @@ from nas_core.formats.report import (
 )
 from nas_core.formats.zsre import from_zsre_mend
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "FACT_SCHEMA.md"
+DOCS = Path(__file__).resolve().parents[3] / "docs" / "FACT_SCHEMA.md"
 
 
 # ---------------------------------------------------------------------- report
