@@ -14,6 +14,7 @@ from nas_core.editors.base import (
     all_skipped,
     inverse_or,
     kept_targets,
+    require_cov,
     spread_over_layers,
 )
 from nas_core.linalg import nullspace_projector, woodbury_solve
@@ -40,9 +41,7 @@ class AlphaEditEditor:
     name = "alphaedit"
 
     def __init__(self, settings: AlphaEditSettings, cov: dict[int, torch.Tensor]):
-        missing = [layer for layer in settings.layers if layer not in cov]
-        if missing:
-            raise ValueError(f"no covariance statistics for layers {missing}")
+        require_cov(settings.layers, cov)
         self.settings = settings
         self.cov = cov
 

@@ -187,6 +187,13 @@ def sweep_layers(
     return deltas, used_keys, norms
 
 
+def require_cov(layers: Sequence[int], cov: dict[int, torch.Tensor]) -> None:
+    """An editor needs the second moment C of every layer it edits."""
+    missing = [layer for layer in layers if layer not in cov]
+    if missing:
+        raise ValueError(f"no covariance statistics for layers {missing}")
+
+
 def kept_targets(model: nn.Module, tok, spec: ModelSpec, requests: Sequence[EditRequest], layer: int, settings,
                  state: EditState, clock: Stopwatch) -> tuple[Targets, list[EditRequest]]:
     """v* at ``layer`` for every request (NAS anchored, timed as ``values``) and the requests NAS kept."""

@@ -13,6 +13,7 @@ from nas_core.editors.base import (
     all_skipped,
     inverse_or,
     kept_targets,
+    require_cov,
     spread_over_layers,
 )
 from nas_core.linalg import woodbury_solve
@@ -36,9 +37,7 @@ class MemitEditor:
     name = "memit"
 
     def __init__(self, settings: MemitSettings, cov: dict[int, torch.Tensor]):
-        missing = [layer for layer in settings.layers if layer not in cov]
-        if missing:
-            raise ValueError(f"no covariance statistics for layers {missing}")
+        require_cov(settings.layers, cov)
         self.settings = settings
         self.cov = cov
 

@@ -7,7 +7,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from nas_core.editors.base import EditResult, Stopwatch, all_skipped, diagnostics, kept_targets, sweep_layers
+from nas_core.editors.base import (
+    EditResult,
+    Stopwatch,
+    all_skipped,
+    diagnostics,
+    kept_targets,
+    require_cov,
+    sweep_layers,
+)
 from nas_core.keys import read_at_subject
 from nas_core.linalg import classic_rank_one_update, rank_one_update
 from nas_core.requests import EditRequest
@@ -27,8 +35,7 @@ class RomeEditor:
     name = "rome"
 
     def __init__(self, settings: RomeSettings, cov: dict[int, torch.Tensor]):
-        if settings.layers[0] not in cov:
-            raise ValueError(f"no covariance statistics for layer {settings.layers[0]}")
+        require_cov(settings.layers[:1], cov)
         self.settings = settings
         self.cov = cov
 
