@@ -17,7 +17,7 @@ import dataclasses
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -180,59 +180,82 @@ def run_method(
     """Edit ``stream`` with one method from the base model; returns its measured points."""
     logger = get_run_logger()
     materialise(model, base_weights, {})  # every method starts from the exact base weights
-    ckpt_dir = out / label / "checkpoint"
     session, points = _method_session(label, model, tok, model_name, cfg, settings, cov, base_hash, roots,
-                                      ckpt_dir)
+                                      out / label / "checkpoint")
     done = points[-1]["edits"] if points else 0
     if points:
         logger.info("%s: resuming after %d edits (%d points)", label, done, len(points))
-    names = list(session.base)
-    original = {n: session.original_norms[n] for n in names}
-    edit_seconds = sum(p["edit_seconds"] for p in points[-1:])
-    measure_seconds = sum(p["eval_seconds"] for p in points)
-    phases: dict[str, float] = dict(points[-1].get("phase_seconds", {})) if points else {}
+    clock = StreamClock.resumed(points)
     next_eval = next_measurement(done, settings)
     log_mark = len(session.request_log)
     while done < len(stream) and not past_collapse(points, settings):
         batch = stream[done : done + settings.batch_size]
-        t0 = time.perf_counter()
-        result = session.apply(batch)
-        edit_seconds += time.perf_counter() - t0
-        for phase, sec in result.timings.items():
-            phases[phase] = phases.get(phase, 0.0) + sec
+        clock.edited(session, batch)
         done += len(batch)
         if done < next_eval and done < len(stream):
             continue
         next_eval = next_measurement(done, settings)
-        ratios = norm_ratios(frobenius_norms(model, names), original)
-        t1 = time.perf_counter()
-        sample = retention_sample(done, len(batch), settings.retention_sample, settings.retention_seed)
-        metrics, verdict = evaluation.evaluate(model, tok, [stream[i] for i in sample], cfg_eval(cfg, settings),
-                                               base_ref, roots, ratios, done, cfg.collapse, with_fluency=False)
-        skipped = sum(r["skipped"] for r in session.request_log)
-        eval_seconds = time.perf_counter() - t1
-        measure_seconds += eval_seconds
-        point = {"edits": done, "metrics": metrics, "collapsed": verdict.collapsed,
-                 "failed_checks": [c.name for c in verdict.failed], "skipped": skipped,
-                 "edit_seconds": round(edit_seconds, 2), "seconds_per_edit": round(edit_seconds / done, 3),
-                 "eval_seconds": round(eval_seconds, 2), "compute_dtype": session.compute_dtype,
-                 "attention": session.attention,
-                 # Where the time went so far: the editor's phases (the rest of edit_seconds is
-                 # the session's bookkeeping) and the measurements, and the amortised cost of both.
-                 "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
-                 "seconds_per_edit_all": round((edit_seconds + measure_seconds) / done, 3),
-                 "retention_sample": {"seed": settings.retention_seed, "size": settings.retention_sample,
-                                      "indices": sample}, "v_norm_before_mean": _v_norm_mean(session, log_mark),
-                 "machine": precision.cpu_facts()["cpu"], "code_version": code_version(), "measured_at": now()}
+        point = _measure(session, stream, done, len(batch), cfg, settings, base_ref, roots, clock, log_mark)
         points.append(point)
         log_mark = len(session.request_log)
         _save_points(session, label, out, points)
+        m = point["metrics"]
         logger.info("%s: %d edits, score %s, ppl x%.2f, norm x%.3f, %.2f s/edit (%.2f with measurements)%s",
-                    label, done, _fmt(metrics.get("editing_score")), metrics.get("perplexity_ratio", float("nan")),
-                    metrics.get("norm_ratio_max", float("nan")), edit_seconds / done, point["seconds_per_edit_all"],
-                    f", COLLAPSE ({', '.join(point['failed_checks'])})" if verdict.collapsed else "")
+                    label, done, _fmt(m.get("editing_score")), m.get("perplexity_ratio", float("nan")),
+                    m.get("norm_ratio_max", float("nan")), point["seconds_per_edit"], point["seconds_per_edit_all"],
+                    f", COLLAPSE ({', '.join(point['failed_checks'])})" if point["collapsed"] else "")
     materialise(model, base_weights, {})
     return points
+
+
+@dataclass
+class StreamClock:
+    """Where a method's time went: editing (with the editor's phases) and measuring."""
+
+    edit_seconds: float = 0.0
+    measure_seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def resumed(cls, points: list[dict[str, Any]]) -> StreamClock:
+        last = points[-1] if points else {}
+        return cls(last.get("edit_seconds", 0.0), sum(p["eval_seconds"] for p in points),
+                   dict(last.get("phase_seconds", {})))
+
+    def edited(self, session: editing.EditSession, batch: list[EditRequest]) -> None:
+        t0 = time.perf_counter()
+        result = session.apply(batch)
+        self.edit_seconds += time.perf_counter() - t0
+        for phase, sec in result.timings.items():
+            self.phases[phase] = self.phases.get(phase, 0.0) + sec
+
+
+def _measure(session: editing.EditSession, stream: list[EditRequest], done: int, last_batch: int, cfg: ModelConfig,
+             settings: HorizonSettings, base_ref: dict[str, Any], roots: Roots, clock: StreamClock,
+             log_mark: int) -> dict[str, Any]:
+    """One point after ``done`` edits: retention on a seeded sample, health, norms, and the time so far."""
+    original = session.original_norms
+    ratios = norm_ratios(frobenius_norms(session.model, list(original)), original)
+    t1 = time.perf_counter()
+    sample = retention_sample(done, last_batch, settings.retention_sample, settings.retention_seed)
+    metrics, verdict = evaluation.evaluate(session.model, session.tok, [stream[i] for i in sample],
+                                           cfg_eval(cfg, settings), base_ref, roots, ratios, done, cfg.collapse,
+                                           with_fluency=False)
+    eval_seconds = time.perf_counter() - t1
+    clock.measure_seconds += eval_seconds
+    return {"edits": done, "metrics": metrics, "collapsed": verdict.collapsed,
+            "failed_checks": [c.name for c in verdict.failed],
+            "skipped": sum(r["skipped"] for r in session.request_log),
+            "edit_seconds": round(clock.edit_seconds, 2), "seconds_per_edit": round(clock.edit_seconds / done, 3),
+            "eval_seconds": round(eval_seconds, 2), "compute_dtype": session.compute_dtype,
+            "attention": session.attention,
+            # Where the time went so far: the editor's phases (the rest of edit_seconds is
+            # the session's bookkeeping) and the measurements, and the amortised cost of both.
+            "phase_seconds": {k: round(v, 2) for k, v in clock.phases.items()},
+            "seconds_per_edit_all": round((clock.edit_seconds + clock.measure_seconds) / done, 3),
+            "retention_sample": {"seed": settings.retention_seed, "size": settings.retention_sample,
+                                 "indices": sample}, "v_norm_before_mean": _v_norm_mean(session, log_mark),
+            "machine": precision.cpu_facts()["cpu"], "code_version": code_version(), "measured_at": now()}
 
 
 def _method_session(label: str, model, tok, model_name: str, cfg: ModelConfig, settings: HorizonSettings,
@@ -336,11 +359,20 @@ def horizon_study(
         atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=True))
     png = plot(results, out / "horizon.png")
     log_to_mlflow(results, out / "results.json", png, tracking_uri, roots.project)
+    _log_summary(results, settings, len(stream))
+    results["results_path"] = str(out / "results.json")
+    results["plot_path"] = str(png)
+    return results
+
+
+def _log_summary(results: dict[str, Any], settings: HorizonSettings, n_stream: int) -> None:
+    """Each method's collapse point, final scores and throughput verdict, in the run's log."""
+    logger = get_run_logger()
     for label, res in results["methods"].items():
         cp = res["collapse_point"]
         m = res["final"]["metrics"]
         logger.info("%-14s collapse point: %-16s final score %s (ES %s / PS %s / NS %s), ppl x%.2f, norm x%.3f, "
-                    "%.2f s/edit", label, f"{cp} edits" if cp else f"none within {len(stream)}",
+                    "%.2f s/edit", label, f"{cp} edits" if cp else f"none within {n_stream}",
                     _fmt(m.get("editing_score")), _fmt(m.get("efficacy_success")),
                     _fmt(m.get("generalisation_success")), _fmt(m.get("specificity_success")),
                     m.get("perplexity_ratio", float("nan")), m.get("norm_ratio_max", float("nan")),
@@ -348,9 +380,6 @@ def horizon_study(
         line = amortised_line(label, res["points"], settings)
         if line:
             logger.info("%s", line)
-    results["results_path"] = str(out / "results.json")
-    results["plot_path"] = str(png)
-    return results
 
 
 def log_to_mlflow(results: dict[str, Any], results_path: Path, png: Path, tracking_uri: str | None,
