@@ -97,12 +97,19 @@ def _request_rows(tok, req: EditRequest, settings: ValueSettings) -> _RequestRow
     return _RequestRows(target=tgt, prefixed=prefixed, kl=tokenise(tok, "", settings.kl_prompt, req.subject))
 
 
-def _build_batch(requests: Sequence[_RequestRows], settings: ValueSettings, pad_id: int, device) -> _Batch:
+def _stack_rows(
+    requests: Sequence[_RequestRows], n_ctx: int,
+) -> tuple[list[TokenisedPrompt], list[int], list[int], list[int], list[tuple[int, int, int, float]]]:
+    """Every request's prefixed rows (the bare one first), then every request's KL row.
+
+    Returns (rows, owners, bare_rows, kl_rows, targets): the request index of each row, the
+    row of each request's bare and KL prompt, and each target token as (row, position,
+    token, weight), its weight 1 / (tokens in its row * rows of its request).
+    """
     rows: list[TokenisedPrompt] = []
     owners: list[int] = []
     bare_rows: list[int] = []
     targets: list[tuple[int, int, int, float]] = []  # (row, position, token, weight)
-    n_ctx = len(settings.prefixes)
     for i, req in enumerate(requests):
         tgt = req.target
         for j, p in enumerate(req.prefixed):
@@ -117,17 +124,29 @@ def _build_batch(requests: Sequence[_RequestRows], settings: ValueSettings, pad_
         kl_rows.append(len(rows))
         rows.append(req.kl)
         owners.append(i)
+    return rows, owners, bare_rows, kl_rows, targets
 
+
+def _left_align(
+    rows: Sequence[TokenisedPrompt], pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, list[int]]:
+    """Left-pad ``rows`` so every subject token sits in one column; (ids, mask, positions, split, shift)."""
     split = max(r.subject_pos for r in rows)
-    shift = [split - r.subject_pos for r in rows]
+    shift = [split - r.subject_pos for r in rows]  # padding columns left of each row
     width = split + max(len(r.ids) - r.subject_pos for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, W)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, W)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)  # (B, W)
     for row, (r, sh) in enumerate(zip(rows, shift, strict=True)):
-        ids[row, sh : sh + len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+        ids[row, sh : sh + len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)  # (T,)
         mask[row, sh : sh + len(r.ids)] = 1
-        positions[row, sh : sh + len(r.ids)] = torch.arange(len(r.ids))
+        positions[row, sh : sh + len(r.ids)] = torch.arange(len(r.ids))  # (T,)
+    return ids, mask, positions, split, shift
+
+
+def _build_batch(requests: Sequence[_RequestRows], settings: ValueSettings, pad_id: int, device) -> _Batch:
+    rows, owners, bare_rows, kl_rows, targets = _stack_rows(requests, len(settings.prefixes))
+    ids, mask, positions, split, shift = _left_align(rows, pad_id)
 
     def t(x, dtype=torch.long):
         return torch.tensor(x, dtype=dtype, device=device)
