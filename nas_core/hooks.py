@@ -1,13 +1,46 @@
-"""Scoped forward hooks. Every hook is removed in ``finally``, so none outlives its block."""
+"""Scoped forward hooks. Every hook is removed in ``finally``, so none outlives its block.
+
+:func:`hooks` is the one place that registers and removes forward hooks (after
+TransformerLens's ``HookedRootModule.hooks()``); the helpers below build on it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+
+from nas_core.spec import get_module
+
+ForwardHook = Callable[[nn.Module, tuple, Any], Any]
+"""``fn(module, args, output)``; a return value other than None replaces the output."""
+
+
+@contextmanager
+def hooks(root: nn.Module, fwd_hooks: Sequence[tuple[str | nn.Module, ForwardHook]]) -> Iterator[nn.Module]:
+    """Install forward hooks for the ``with`` block and remove them however it ends.
+
+    Args:
+        root: the model the names are resolved in.
+        fwd_hooks: ``(where, fn)`` pairs, installed in order: ``where`` is a dotted module
+            name under ``root`` (``""`` is ``root`` itself) or a module. A module may appear
+            more than once; its hooks run in the order given.
+
+    Yields ``root``. If a name does not resolve, the hooks installed so far are removed.
+    """
+    handles = []
+    try:
+        for where, fn in fwd_hooks:
+            module = get_module(root, where) if isinstance(where, str) else where
+            handles.append(module.register_forward_hook(fn))
+        yield root
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _first_tensor(output: object) -> torch.Tensor:
@@ -56,11 +89,8 @@ def capture(
         if raw:
             record.raw_outputs.append(out)
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with hooks(module, [("", hook)]):
         yield record
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -81,11 +111,8 @@ def add_at_positions(
         hidden = hidden.index_put((rows, positions), vectors.to(hidden.dtype), accumulate=True)
         return _replace_first(out, hidden)
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with hooks(module, [("", hook)]):
         yield
-    finally:
-        handle.remove()
 
 
 class StopForward(Exception):
@@ -103,13 +130,11 @@ def stop_after(module: nn.Module) -> Iterator[None]:
     def hook(_mod: nn.Module, _args: tuple, _out: object) -> None:
         raise StopForward
 
-    handle = module.register_forward_hook(hook)
     try:
-        yield
+        with hooks(module, [("", hook)]):
+            yield
     except StopForward:
         pass
-    finally:
-        handle.remove()
 
 
 @contextmanager

@@ -14,18 +14,18 @@ outputs are computed in the same pass, each restore hook copies them from row 0.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from nas_core.evaluate.scoring import next_token_logprobs
+from nas_core.hooks import ForwardHook, hooks
 from nas_core.prompts import encode, fill, subject_last_token, target_ids
 from nas_core.requests import EditRequest
 from nas_core.settings import TraceSettings
-from nas_core.spec import ModelSpec, get_module
+from nas_core.spec import ModelSpec
 from nas_core.values import logits_at
 
 log = logging.getLogger(__name__)
@@ -114,25 +114,19 @@ def subject_span(tok, prompt: str, subject: str) -> tuple[int, int]:
     return min(first, last), last
 
 
-@contextmanager
-def _noisy_subject(embed: nn.Module, first: int, last: int, noise: torch.Tensor) -> Iterator[None]:
-    """Add ``noise[row - 1]`` to rows 1.. of the embedding output at tokens first..last."""
+def _noise_hook(first: int, last: int, noise: torch.Tensor) -> ForwardHook:
+    """An embedding hook adding ``noise[row - 1]`` to rows 1.. at tokens first..last."""
 
     def hook(_mod: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
         out = out.clone()
         out[1:, first : last + 1] += noise.to(out.dtype)
         return out
 
-    handle = embed.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return hook
 
 
-@contextmanager
-def _restore_from_clean(module: nn.Module, rows: torch.Tensor, position: int) -> Iterator[None]:
-    """Overwrite ``module``'s output at (rows, position) with row 0's (the clean run's) value."""
+def _restore_hook(rows: torch.Tensor, position: int) -> ForwardHook:
+    """A hook overwriting its module's output at (rows, position) with row 0's (the clean run's) value."""
 
     def hook(_mod: nn.Module, _args: tuple, out: object) -> object:
         hidden = out[0] if isinstance(out, tuple) else out
@@ -140,11 +134,7 @@ def _restore_from_clean(module: nn.Module, rows: torch.Tensor, position: int) ->
         hidden[rows, position] = hidden[0, position]
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return hook
 
 
 def embedding_noise_std(model: nn.Module, tok, requests: Sequence[EditRequest]) -> float:
@@ -192,13 +182,14 @@ def trace_request(
     noise = noise * settings.noise_factor * noise_std  # (samples, subject tokens, d_model)
     noise = noise.repeat(1 + n_layers, 1, 1)  # the same draws in the corrupted and every restored group
 
-    with ExitStack() as stack:
-        stack.enter_context(_noisy_subject(model.get_input_embeddings(), first, last, noise))
-        for j in range(n_layers):
-            # Rows restoring at block j: every centre layer whose window contains j.
-            centres = [c for c in range(n_layers) if j in restore_window(c, n_layers, settings.window)]
-            restored = torch.tensor([1 + s + c * s + k for c in centres for k in range(s)], device=device)
-            stack.enter_context(_restore_from_clean(get_module(model, spec.mlp_name(j)), restored, last))
+    fwd_hooks: list[tuple[str | nn.Module, ForwardHook]] = [
+        (model.get_input_embeddings(), _noise_hook(first, last, noise))]
+    for j in range(n_layers):
+        # Rows restoring at block j: every centre layer whose window contains j.
+        centres = [c for c in range(n_layers) if j in restore_window(c, n_layers, settings.window)]
+        restored = torch.tensor([1 + s + c * s + k for c in centres for k in range(s)], device=device)
+        fwd_hooks.append((spec.mlp_name(j), _restore_hook(restored, last)))
+    with hooks(model, fwd_hooks):
         out = model.base_model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
     probs = torch.softmax(logits_at(model, out.last_hidden_state[:, -1]), dim=-1)[:, answer]  # (rows,)
     restored_p = probs[1 + s :].view(n_layers, s).mean(dim=1)

@@ -11,7 +11,7 @@ from tiny import tiny_model
 from nas_core.anchor import anchor, reference_norm_from, targets
 from nas_core.deltas import accumulate, edited_weights, materialise, weights_hash
 from nas_core.editors import AlphaEditEditor, MemitEditor, RomeEditor
-from nas_core.hooks import add_at_positions, capture, replay_layers, stop_after
+from nas_core.hooks import add_at_positions, capture, hooks, replay_layers, stop_after
 from nas_core.keys import read_at_subject
 from nas_core.linalg import nullspace_projector, projected_solve, rank_one_update, ridge_solve
 from nas_core.prompts import subject_last_token, target_ids, tokenise
@@ -89,6 +89,27 @@ def test_hooks_are_removed_after_an_exception(llama, tok):
         raise RuntimeError("boom")
     assert "forward" not in layer.__dict__
     llama(input_ids=ids)  # computes again
+
+
+def test_scoped_hooks_resolve_names_and_are_always_removed(llama, tok):
+    ids = torch.tensor([tok("The capital")["input_ids"]])
+    calls = []
+
+    def seen(tag):
+        return lambda _m, _a, _out: calls.append(tag)
+
+    embed = llama.get_input_embeddings()
+    pairs = [("model.layers.1", seen("name")), (embed, seen("module")), ("model.layers.1", seen("again"))]
+    with hooks(llama, pairs) as root:
+        assert root is llama
+        llama(input_ids=ids)
+    assert calls == ["module", "name", "again"]  # in forward order; one module's hooks in the order given
+    assert all(not m._forward_hooks for m in llama.modules())
+    with pytest.raises(RuntimeError), hooks(llama, [("model.layers.0", seen("x"))]):
+        raise RuntimeError("boom")
+    with pytest.raises(UnknownArchitectureError), hooks(llama, [(embed, seen("y")), ("model.nowhere", seen("z"))]):
+        pass
+    assert all(not m._forward_hooks for m in llama.modules())
 
 
 # --- NAS -------------------------------------------------------------------------------------
