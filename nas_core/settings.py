@@ -47,6 +47,12 @@ class ValueSettings:
             products and softmax), whose backward is much cheaper for the few query columns
             of a v* tail on CPU (docs/speed.md). Part of the recorded path like
             ``compute_dtype``: nights recorded without it replay on ``"default"``.
+        tail_group_slack: requests are optimised in one batch per tail width (the columns
+            right of the subject); widths at most this many columns above a group's narrowest
+            join that group, padded. 0 keeps one batch per width. A wider batch pays for its
+            padding on every step but saves a pass per group: it wins at small batches and
+            loses at large ones (docs/speed.md). Requests stay independent; only the last bits
+            of the results move with the batch's shape.
     """
 
     steps: int = 25
@@ -59,8 +65,10 @@ class ValueSettings:
     prefixes: tuple[str, ...] = DEFAULT_CONTEXT_PREFIXES
     compute_dtype: str = "float32"
     attention: str = "default"
+    tail_group_slack: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.tail_group_slack >= 0, "values.tail_group_slack must be >= 0")
         _check(self.compute_dtype in COMPUTE_DTYPES, f"values.compute_dtype must be one of {COMPUTE_DTYPES}")
         _check(self.attention in ATTENTION_KERNELS, f"values.attention must be one of {ATTENTION_KERNELS}")
         _check(self.steps >= 1, "values.steps must be >= 1")

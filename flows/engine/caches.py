@@ -199,6 +199,8 @@ def ensure_anchor(
         del values["compute_dtype"]  # the key of every anchor calibrated before the setting existed
     if values["attention"] == "default":
         del values["attention"]  # likewise
+    if values["tail_group_slack"] == 0:
+        del values["tail_group_slack"]  # likewise
     key = {"weights": base_hash, "layer": layer, "values": values,
            "pilots": settings.nas.pilots, "drop": settings.nas.drop_top_fraction, "seed": settings.nas.seed,
            "pilot_source": pilot_file(roots).name}

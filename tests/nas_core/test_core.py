@@ -419,6 +419,35 @@ def test_values_grouped_by_tail_width_equal_each_request_alone(llama, tok):
         assert int(batch.steps[i]) == int(alone.steps[0])
 
 
+def test_tail_groups_join_widths_within_the_slack():
+    from nas_core.values import tail_groups
+
+    widths = [5, 3, 8, 3, 4, 9]
+    assert tail_groups(widths, 0) == [[1, 3], [4], [0], [2], [5]]  # one group per width, width order
+    assert tail_groups(widths, 1) == [[1, 3, 4], [0], [2, 5]]
+    assert tail_groups(widths, 10) == [[1, 3, 4, 0, 2, 5]]
+    assert tail_groups([], 2) == []
+
+
+def test_values_in_one_padded_batch_equal_each_request_alone(llama, tok):
+    """With a slack, requests of different tail widths share one padded batch; each still gets
+    what it gets alone (padding changes the cost and the last bits, not the answer)."""
+    from nas_core.values import tail_width
+
+    short = EditRequest("s", "{} speaks", "Danielle Darrieux", "English", "French")
+    long = EditRequest("l", "{} is located in the country of", "The Eiffel Tower", "Italy", "France")
+    reqs = [long, short]
+    widths = [tail_width(tok, r, VALUES) for r in reqs]
+    padded = dataclasses.replace(VALUES, tail_group_slack=abs(widths[0] - widths[1]))
+    batch = optimise_values(llama, tok, spec_for(llama), reqs, 0, padded)
+    for i, r in enumerate(reqs):
+        alone = optimise_values(llama, tok, spec_for(llama), [r], 0, VALUES)
+        assert torch.allclose(batch.delta[i], alone.delta[0], atol=1e-4), r.case_id
+        assert int(batch.steps[i]) == int(alone.steps[0])
+    with pytest.raises(ValueError, match="tail_group_slack"):
+        dataclasses.replace(VALUES, tail_group_slack=-1)
+
+
 def test_read_with_replayed_blocks_is_bit_identical(tok):
     model = tiny_model(layers=4)
     spec = spec_for(model)
