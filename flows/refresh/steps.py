@@ -206,7 +206,7 @@ def judge(nb: NightBatch, candidate: Candidate, diagnostics: list[dict[str, Any]
           champion: str | None, params: Params, tracker: Tracker) -> GateResult:
     """The gate's verdict, its metrics and the norm forecast, logged to MLflow and metrics.json."""
     logger = get_run_logger()
-    skipped_fraction = sum(d["skipped"] for d in diagnostics) / len(diagnostics)
+    skipped_fraction = sum(d["skipped"] for d in diagnostics) / len(diagnostics) if diagnostics else 0.0
     checks = gate(candidate.batch, candidate.retention, candidate.collapse_checks, skipped_fraction, params)
     flat = flat_metrics(candidate.batch, candidate.retention, diagnostics)
     tracker.log_metrics(nb.run_id, flat, step=edits)
