@@ -41,19 +41,7 @@ def read_requests(path: Path, limit: int | None = None) -> list[EditRequest]:
     from nas_core import formats as rq
 
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        report = rq.parse_fact_jsonl(text)
-    else:
-        data = json.loads(text)
-        first = data[0] if isinstance(data, list) and data else {}
-        if "requested_rewrite" in first:
-            report = rq.from_counterfact_rome(data)
-        elif "ground_truth" in first:
-            report = rq.from_counterfact_easyedit(data)
-        elif "alt" in first and "src" in first:
-            report = rq.from_zsre_mend(data)
-        else:
-            report = rq.from_fact_records(data)
+    report = rq.parse_fact_jsonl(text) if path.suffix == ".jsonl" else rq.from_any_layout(json.loads(text))
     if report.problems:
         console.print(f"[yellow]{path}: {report.n_failed} record(s) could not be converted:[/]\n"
                       f"{report.summary()}")
