@@ -30,7 +30,7 @@ from flows.cli.common import (
     roots,
 )
 from flows.engine import editing
-from flows.engine.checkpoints import load_checkpoint_into, write_checkpoint
+from flows.engine.checkpoints import rebuild_verified, write_checkpoint
 from nas_core.requests import EditRequest
 
 commands = typer.Typer()
@@ -91,15 +91,10 @@ def export(
 ) -> None:
     """Write a full Hugging Face model folder (base + checkpoint deltas) that transformers loads."""
     m, tok, name, h = fetch_and_load(model)
-    from nas_core.deltas import weights_hash
-
     try:
-        manifest = load_checkpoint_into(m, h, checkpoint)
+        got = rebuild_verified(m, h, checkpoint)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    got = weights_hash(m)
-    if got != manifest["weights_hash"]:
-        raise typer.BadParameter(f"rebuilt weights hash {got[:12]} != checkpoint's {manifest['weights_hash'][:12]}")
     m.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     out.print(f"exported {out_dir} (weights hash {got[:16]})")
@@ -118,29 +113,20 @@ def eval_cmd(
 ) -> None:
     """Edit metrics, model health and the collapse verdict of a checkpoint (or the base model)."""
     from flows.engine import evaluation
-    from nas_core.collapse import norm_ratios
-    from nas_core.deltas import frobenius_norms
 
     cfg = model_config(model, config)
     reqs = read_requests(requests, limit)
     m, tok, name, h = fetch_and_load(model)
     base = None if no_health else evaluation.base_reference(m, tok, name, h, cfg.eval, roots())
-    ratios, edits, manifest = None, 0, {}
-    if checkpoint is not None:
-        try:
-            manifest = load_checkpoint_into(m, h, checkpoint)
-        except ValueError as err:
-            raise typer.BadParameter(str(err)) from None
-        names = manifest["edited_weights"]
-        ratios = norm_ratios(frobenius_norms(m, names), {n: manifest["norms"][n]["before"] for n in names})
-        edits = int(manifest["edit_count"])
+    try:
+        applied = evaluation.apply_checkpoint(m, h, checkpoint)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     t0 = time.perf_counter()
-    metrics, verdict = evaluation.evaluate(m, tok, reqs, cfg.eval, base, roots(), ratios, edits, cfg.collapse,
-                                           health=not no_health)
-    evaluation.write_metrics(out_file, metrics, verdict, {
-        "model": name, "base_weights_hash": h, "checkpoint": str(checkpoint) if checkpoint else None,
-        "weights_hash": manifest.get("weights_hash", h), "requests_file": str(requests),
-        "edits_so_far": edits, "seconds": round(time.perf_counter() - t0, 2)})
+    metrics, verdict = evaluation.evaluate(m, tok, reqs, cfg.eval, base, roots(), applied.norm_ratios, applied.edits,
+                                           cfg.collapse, health=not no_health)
+    evaluation.write_metrics(out_file, metrics, verdict,
+                             evaluation.eval_context(name, h, applied, requests, time.perf_counter() - t0))
     table = Table("metric", "value", "base", title=f"{name}{f' @ {checkpoint}' if checkpoint else ' (base)'}")
     base_metrics = base["metrics"] if base else {}
     for key, value in metrics.items():
