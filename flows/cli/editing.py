@@ -6,13 +6,11 @@ ROME or EasyEdit layout, zsRE) and reports the records it could not convert.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
 
@@ -136,14 +134,6 @@ def eval_cmd(
     out.print(f"verdict: {verdict.summary()}\nwrote {out_file}")
 
 
-def greedy_answer(m, tok, prompt: str, max_new_tokens: int = 6) -> str:
-    ids = tok(prompt, return_tensors="pt")
-    with torch.no_grad():
-        gen = m.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    return tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
 @commands.command()
 def demo(
     model: ModelOpt = "smollm2-135m",
@@ -155,29 +145,22 @@ def demo(
     To be quick on a CPU the demo measures C on 100k tokens and calibrates NAS on 20 pilots;
     `nas stats` / `nas anchor` compute the full-size versions.
     """
-    cfg = model_config(model, None)
-    cfg = dataclasses.replace(cfg, stats=dataclasses.replace(cfg.stats, tokens=stats_tokens))
-    s = method_settings(cfg, "alphaedit", True, pilots)
+    from flows.studies import demo as study
+
+    cfg = study.demo_config(model_config(model, None), stats_tokens)
+    s = method_settings(cfg, study.METHOD, True, pilots)
     m, tok, name, h = fetch_and_load(model)
     cov = covariance_stats(m, tok, name, cfg, h, cfg.all_layers())
-    a = reference_norm(m, tok, name, "alphaedit", s, h)
-    req = EditRequest("demo-eiffel", "The {} is located in the city of", "Eiffel Tower", "Rome",
-                      "Paris", paraphrase_prompts=("Where is the Eiffel Tower? It stands in the city of",))
-    probes = [req.filled_prompt, req.paraphrase_prompts[0], "The capital of France is"]
-    before = {p: greedy_answer(m, tok, p) for p in probes}
-    session = editing.open_session(m, tok, name, "alphaedit", s, cov, h, a)
-    t0 = time.perf_counter()
-    result = session.apply([req])
-    seconds = time.perf_counter() - t0
-    after = {p: greedy_answer(m, tok, p) for p in probes}
-    table = Table(title=f"AlphaEdit+NAS on {name}: '{req.subject}' -> '{req.target_new}' ({seconds:.1f} s)")
+    a = reference_norm(m, tok, name, study.METHOD, s, h)
+    res = study.run_demo(editing.open_session(m, tok, name, study.METHOD, s, cov, h, a))
+    req = res.request
+    table = Table(title=f"AlphaEdit+NAS on {name}: '{req.subject}' -> '{req.target_new}' ({res.seconds:.1f} s)")
     table.add_column("prompt")
     table.add_column("before")
     table.add_column("after")
-    for p in probes:
-        table.add_row(p, repr(before[p]), repr(after[p]))
+    for p in res.before:
+        table.add_row(p, repr(res.before[p]), repr(res.after[p]))
     out.print(table)
-    d = result.requests[0]
+    d = res.edit
     out.print(f"||v*|| {d.v_norm_before:.2f} -> {d.v_norm_after:.2f} (anchor a = {a:.2f}); "
               f"target NLL {d.nll_start:.2f} -> {d.nll_end:.2f}")
-
