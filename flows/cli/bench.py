@@ -7,9 +7,6 @@ The editing-horizon study (``nas bench horizon``, ``nas bench speed --stream``) 
 
 from __future__ import annotations
 
-import dataclasses
-import statistics
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +27,6 @@ from flows.cli.common import (
     roots,
 )
 from flows.cli.horizon import stream_speed
-from flows.engine import editing
 from nas_core.editors import METHODS
 
 commands = typer.Typer()
@@ -64,19 +60,16 @@ def bench_efficacy(
     from flows.engine import precision
     from flows.studies import bench
 
-    reqs = bench.counterfact_cases(roots(), cases)
-    results = {}
-    for spec in methods.split(","):
-        method, _, flag = spec.partition("+")
-        session = base_session(model, method, flag == "nas", pilots=pilots, settings_fn=_with_dtype(compute_dtype))
+    def open_session(method: str, nas: bool):
+        session = base_session(model, method, nas, pilots=pilots, settings_fn=_with_dtype(compute_dtype))
         out.print(precision.describe(session.settings), highlight=False)
-        base_eff = bench.base_answers(session.model, session.tok, reqs)
-        r = bench.edit_each_alone(session, reqs)
-        results[spec] = {**r, "base_efficacy": base_eff.float().mean().item(), "compute_dtype": session.compute_dtype,
-                         **precision.cpu_facts()}
-        n = len(reqs)
-        out.print(f"{spec:14s} efficacy {sum(r['efficacy'])}/{n}  paraphrase {sum(r['paraphrase'])}/{n}"
-                  f"  (base model: {int(base_eff.sum())}/{n})  median {sorted(r['seconds'])[n // 2]:.2f} s/edit")
+        return session
+
+    results = {}
+    for row in bench.efficacy_study(methods.split(","), bench.counterfact_cases(roots(), cases), open_session):
+        results[row.spec] = row.record
+        out.print(f"{row.spec:14s} efficacy {row.efficacy}/{row.n}  paraphrase {row.paraphrase}/{row.n}"
+                  f"  (base model: {row.base_efficacy}/{row.n})  median {row.median_seconds:.2f} s/edit")
     bench.write_json(out_file, results)
 
 
@@ -94,31 +87,17 @@ def bench_fall_of_rome(
 
     Example: nas bench fall-of-rome --methods rome,rome-classic --cases 20
     """
-    import dataclasses as dc
-
-    from flows.engine import evaluation, precision
     from flows.studies import bench, fall_of_rome
     from flows.studies.horizon import stream_requests
-    from nas_core.evaluate.health import perplexity
 
     s = fall_of_rome.FallSettings(cases=cases)
     kinds = fall_of_rome.split_cases(stream_requests(source or roots().horizon_stream, 10_000), cases)
-    doc: dict = {"settings": dc.asdict(s), "cases": {k: [r.case_id for r in v] for k, v in kinds.items()},
-                 "methods": {}, **precision.cpu_facts()}
+    doc = fall_of_rome.document(kinds, s)
     for method in methods.split(","):
         session = base_session(model, method, False)
-        cfg = model_config(model, None)
-        canary, _ = evaluation.canary_ids(session.tok, dc.replace(cfg.eval, canary_tokens=s.canary_tokens), roots())
-        base_ppl = perplexity(session.model, canary, window=cfg.eval.canary_window)
-        rows = {k: [fall_of_rome.edit_alone(session, r, canary, cfg.eval.canary_window) for r in v]
-                for k, v in kinds.items()}
-        flat = fall_of_rome.verdicts([r for v in rows.values() for r in v], base_ppl, s)
-        judged, i = {}, 0
-        for k, v in rows.items():
-            judged[k], i = flat[i : i + len(v)], i + len(v)
-        doc["methods"][method] = {"base_perplexity": base_ppl, "summary": fall_of_rome.summary(judged),
-                                  "edits": judged, "compute_dtype": session.compute_dtype}
-        for k, summ in doc["methods"][method]["summary"].items():
+        res = fall_of_rome.fall_of_method(session, kinds, model_config(model, None).eval, roots(), s)
+        doc["methods"][method] = res.record()
+        for k, summ in res.summary.items():
             out.print(f"{method:13s} {k:14s} {summ['blown_up']}/{summ['edits']} blew up"
                       f" ({summ['refused']} refused)")
     bench.write_json(out_file, doc)
@@ -193,10 +172,7 @@ def bench_stats(
             task = bar.add_task("covariance (bf16 forward)", total=tokens, rate="")
             rb = bench.time_stats(m, tok, layers, cfg.stats, tokens, roots().wikitext,
                                   progress=lambda n: bar.advance(task, n), forward_dtype=torch.bfloat16)
-        a = cfg.alphaedit
-        cut = (a.nullspace_threshold, a.nullspace_relative_threshold)
-        angles = {layer: bench.max_principal_angle(cov32[layer], c, *cut)
-                  for layer, c in rb.pop("cov").items() if layer in a.layers}
+        angles = bench.null_space_angles(cov32, rb.pop("cov"), cfg.alphaedit)
         r["bf16"] = {**rb, "null_space_vs_float32": angles}
         out.print(f"bf16 forward: {rb['seconds']:.1f} s ({rb['tokens_per_s']:.0f} tokens/s; float32 forward "
                   f"{r['seconds']:.1f} s); 250k tokens at this rate: {rb['seconds_250k_at_this_rate']:.0f} s")
@@ -226,18 +202,13 @@ def bench_layer_sweep(
     cfg = model_config(model, None)
     ls = [int(x) for x in layers.split(",")]
     m, tok, name, h = fetch_and_load(model)
-    cov = covariance_stats(m, tok, name, cfg, h, sorted(set(ls) | set(cfg.all_layers())))
-    reqs = bench.counterfact_cases(roots(), cases)
+    cov = covariance_stats(m, tok, name, cfg, h, bench.sweep_layers(ls, cfg))
     results = {}
-    for layer in ls:
-        s = dataclasses.replace(cfg.rome, layers=(layer,), nas=dataclasses.replace(cfg.rome.nas, enabled=False))
-        session = editing.open_session(m, tok, name, "rome", s, cov, h, None)
-        r = bench.edit_each_alone(session, reqs)
-        results[layer] = r
-        specs = [x for x in r["specificity"] if x is not None]
-        ns = f"{100 * sum(specs) / len(specs):.0f}%" if specs else "-"
-        out.print(f"layer {layer:2d}: efficacy {sum(r['efficacy'])}/{cases}  paraphrase {sum(r['paraphrase'])}/{cases}"
-                  f"  neighbourhood kept {ns}  {statistics.median(r['seconds']):.1f} s/edit")
+    for row in bench.layer_sweep(m, tok, name, cfg, h, cov, ls, bench.counterfact_cases(roots(), cases)):
+        results[row.layer] = row.record
+        ns = "-" if row.neighbourhood_kept_pct is None else f"{row.neighbourhood_kept_pct:.0f}%"
+        out.print(f"layer {row.layer:2d}: efficacy {row.efficacy}/{cases}  paraphrase {row.paraphrase}/{cases}"
+                  f"  neighbourhood kept {ns}  {row.median_seconds:.1f} s/edit")
     bench.write_json(out_file, results)
 
 
@@ -252,30 +223,20 @@ def bench_trace(
     out_file: Annotated[Path | None, typer.Option("--out", help="[default: bench/trace-MODEL.json]")] = None,
 ) -> None:
     """Causal tracing (ROME): the indirect effect of each layer's MLP at the subject's last token."""
-    from flows.studies import bench
-    from nas_core.settings import TraceSettings
-    from nas_core.spec import spec_for
-    from nas_core.trace import answer_probability, best_band, causal_trace, first_mlp_free
+    from flows.studies import bench, causal_trace
 
     try:
-        settings = TraceSettings(**{k: v for k, v in {"samples": samples, "window": window}.items() if v is not None})
+        settings = causal_trace.trace_settings(samples, window)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     cfg = model_config(model, None)
     m, tok, name, _ = fetch_and_load(model)
-    width = band or len(cfg.alphaedit.layers)
-    # Trace the facts the model knows best: a fact it barely predicts has no recall to locate.
-    pool = bench.counterfact_cases(roots(), 500)
-    p_true = answer_probability(m, tok, pool)
-    reqs = [pool[i] for i in p_true.argsort(descending=True)[:cases].tolist()]
-    t0 = time.perf_counter()
+    reqs = causal_trace.best_known(m, tok, bench.counterfact_cases(roots(), 500), cases)
     with progress_bar() as bar:
         task = bar.add_task("causal trace", total=len(reqs), rate="")
-        res = causal_trace(m, tok, spec_for(m), reqs, settings, progress=lambda k: bar.advance(task, k))
-    seconds = time.perf_counter() - t0
-    effect = res.indirect_effect
-    chosen = best_band(effect, width)
-    without_first = best_band(effect, width, lowest=first_mlp_free(settings.window))
+        study = causal_trace.trace_study(m, tok, name, reqs, settings, band or len(cfg.alphaedit.layers),
+                                         cfg.alphaedit.layers, progress=lambda k: bar.advance(task, k))
+    res, effect, chosen, without_first = study.result, study.result.indirect_effect, study.chosen, study.without_first
     table = Table("layer", "indirect effect", "", title=f"causal trace of MLP states: {name}, {len(reqs)} known cases, "
                   f"window {settings.window}, {settings.samples} noise draws")
     peak = float(effect.max()) or 1.0
@@ -286,14 +247,7 @@ def bench_trace(
     drop = res.mean_p_clean - res.mean_p_corrupt
     share = f" (the peak restores {float(effect.max()) / drop:.0%} of it)" if drop > 0 else ""
     out.print(f"p(true) clean {res.mean_p_clean:.3f}, subject corrupted {res.mean_p_corrupt:.3f}{share}; "
-              f"best band of {width} (<): layers {chosen[0]}-{chosen[-1]}; best band of windows that leave layer 0 "
-              f"out (*): {without_first[0]}-{without_first[-1]}; config: {list(cfg.alphaedit.layers)}; {seconds:.0f} s")
-    bench.write_json(out_file or Path(f"bench/trace-{name}.json"), {
-        "model": name, "cases": [r.case_id for r in reqs], "settings": dataclasses.asdict(settings),
-        "noise_std": res.noise_std, "p_clean": res.mean_p_clean, "p_corrupt": res.mean_p_corrupt,
-        "indirect_effect": effect.tolist(), "best_band": list(chosen),
-        "best_band_without_layer_0": list(without_first), "config_layers": list(cfg.alphaedit.layers),
-        "per_case": {c.case_id: {"p_clean": c.p_clean, "p_corrupt": c.p_corrupt,
-                                 "p_restored": c.p_restored.tolist()} for c in res.cases},
-        "seconds": seconds})
-
+              f"best band of {study.width} (<): layers {chosen[0]}-{chosen[-1]}; best band of windows that leave "
+              f"layer 0 out (*): {without_first[0]}-{without_first[-1]}; config: {list(cfg.alphaedit.layers)}; "
+              f"{study.seconds:.0f} s")
+    bench.write_json(out_file or Path(f"bench/trace-{name}.json"), study.document())

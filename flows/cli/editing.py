@@ -6,13 +6,11 @@ ROME or EasyEdit layout, zsRE) and reports the records it could not convert.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
 
@@ -30,7 +28,7 @@ from flows.cli.common import (
     roots,
 )
 from flows.engine import editing
-from flows.engine.checkpoints import load_checkpoint_into, write_checkpoint
+from flows.engine.checkpoints import rebuild_verified, write_checkpoint
 from nas_core.requests import EditRequest
 
 commands = typer.Typer()
@@ -41,19 +39,7 @@ def read_requests(path: Path, limit: int | None = None) -> list[EditRequest]:
     from nas_core import formats as rq
 
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        report = rq.parse_fact_jsonl(text)
-    else:
-        data = json.loads(text)
-        first = data[0] if isinstance(data, list) and data else {}
-        if "requested_rewrite" in first:
-            report = rq.from_counterfact_rome(data)
-        elif "ground_truth" in first:
-            report = rq.from_counterfact_easyedit(data)
-        elif "alt" in first and "src" in first:
-            report = rq.from_zsre_mend(data)
-        else:
-            report = rq.from_fact_records(data)
+    report = rq.parse_fact_jsonl(text) if path.suffix == ".jsonl" else rq.from_any_layout(json.loads(text))
     if report.problems:
         console.print(f"[yellow]{path}: {report.n_failed} record(s) could not be converted:[/]\n"
                       f"{report.summary()}")
@@ -103,15 +89,10 @@ def export(
 ) -> None:
     """Write a full Hugging Face model folder (base + checkpoint deltas) that transformers loads."""
     m, tok, name, h = fetch_and_load(model)
-    from nas_core.deltas import weights_hash
-
     try:
-        manifest = load_checkpoint_into(m, h, checkpoint)
+        got = rebuild_verified(m, h, checkpoint)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    got = weights_hash(m)
-    if got != manifest["weights_hash"]:
-        raise typer.BadParameter(f"rebuilt weights hash {got[:12]} != checkpoint's {manifest['weights_hash'][:12]}")
     m.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     out.print(f"exported {out_dir} (weights hash {got[:16]})")
@@ -130,29 +111,20 @@ def eval_cmd(
 ) -> None:
     """Edit metrics, model health and the collapse verdict of a checkpoint (or the base model)."""
     from flows.engine import evaluation
-    from nas_core.collapse import norm_ratios
-    from nas_core.deltas import frobenius_norms
 
     cfg = model_config(model, config)
     reqs = read_requests(requests, limit)
     m, tok, name, h = fetch_and_load(model)
     base = None if no_health else evaluation.base_reference(m, tok, name, h, cfg.eval, roots())
-    ratios, edits, manifest = None, 0, {}
-    if checkpoint is not None:
-        try:
-            manifest = load_checkpoint_into(m, h, checkpoint)
-        except ValueError as err:
-            raise typer.BadParameter(str(err)) from None
-        names = manifest["edited_weights"]
-        ratios = norm_ratios(frobenius_norms(m, names), {n: manifest["norms"][n]["before"] for n in names})
-        edits = int(manifest["edit_count"])
+    try:
+        applied = evaluation.apply_checkpoint(m, h, checkpoint)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     t0 = time.perf_counter()
-    metrics, verdict = evaluation.evaluate(m, tok, reqs, cfg.eval, base, roots(), ratios, edits, cfg.collapse,
-                                           health=not no_health)
-    evaluation.write_metrics(out_file, metrics, verdict, {
-        "model": name, "base_weights_hash": h, "checkpoint": str(checkpoint) if checkpoint else None,
-        "weights_hash": manifest.get("weights_hash", h), "requests_file": str(requests),
-        "edits_so_far": edits, "seconds": round(time.perf_counter() - t0, 2)})
+    metrics, verdict = evaluation.evaluate(m, tok, reqs, cfg.eval, base, roots(), applied.norm_ratios, applied.edits,
+                                           cfg.collapse, health=not no_health)
+    evaluation.write_metrics(out_file, metrics, verdict,
+                             evaluation.eval_context(name, h, applied, requests, time.perf_counter() - t0))
     table = Table("metric", "value", "base", title=f"{name}{f' @ {checkpoint}' if checkpoint else ' (base)'}")
     base_metrics = base["metrics"] if base else {}
     for key, value in metrics.items():
@@ -160,14 +132,6 @@ def eval_cmd(
         table.add_row(key, "-" if value is None else f"{value:.4g}", "" if ref is None else f"{ref:.4g}")
     out.print(table)
     out.print(f"verdict: {verdict.summary()}\nwrote {out_file}")
-
-
-def greedy_answer(m, tok, prompt: str, max_new_tokens: int = 6) -> str:
-    ids = tok(prompt, return_tensors="pt")
-    with torch.no_grad():
-        gen = m.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    return tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 @commands.command()
@@ -181,29 +145,22 @@ def demo(
     To be quick on a CPU the demo measures C on 100k tokens and calibrates NAS on 20 pilots;
     `nas stats` / `nas anchor` compute the full-size versions.
     """
-    cfg = model_config(model, None)
-    cfg = dataclasses.replace(cfg, stats=dataclasses.replace(cfg.stats, tokens=stats_tokens))
-    s = method_settings(cfg, "alphaedit", True, pilots)
+    from flows.studies import demo as study
+
+    cfg = study.demo_config(model_config(model, None), stats_tokens)
+    s = method_settings(cfg, study.METHOD, True, pilots)
     m, tok, name, h = fetch_and_load(model)
     cov = covariance_stats(m, tok, name, cfg, h, cfg.all_layers())
-    a = reference_norm(m, tok, name, "alphaedit", s, h)
-    req = EditRequest("demo-eiffel", "The {} is located in the city of", "Eiffel Tower", "Rome",
-                      "Paris", paraphrase_prompts=("Where is the Eiffel Tower? It stands in the city of",))
-    probes = [req.filled_prompt, req.paraphrase_prompts[0], "The capital of France is"]
-    before = {p: greedy_answer(m, tok, p) for p in probes}
-    session = editing.open_session(m, tok, name, "alphaedit", s, cov, h, a)
-    t0 = time.perf_counter()
-    result = session.apply([req])
-    seconds = time.perf_counter() - t0
-    after = {p: greedy_answer(m, tok, p) for p in probes}
-    table = Table(title=f"AlphaEdit+NAS on {name}: '{req.subject}' -> '{req.target_new}' ({seconds:.1f} s)")
+    a = reference_norm(m, tok, name, study.METHOD, s, h)
+    res = study.run_demo(editing.open_session(m, tok, name, study.METHOD, s, cov, h, a))
+    req = res.request
+    table = Table(title=f"AlphaEdit+NAS on {name}: '{req.subject}' -> '{req.target_new}' ({res.seconds:.1f} s)")
     table.add_column("prompt")
     table.add_column("before")
     table.add_column("after")
-    for p in probes:
-        table.add_row(p, repr(before[p]), repr(after[p]))
+    for p in res.before:
+        table.add_row(p, repr(res.before[p]), repr(res.after[p]))
     out.print(table)
-    d = result.requests[0]
+    d = res.edit
     out.print(f"||v*|| {d.v_norm_before:.2f} -> {d.v_norm_after:.2f} (anchor a = {a:.2f}); "
               f"target NLL {d.nll_start:.2f} -> {d.nll_end:.2f}")
-

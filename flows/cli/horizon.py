@@ -19,25 +19,22 @@ commands = typer.Typer()
 def stream_speed(model: str, label: str, n: int, batch_size: int, pilots: int | None, compute_dtype) -> None:
     """``nas bench speed --stream``: one method of the horizon flow, its phases and the target."""
     from flows.engine import precision
-    from flows.studies.horizon import HorizonSettings, horizon_study
+    from flows.studies import stream_speed as study
+    from flows.studies.horizon import horizon_study
     from flows.studies.horizon_points import amortised_line
 
     try:
-        settings = HorizonSettings(methods=(label,), stream_length=n, batch_size=batch_size, eval_every=250,
-                                   eval_every_dense=100, dense_until=1000, pilots=pilots or 50,
-                                   compute_dtype=compute_dtype or "auto")
+        settings = study.stream_settings(label, n, batch_size, pilots, compute_dtype)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     claim_prefect_night()
-    res = horizon_study(model, settings, None, Path("bench/stream"), None)
+    res = horizon_study(model, settings, None, study.OUT_ROOT, None)
     points = res["methods"][label]["points"]
-    table = Table("edits", "s/edit editing", "with measurements", "values", "keys", "solve", "write", "measure",
+    table = Table("edits", "s/edit editing", "with measurements", *study.PHASES, "measure",
                   title=f"{label} on {res['model']}: a stream of {n} at batch {batch_size} (cumulative seconds)")
-    for p in points:
-        ph = p.get("phase_seconds", {})
-        measured = sum(q["eval_seconds"] for q in points if q["edits"] <= p["edits"])
-        table.add_row(str(p["edits"]), f"{p['seconds_per_edit']:.2f}", f"{p.get('seconds_per_edit_all', 0):.2f}",
-                      *(f"{ph.get(k, 0):.0f}" for k in ("values", "keys", "solve", "write")), f"{measured:.0f}")
+    for r in study.stream_rows(points):
+        table.add_row(str(r.edits), f"{r.seconds_per_edit:.2f}", f"{r.seconds_per_edit_all:.2f}",
+                      *(f"{x:.0f}" for x in r.phase_seconds), f"{r.measured_seconds:.0f}")
     out.print(table)
     out.print(precision.describe_machine(), highlight=False)
     line = amortised_line(label, points, settings)

@@ -34,12 +34,11 @@ def _params(path: Path):
 
 def _tracker(params):
     """The project's MLflow tracker, or None (with a warning) when the store is unavailable."""
+    from flows.refresh.operations import open_tracker
     from flows.tracking.store import TrackingError
-    from flows.tracking.tracker import Tracker
-    from flows.tracking.uris import resolve_tracking_uri
 
     try:
-        return Tracker(resolve_tracking_uri(params.tracking.uri or None, params.root), params.tracking.experiment)
+        return open_tracker(params)
     except TrackingError as err:
         console.print(f"[yellow]MLflow unavailable ({err}); the ledger is updated, the alias is not[/]")
         return None
@@ -54,31 +53,26 @@ def refresh(
     from flows.engine.checkpoints import CheckpointTampered
     from flows.ledger.records import LedgerDamaged
     from flows.refresh import operations
-    from flows.refresh.flow import nightly_refresh
     from flows.refresh.lock import RefreshLocked
 
     params = _params(params_file)
     t0 = time.perf_counter()
-    nights: list[Path | None] = [None]
+    nights = None
     if demo:
-        nights = list(operations.demo_nights(params))
+        nights = operations.demo_nights(params)
         if not nights:
             out.print("every demo night is already in the ledger: nothing to do (see `nas status`)")
             return
     claim_prefect_night()  # stops the temporary Prefect servers of killed nights; records this one
-    outcomes = []
-    for night in nights:
-        if night is not None:
-            staged = operations.stage_demo_night(params, night)
-            console.print(f"[bold]demo night {night.stem}[/]: {staged}")
-        try:
-            outcomes += nightly_refresh(str(params_file.resolve()) if params_file else None, str(params.root))
-        except RefreshLocked as err:
-            console.print(f"[red]{err}[/]")
-            raise typer.Exit(3) from None
-        except (CheckpointTampered, LedgerDamaged) as err:
-            console.print(f"[red]refused: {err}[/]", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+    try:
+        outcomes = operations.refresh_nights(params, params_file, nights, on_staged=lambda night, staged: console.print(
+            f"[bold]demo night {night.stem}[/]: {staged}"))
+    except RefreshLocked as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(3) from None
+    except (CheckpointTampered, LedgerDamaged) as err:
+        console.print(f"[red]refused: {err}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     table = Table("batch", "outcome", "details", title="nightly refresh")
     for o in outcomes:
         detail = o.version or ", ".join(o.failed_checks) or o.folder or ""
@@ -170,21 +164,13 @@ def validate_cmd(
 
     Example: nas validate data/inbox/night-05.jsonl --json
     """
-    from transformers import AutoTokenizer
+    from flows.refresh.steps import NotABatchFile, check_files
 
-    from flows.assets.fetch import fetch_model
-    from flows.refresh.steps import champion_facts, check_batch
-
-    params = _params(params_file)
-    fetched = fetch_model(params.model_config().model, params.roots.models, show_progress=False)
-    tok = AutoTokenizer.from_pretrained(fetched.path)
-    facts = champion_facts(params)
-    results = []
-    for path in files:
-        if not path.is_file():
-            console.print(f"[red]{path}: not a file[/]")
-            raise typer.Exit(2)
-        results.append(check_batch(path, tok, facts, params))
+    try:
+        results = check_files(files, _params(params_file))
+    except NotABatchFile as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(2) from None
     refused = any(not r.passed for r in results)
     if as_json:
         out.print_json(data=[r.to_dict() for r in results])

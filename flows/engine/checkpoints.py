@@ -181,5 +181,16 @@ def load_checkpoint_into(model: nn.Module, base_hash: str, path: Path,
     return man
 
 
+def rebuild_verified(model: nn.Module, base_hash: str, path: Path) -> str:
+    """:func:`load_checkpoint_into`, then the rebuilt weights' hash checked against the manifest's;
+    returns that hash. A mismatch is a ValueError, like every other refusal of the checkpoint."""
+    manifest = load_checkpoint_into(model, base_hash, path)
+    got = weights_hash(model)
+    if got != manifest["weights_hash"]:
+        raise ValueError(f"rebuilt weights hash {got[:12]} != checkpoint's {manifest['weights_hash'][:12]}")
+    return got
+
+
 __all__ = ["FILES", "MANIFEST", "TENSOR_FILES", "CheckpointTampered", "file_hashes", "load_checkpoint_into",
-           "read_checkpoint", "read_verified", "replace_dir", "verify_checkpoint", "write_checkpoint"]
+           "read_checkpoint", "read_verified", "rebuild_verified", "replace_dir", "verify_checkpoint",
+           "write_checkpoint"]

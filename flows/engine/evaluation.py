@@ -17,9 +17,11 @@ from typing import Any
 from torch import nn
 
 from flows.engine.caches import corpus_token_ids
+from flows.engine.checkpoints import load_checkpoint_into
 from flows.io import atomic_write_text, digest, now
 from flows.paths import Roots
-from nas_core.collapse import CollapseSettings, HealthSnapshot, Verdict, norm_growth_per_edit, verdict
+from nas_core.collapse import CollapseSettings, HealthSnapshot, Verdict, norm_growth_per_edit, norm_ratios, verdict
+from nas_core.deltas import frobenius_norms
 from nas_core.evaluate.counterfact import edit_metrics
 from nas_core.evaluate.fluency import fluency
 from nas_core.evaluate.health import SCORING_VERSION, option_accuracy, option_items, perplexity
@@ -168,6 +170,43 @@ def evaluate(
     result = verdict(HealthSnapshot(**snapshot_kw), collapse)
     metrics["collapsed"] = float(result.collapsed)
     return metrics, result
+
+
+@dataclasses.dataclass(frozen=True)
+class AppliedCheckpoint:
+    """A checkpoint set on the base model for scoring (``path`` None: the base model itself).
+
+    Attributes:
+        manifest: the checkpoint's manifest ({} for the base model).
+        norm_ratios: ||W_t||/||W_0|| per edited weight (None for the base model).
+        edits: edits the checkpoint holds.
+    """
+
+    path: Path | None
+    manifest: dict[str, Any]
+    norm_ratios: dict[str, float] | None
+    edits: int
+
+
+def apply_checkpoint(model: nn.Module, base_hash: str, path: Path | None) -> AppliedCheckpoint:
+    """Set the unedited ``model`` to the checkpoint at ``path`` (None: leave it as it is) and measure
+    its norm ratios against the manifest's ``before`` norms. Refusals are ValueErrors, as in
+    :func:`flows.engine.checkpoints.load_checkpoint_into`."""
+    if path is None:
+        return AppliedCheckpoint(None, {}, None, 0)
+    manifest = load_checkpoint_into(model, base_hash, path)
+    names = manifest["edited_weights"]
+    ratios = norm_ratios(frobenius_norms(model, names), {n: manifest["norms"][n]["before"] for n in names})
+    return AppliedCheckpoint(path, manifest, ratios, int(manifest["edit_count"]))
+
+
+def eval_context(model_name: str, base_hash: str, applied: AppliedCheckpoint, requests_file: Path,
+                 seconds: float) -> dict[str, Any]:
+    """The context ``nas eval`` writes into metrics.json next to the metrics: what was scored on what."""
+    return {"model": model_name, "base_weights_hash": base_hash,
+            "checkpoint": str(applied.path) if applied.path else None,
+            "weights_hash": applied.manifest.get("weights_hash", base_hash), "requests_file": str(requests_file),
+            "edits_so_far": applied.edits, "seconds": round(seconds, 2)}
 
 
 def definition(name: str) -> str:

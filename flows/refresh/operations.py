@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flows.audit.record import record_promotion
 from flows.config.params import Params
@@ -14,7 +15,15 @@ from flows.facts.inbox import scan_inbox
 from flows.io import sha256_file
 from flows.ledger.records import CHAMPION_EVENTS, Ledger, LedgerDamaged
 from flows.refresh.lock import refresh_lock
+from flows.tracking.tracker import Tracker
+from flows.tracking.uris import resolve_tracking_uri
 from nas_core.collapse import norm_growth_per_edit
+
+if TYPE_CHECKING:
+    from flows.refresh.steps import BatchOutcome
+
+#: ``nightly_refresh``'s signature: (params file, project directory) -> the night's outcomes.
+RunNight = Callable[[str | None, str | None], list["BatchOutcome"]]
 
 
 def _checkpoint_problem(params: Params, entry, missing_ok: bool = False) -> str | None:
@@ -138,6 +147,12 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
     return entry
 
 
+def open_tracker(params: Params) -> Tracker:
+    """The project's MLflow tracker (params.yaml ``tracking``); raises TrackingError when the store is
+    unreachable. The night's ``connect_tracking`` retries this; the operator commands do not."""
+    return Tracker(resolve_tracking_uri(params.tracking.uri or None, params.root), params.tracking.experiment)
+
+
 def demo_nights(params: Params) -> list[Path]:
     """The shipped demo batches not yet seen by the ledger, in night order."""
     ledger = Ledger(params.roots.ledger)
@@ -152,3 +167,21 @@ def stage_demo_night(params: Params, night: Path) -> Path:
     target = inbox / night.name
     shutil.copy2(night, target)
     return target
+
+
+def refresh_nights(params: Params, params_file: Path | None, nights: Sequence[Path] | None = None,
+                   on_staged: Callable[[Path, Path], None] | None = None,
+                   run: RunNight | None = None) -> list[BatchOutcome]:
+    """``nas refresh``: one flow run over the inbox as it is (``nights`` None), or one per demo night,
+    each staged into the inbox first (``on_staged(night, staged)`` after each copy). ``run``
+    defaults to :func:`flows.refresh.flow.nightly_refresh`; its refusals propagate."""
+    if run is None:
+        from flows.refresh.flow import nightly_refresh as run
+    outcomes: list[BatchOutcome] = []
+    for night in [None] if nights is None else nights:
+        if night is not None:
+            staged = stage_demo_night(params, night)
+            if on_staged is not None:
+                on_staged(night, staged)
+        outcomes += run(str(params_file.resolve()) if params_file else None, str(params.root))
+    return outcomes

@@ -35,11 +35,11 @@ from flows.ledger.lineage import held_facts, lineage_batches
 from flows.ledger.norms import lineage_forecast, norm_history
 from flows.ledger.records import Ledger
 from flows.refresh.gate import flat_metrics, gate, verdict_of
+from flows.refresh.operations import open_tracker
 from flows.refresh.versions import free_target, next_version
 from flows.tracking.names import registered_model_name
 from flows.tracking.plots import norm_plot
 from flows.tracking.tracker import Tracker
-from flows.tracking.uris import resolve_tracking_uri
 from nas_core.collapse import Check, norm_ratios
 from nas_core.deltas import frobenius_norms, weights_hash
 from nas_core.evaluate.counterfact import edit_metrics
@@ -126,12 +126,44 @@ def check_batch(source: Path | BatchSnapshot, tok, facts: list[LedgerFact], para
     return validate_batch(source, tok, facts, params.validation)
 
 
+class NotABatchFile(ValueError):
+    """A path given to :func:`check_files` that is not a regular file."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path}: not a file")
+        self.path = path
+
+
+def batch_tokenizer(params: Params):
+    """The tokenizer of the project's model (fetched when absent): what a batch's checks tokenise with."""
+    from transformers import AutoTokenizer
+
+    from flows.assets.fetch import fetch_model
+
+    fetched = fetch_model(params.model_config().model, params.roots.models, show_progress=False)
+    return AutoTokenizer.from_pretrained(fetched.path)
+
+
+def check_files(paths: list[Path], params: Params, tok=None) -> list[BatchValidation]:
+    """``nas validate``: the night's checks of each file against the champion's facts, in order,
+    editing and moving nothing (``tok``: default :func:`batch_tokenizer`). Raises NotABatchFile at
+    the first path that is not a file."""
+    tok = batch_tokenizer(params) if tok is None else tok
+    facts = champion_facts(params)
+    results = []
+    for path in paths:
+        if not path.is_file():
+            raise NotABatchFile(path)
+        results.append(check_batch(path, tok, facts, params))
+    return results
+
+
 # --- steps -----------------------------------------------------------------------------------
 
 @task(retries=3, retry_delay_seconds=2)
 def connect_tracking(params: Params) -> Tracker:
     """Open the MLflow store (retried: a store that is briefly down should not fail the night)."""
-    tracker = Tracker(resolve_tracking_uri(params.tracking.uri or None, params.root), params.tracking.experiment)
+    tracker = open_tracker(params)
     tracker.healthcheck()
     return tracker
 

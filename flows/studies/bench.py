@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flows.engine import editing
+from flows.engine import editing, precision
 from flows.engine.caches import corpus_text, corpus_token_ids
 from flows.io import atomic_write_text
 from flows.paths import Roots
@@ -181,3 +184,72 @@ def time_stats(model, tok, layers, settings, tokens: int, wikitext: Path, progre
             "floor_seconds_250k": flops["total"] * 250_000 / (peak * 1e9),
             "seconds_250k_at_this_rate": 250_000 * seconds / sm.tokens, "cov": sm.cov,
             "forward_dtype": str(forward_dtype or torch.float32).removeprefix("torch.")}
+
+
+@dataclass(frozen=True)
+class EfficacyRow:
+    """One method of ``nas bench efficacy``: its counts over ``n`` cases and its JSON record."""
+
+    spec: str
+    n: int
+    efficacy: int
+    paraphrase: int
+    base_efficacy: int
+    median_seconds: float
+    record: dict[str, Any]
+
+
+def efficacy_study(specs: Sequence[str], reqs: list[EditRequest],
+                   open_session: Callable[[str, bool], editing.EditSession]) -> Iterator[EfficacyRow]:
+    """Each ``method[+nas]`` spec in turn: every request edited alone from the base model, and how
+    often the base model already prefers the new answer. ``open_session(method, nas)`` gives the
+    method's session on the base model."""
+    for spec in specs:
+        method, _, flag = spec.partition("+")
+        session = open_session(method, flag == "nas")
+        base_eff = base_answers(session.model, session.tok, reqs)
+        r = edit_each_alone(session, reqs)
+        record = {**r, "base_efficacy": base_eff.float().mean().item(), "compute_dtype": session.compute_dtype,
+                  **precision.cpu_facts()}
+        n = len(reqs)
+        yield EfficacyRow(spec, n, sum(r["efficacy"]), sum(r["paraphrase"]), int(base_eff.sum()),
+                          sorted(r["seconds"])[n // 2], record)
+
+
+def null_space_angles(cov32: dict[int, torch.Tensor], cov_other: dict[int, torch.Tensor],
+                      alphaedit) -> dict[int, dict[str, float]]:
+    """Per layer AlphaEdit edits: :func:`max_principal_angle` between the null spaces of the float32
+    covariance and another one (``nas bench stats --bf16``), at AlphaEdit's thresholds."""
+    cut = (alphaedit.nullspace_threshold, alphaedit.nullspace_relative_threshold)
+    return {layer: max_principal_angle(cov32[layer], c, *cut) for layer, c in cov_other.items()
+            if layer in alphaedit.layers}
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One layer of ``nas bench layer-sweep``: its counts, the share of neighbourhood prompts kept
+    (percent; None without any), the median seconds per edit, and its JSON record."""
+
+    layer: int
+    efficacy: int
+    paraphrase: int
+    neighbourhood_kept_pct: float | None
+    median_seconds: float
+    record: dict[str, Any]
+
+
+def sweep_layers(layers: Sequence[int], cfg) -> list[int]:
+    """The layers whose covariance the sweep needs: the swept ones and the config's own."""
+    return sorted(set(layers) | set(cfg.all_layers()))
+
+
+def layer_sweep(m, tok, name: str, cfg, base_hash: str, cov: dict[int, torch.Tensor], layers: Sequence[int],
+                reqs: list[EditRequest]) -> Iterator[SweepRow]:
+    """r-ROME with NAS off at each layer alone, every request edited alone from the base model."""
+    for layer in layers:
+        s = dataclasses.replace(cfg.rome, layers=(layer,), nas=dataclasses.replace(cfg.rome.nas, enabled=False))
+        session = editing.open_session(m, tok, name, "rome", s, cov, base_hash, None)
+        r = edit_each_alone(session, reqs)
+        specs = [x for x in r["specificity"] if x is not None]
+        kept = 100 * sum(specs) / len(specs) if specs else None
+        yield SweepRow(layer, sum(r["efficacy"]), sum(r["paraphrase"]), kept, statistics.median(r["seconds"]), r)

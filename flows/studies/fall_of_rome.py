@@ -11,16 +11,19 @@ whose subject is the first token of the prompt and for ordinary ones.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from flows.engine import editing
+from flows.engine import editing, evaluation, precision
+from flows.paths import Roots
 from nas_core.deltas import materialise
 from nas_core.evaluate.health import perplexity
 from nas_core.requests import EditRequest
+from nas_core.settings import EvalSettings
 
 
 @dataclass(frozen=True)
@@ -94,4 +97,49 @@ def summary(rows_by_kind: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             for kind, rows in rows_by_kind.items()}
 
 
-__all__ = ["FallSettings", "edit_alone", "split_cases", "summary", "verdicts"]
+def regroup(flat: list[dict[str, Any]], rows_by_kind: dict[str, list]) -> dict[str, list[dict[str, Any]]]:
+    """``flat`` (the rows of every kind, in order, as :func:`verdicts` judged them together) back
+    under their kinds."""
+    judged, i = {}, 0
+    for kind, rows in rows_by_kind.items():
+        judged[kind], i = flat[i : i + len(rows)], i + len(rows)
+    return judged
+
+
+def document(kinds: dict[str, list[EditRequest]], s: FallSettings) -> dict[str, Any]:
+    """The study's JSON before any method: its settings, the cases of each kind, the machine."""
+    return {"settings": dataclasses.asdict(s), "cases": {k: [r.case_id for r in v] for k, v in kinds.items()},
+            "methods": {}, **precision.cpu_facts()}
+
+
+@dataclass(frozen=True)
+class MethodFall:
+    """One method's part of the study: the base model's canary perplexity, the blow-ups per kind
+    of case (:func:`summary`) and every edit's verdict."""
+
+    base_perplexity: float
+    summary: dict[str, Any]
+    edits: dict[str, list[dict[str, Any]]]
+    compute_dtype: str
+
+    def record(self) -> dict[str, Any]:
+        """The method's entry under ``methods`` in the study's JSON."""
+        return {"base_perplexity": self.base_perplexity, "summary": self.summary, "edits": self.edits,
+                "compute_dtype": self.compute_dtype}
+
+
+def fall_of_method(session: editing.EditSession, kinds: dict[str, list[EditRequest]], eval_settings: EvalSettings,
+                   roots: Roots, s: FallSettings) -> MethodFall:
+    """Every case edited alone with ``session``'s method, judged against the method's median update
+    norm over all kinds together and the base model's canary perplexity."""
+    canary, _ = evaluation.canary_ids(session.tok, dataclasses.replace(eval_settings, canary_tokens=s.canary_tokens),
+                                      roots)
+    window = eval_settings.canary_window
+    base_ppl = perplexity(session.model, canary, window=window)
+    rows = {k: [edit_alone(session, r, canary, window) for r in v] for k, v in kinds.items()}
+    judged = regroup(verdicts([r for v in rows.values() for r in v], base_ppl, s), rows)
+    return MethodFall(base_ppl, summary(judged), judged, session.compute_dtype)
+
+
+__all__ = ["FallSettings", "MethodFall", "document", "edit_alone", "fall_of_method", "regroup", "split_cases",
+           "summary", "verdicts"]

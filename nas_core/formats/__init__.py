@@ -18,6 +18,7 @@ paraphrases contain them); the fact-batch schema, written by people, does not.
 """
 
 from nas_core.formats.counterfact import from_counterfact_easyedit, from_counterfact_rome
+from nas_core.formats.detect import from_any_layout
 from nas_core.formats.facts import (
     CASE_ID_PATTERN,
     check_request,
@@ -49,6 +50,7 @@ __all__ = [
     "RequestError",
     "SchemaPolicy",
     "check_request",
+    "from_any_layout",
     "from_counterfact_easyedit",
     "from_counterfact_rome",
     "from_fact_records",

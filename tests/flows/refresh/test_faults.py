@@ -256,7 +256,7 @@ def closed_port() -> int:
 
 
 def test_unreachable_mlflow_fails_the_night_loudly_without_promoting(night, tmp_path, monkeypatch):
-    import flows.refresh.steps as steps
+    import flows.refresh.operations as operations
     from flows.tracking.store import TrackingError
 
     uri = f"http://127.0.0.1:{closed_port()}"
@@ -264,12 +264,12 @@ def test_unreachable_mlflow_fails_the_night_loudly_without_promoting(night, tmp_
     data = batch.read_bytes()
     attempts = []
 
-    class CountingTracker(steps.Tracker):
+    class CountingTracker(operations.Tracker):
         def __init__(self, *args, **kwargs):
             attempts.append(time.monotonic())
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(steps, "Tracker", CountingTracker)
+    monkeypatch.setattr(operations, "Tracker", CountingTracker)  # open_tracker, which connect_tracking retries
     t0 = time.monotonic()
     with pytest.raises(TrackingError, match=f"{uri}.* is unreachable"):
         night(tracking={"uri": uri})

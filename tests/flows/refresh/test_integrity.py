@@ -264,6 +264,20 @@ def test_nas_validate_runs_the_nights_checks_without_moving_anything(tiny_folder
     assert load_params(params_file).validation.max_problems_per_rule == 50
 
 
+def test_check_files_checks_each_file_in_order_and_stops_at_one_that_is_not_a_file(tiny_folder, tmp_path,
+                                                                                   tracking_uri, tok):
+    from flows.refresh.steps import NotABatchFile, check_files
+
+    params = load_params(make_params(tiny_folder, tmp_path, tracking_uri))
+    good = write_batch(tmp_path / "good.jsonl", [fact(*FACTS[0])])
+    bad = write_batch(tmp_path / "bad.jsonl", [fact(*FACTS[0])], ['{"case_id": "x"}'])
+    results = check_files([good, bad], params, tok)
+    assert [(r.path, r.passed, r.n_records) for r in results] == [(good, True, 1), (bad, False, 2)]
+    with pytest.raises(NotABatchFile, match="absent.jsonl: not a file") as err:
+        check_files([good, tmp_path / "absent.jsonl", bad], params, tok)
+    assert err.value.path == tmp_path / "absent.jsonl"
+
+
 def test_a_torn_last_line_is_set_aside_and_the_ledger_stays_readable(tmp_path):
     ledger = Ledger(tmp_path / "ledger.jsonl")
     ledger.append("quarantine", batch_id="a", file_sha256="a" * 64)
