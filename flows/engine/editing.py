@@ -76,11 +76,12 @@ class EditSession:
                                "layer_delta_norms": result.layer_delta_norms})
         return result
 
-    def use_path(self, compute_dtype: str, attention: str) -> None:
+    def use_path(self, compute_dtype: str, attention: str, tail_group_slack: int) -> None:
         """Take a recorded v* path for the next edits (a replay of a night that took it)."""
         values = self.settings.values
-        if (compute_dtype, attention) != (values.compute_dtype, values.attention):
-            self.settings = precision.with_path(self.settings, compute_dtype, attention)
+        if (compute_dtype, attention, tail_group_slack) != (values.compute_dtype, values.attention,
+                                                            values.tail_group_slack):
+            self.settings = precision.with_path(self.settings, compute_dtype, attention, tail_group_slack)
             self.editor.settings = self.settings
 
     @property
@@ -90,6 +91,10 @@ class EditSession:
     @property
     def attention(self) -> str:
         return self.settings.values.attention
+
+    @property
+    def tail_group_slack(self) -> int:
+        return self.settings.values.tail_group_slack
 
     def snapshot(self) -> SessionSnapshot:
         """What :meth:`restore` needs to undo every later :meth:`apply` (a rejected batch)."""

@@ -51,19 +51,22 @@ def resolve(settings, device: torch.device):
     return dataclasses.replace(settings, values=dataclasses.replace(settings.values, compute_dtype=chosen))
 
 
-def with_path(settings, compute_dtype: str, attention: str | None = None):
+def with_path(settings, compute_dtype: str, attention: str | None = None, tail_group_slack: int | None = None):
     """``settings`` forced onto a recorded v* path: ``compute_dtype`` (``float32`` or ``bfloat16``)
-    and, when given, the attention kernel (``default`` or ``math``)."""
+    and, when given, the attention kernel (``default`` or ``math``) and the tail-group slack."""
     values = dataclasses.replace(settings.values, compute_dtype=compute_dtype)
     if attention is not None:
         values = dataclasses.replace(values, attention=attention)
+    if tail_group_slack is not None:
+        values = dataclasses.replace(values, tail_group_slack=tail_group_slack)
     return dataclasses.replace(settings, values=values)
 
 
-def recorded_path(record) -> tuple[str, str]:
-    """(compute_dtype, attention) a ledger line or manifest values recorded; what a record made
-    before each setting existed ran on: float32 and the default kernel."""
-    return record.get("compute_dtype", "float32"), record.get("attention", "default")
+def recorded_path(record) -> tuple[str, str, int]:
+    """(compute_dtype, attention, tail_group_slack) a ledger line or manifest values recorded; what
+    a record made before each setting existed ran on: float32, the default kernel, one batch per width."""
+    return (record.get("compute_dtype", "float32"), record.get("attention", "default"),
+            int(record.get("tail_group_slack", 0)))
 
 
 def describe_machine() -> str:

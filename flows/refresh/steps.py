@@ -321,7 +321,7 @@ def promote(nb: NightBatch, result: GateResult, champion: Champion, parent: str 
                   weights_hash=manifest["weights_hash"], checkpoint=roots.relative(ckpt),
                   accepted_path=roots.relative(accepted), model_version=mv, edit_batch_size=params.edit.batch_size,
                   machine=machine_info(session.model), files=file_hashes(ckpt), compute_dtype=session.compute_dtype,
-                  attention=session.attention)
+                  attention=session.attention, tail_group_slack=session.tail_group_slack)
     store(nb.snap, accepted)  # the edited bytes, checked against the ledger's file_sha256
     release_stored(nb.snap)
     tracker.set_champion(model_name, mv)

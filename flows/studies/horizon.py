@@ -248,7 +248,7 @@ def _measure(session: editing.EditSession, stream: list[EditRequest], done: int,
             "skipped": sum(r["skipped"] for r in session.request_log),
             "edit_seconds": round(clock.edit_seconds, 2), "seconds_per_edit": round(clock.edit_seconds / done, 3),
             "eval_seconds": round(eval_seconds, 2), "compute_dtype": session.compute_dtype,
-            "attention": session.attention,
+            "attention": session.attention, "tail_group_slack": session.tail_group_slack,
             # Where the time went so far: the editor's phases (the rest of edit_seconds is
             # the session's bookkeeping) and the measurements, and the amortised cost of both.
             "phase_seconds": {k: round(v, 2) for k, v in clock.phases.items()},

@@ -103,9 +103,10 @@ def test_a_session_takes_the_recorded_path(tok):
     cov = {0: torch.eye(64, dtype=torch.float64) * 0.5}
     session = editing.open_session(model, tok, "tiny", "memit", settings, cov, weights_hash(model), None)
     assert session.compute_dtype == "float32"
-    session.use_path("bfloat16", "math")
+    session.use_path("bfloat16", "math", 2)
     assert session.compute_dtype == "bfloat16" and session.editor.settings.values.compute_dtype == "bfloat16"
     assert session.attention == "math" and session.editor.settings.values.attention == "math"
+    assert session.tail_group_slack == 2 and session.editor.settings.values.tail_group_slack == 2
     session.apply(REQS[:1])
     assert session.request_log[0]["nll_end"] < session.request_log[0]["nll_start"]
 
@@ -144,9 +145,11 @@ def test_the_math_attention_kernel_finds_the_same_shift(tok, arch):
 def test_the_attention_kernel_is_part_of_the_recorded_path():
     with pytest.raises(ValueError, match="values.attention"):
         ValueSettings(attention="fast")
-    # Records made before either setting existed ran on float32 and the default kernel.
-    assert precision.recorded_path({}) == ("float32", "default")
-    assert precision.recorded_path({"compute_dtype": "bfloat16", "attention": "math"}) == ("bfloat16", "math")
+    # Records made before each setting existed ran on float32, the default kernel, one batch per width.
+    assert precision.recorded_path({}) == ("float32", "default", 0)
+    assert precision.recorded_path({"compute_dtype": "bfloat16", "attention": "math"}) == ("bfloat16", "math", 0)
+    assert precision.recorded_path({"compute_dtype": "bfloat16", "attention": "math", "tail_group_slack": 2}) == (
+        "bfloat16", "math", 2)
     s = precision.with_path(MemitSettings(layers=(0,)), "float32", "math")
     assert (s.values.compute_dtype, s.values.attention) == ("float32", "math")
     assert precision.with_path(s, "bfloat16").values.attention == "math"  # kept when not given
