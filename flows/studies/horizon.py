@@ -113,14 +113,19 @@ def stream_requests(source: Path, n: int) -> list[EditRequest]:
     return list(report.requests[:n])
 
 
-def study_dir(root: Path, model_name: str, settings: HorizonSettings, source: Path) -> Path:
-    """A folder per distinct study (same settings and stream -> same folder -> resumable).
+def study_dir(root: Path, model_name: str, settings: HorizonSettings, source: Path,
+              config: ModelConfig | None = None) -> Path:
+    """A folder per distinct study (same settings, model config and stream -> same folder -> resumable).
 
     The method list and the stopping rule are not part of the key: a method added later joins
-    the same study, and the methods already measured are resumed, not redone.
+    the same study, and the methods already measured are resumed, not redone. A changed model
+    config (its v* path, layers, NAS) is another study, never a resume of stale points.
     """
     shape = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("methods", "stop_after_collapse")}
-    key = digest({"model": model_name, "settings": shape, "source": source.name})
+    ident = {"model": model_name, "settings": shape, "source": source.name}
+    if config is not None:
+        ident["config"] = dataclasses.asdict(config)
+    key = digest(ident)
     return root / f"{model_name}-{key}"
 
 
@@ -333,7 +338,7 @@ def horizon_study(
     name = fetched.path.name
     base_hash = weights_hash(model)
     stream = stream_requests(source, settings.stream_length)
-    out = study_dir(Path(out_root), name, settings, source)
+    out = study_dir(Path(out_root), name, settings, source, cfg)
     out.mkdir(parents=True, exist_ok=True)
     logger.info("horizon study in %s: %d requests from %s, methods %s", out, len(stream), source.name,
                 ", ".join(settings.methods))

@@ -93,6 +93,20 @@ def test_adding_a_method_keeps_the_study_folder(tmp_path):
     assert a == b != study_dir(tmp_path, "m", HorizonSettings(batch_size=7), tmp_path / "s.json")
 
 
+def test_a_changed_model_config_is_another_study(tmp_path):
+    import dataclasses
+
+    from flows.config.model import config_for
+    from flows.studies.horizon import study_dir
+
+    cfg = config_for("smollm2-135m")
+    slack = dataclasses.replace(cfg, alphaedit=dataclasses.replace(
+        cfg.alphaedit, values=dataclasses.replace(cfg.alphaedit.values, tail_group_slack=7)))
+    s, src = HorizonSettings(methods=("alphaedit+nas",)), tmp_path / "s.json"
+    assert study_dir(tmp_path, "m", s, src, cfg) == study_dir(tmp_path, "m", s, src, cfg)
+    assert study_dir(tmp_path, "m", s, src, cfg) != study_dir(tmp_path, "m", s, src, slack)
+
+
 def test_amortised_line_judges_only_the_targets_stream(monkeypatch):
     from flows.engine import precision
     from flows.studies import horizon_points
