@@ -40,7 +40,7 @@ class ValueSettings:
             in during the optimisation of float32 weights: ``"float32"``, or ``"bfloat16"``
             (where the hardware computes it natively: AMX / AVX512-BF16 CPUs, CUDA); the
             shift, the loss and Adam stay float32. ``"auto"`` is a config value that the
-            caller resolves to one of the two before editing (``flows.precision``), and the
+            caller resolves to one of the two before editing (``flows.engine.precision``), and the
             resolved path is recorded with every edit so that a replay takes the same one.
         attention: the scaled-dot-product attention kernel of the optimisation's steps:
             ``"default"`` (PyTorch's choice: flash attention on CPU) or ``"math"`` (explicit

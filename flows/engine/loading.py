@@ -30,14 +30,19 @@ class BaseModel:
     base_hash: str
 
 
-def load_base(params) -> BaseModel:
-    """params.yaml's model from the project's model cache (fetched first when absent)."""
+def fetch_base(source: str, models_root: Path) -> BaseModel:
+    """The model ``source`` names (a model config's ``model``) from ``models_root``, fetched first when absent."""
     from flows.assets.fetch import fetch_model
     from flows.assets.load import load_model
 
-    fetched = fetch_model(params.model_config().model, params.roots.models, show_progress=False)
+    fetched = fetch_model(source, models_root, show_progress=False)
     model, tok = load_model(fetched.path)
     return BaseModel(model, tok, fetched.path.name, fetched.path, weights_hash(model))
+
+
+def load_base(params) -> BaseModel:
+    """params.yaml's model from the project's model cache (fetched first when absent)."""
+    return fetch_base(params.model_config().model, params.roots.models)
 
 
 def base_stats(base: BaseModel, params, logger: logging.Logger | logging.LoggerAdapter = log,

@@ -29,6 +29,7 @@ from flows.config.model import ModelConfig
 from flows.engine import editing, evaluation, precision
 from flows.engine.caches import ensure_anchor, ensure_stats
 from flows.engine.checkpoints import write_checkpoint
+from flows.engine.loading import fetch_base
 from flows.io import atomic_write_text, code_version, digest, now
 from flows.paths import Roots
 from flows.studies.horizon_points import amortised_line, collapse_point, past_collapse, plot, verdict_point
@@ -323,20 +324,15 @@ def horizon_study(
 ) -> dict[str, Any]:
     """Run every method over the same stream (default: CounterFact's edit split) of the project's
     shared data; write results.json, horizon.png and MLflow runs."""
-    from flows.assets.fetch import fetch_model
-    from flows.assets.load import load_model
     from flows.config.model import config_for
     from flows.config.params import load_params
-    from nas_core.deltas import weights_hash
 
     logger = get_run_logger()
     roots = load_params(project=project).roots
     source = Path(source) if source is not None else roots.horizon_stream
     cfg = config_for(model_name, roots.configs)
-    fetched = fetch_model(cfg.model, roots.models, show_progress=False)
-    model, tok = load_model(fetched.path)
-    name = fetched.path.name
-    base_hash = weights_hash(model)
+    base = fetch_base(cfg.model, roots.models)
+    model, tok, name, base_hash = base.model, base.tok, base.name, base.base_hash
     stream = stream_requests(source, settings.stream_length)
     out = study_dir(Path(out_root), name, settings, source, cfg)
     out.mkdir(parents=True, exist_ok=True)
