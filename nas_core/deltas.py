@@ -8,9 +8,51 @@ weight's dtype), so a checkpoint rebuilds the exact same weights every time.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+def factor_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``left (d_out, r) @ right (d_in, r)^T`` in float64: the one product behind every update an
+    editor writes and every rebuild of it, so a rebuilt update is bit-identical to the written one."""
+    return left.to(torch.float64) @ right.to(torch.float64).T
+
+
+def storage_update(product: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A (d_out, d_in) update in the parameter's storage layout, float32 (the layout and cast the
+    editors write)."""
+    return (product.T.contiguous() if transposed else product).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """One edit call's update of one weight as ordered factor pairs: the update is
+    ``sum_i storage_update(left_i right_i^T)``, summed in float32 in pair order (ROME writes one
+    pair per request, MEMIT and AlphaEdit one per call).
+
+    Attributes:
+        pairs: ``(left (d_out, r_i), right (d_in, r_i))``, each in the dtype the solve produced.
+        transposed: the parameter is stored (d_in, d_out) (GPT-2's Conv1D).
+    """
+
+    pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    transposed: bool
+
+    @property
+    def rank(self) -> int:
+        return sum(int(left.shape[1]) for left, _ in self.pairs)
+
+    def dense(self) -> torch.Tensor:
+        """The float32 update in storage layout, exactly as the editor added it."""
+        total: torch.Tensor | None = None
+        for left, right in self.pairs:
+            d = storage_update(factor_product(left, right), self.transposed)
+            total = d if total is None else total + d
+        if total is None:
+            raise ValueError("a LowRankUpdate needs at least one factor pair")
+        return total
 
 
 def edited_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

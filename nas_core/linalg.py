@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from nas_core.deltas import factor_product
+
 
 def _f64(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64)
@@ -63,7 +65,15 @@ def projected_solve(
 def rank_one_update(
     key: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, jitter: float = 0.0
 ) -> tuple[torch.Tensor, float]:
-    """r-ROME: Delta = r (C^-1 k)^T / (k^T C^-1 k) with one consistent key k.
+    """r-ROME's Delta (d_out, d_in) float64 and its denominator (:func:`rank_one_factors`)."""
+    left, right, denom = rank_one_factors(key, resid, cov, jitter)
+    return factor_product(left, right), denom
+
+
+def rank_one_factors(
+    key: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, jitter: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """r-ROME: Delta = r (C^-1 k / (k^T C^-1 k))^T with one consistent key k.
 
     Args:
         key: (d_in,) the prefix-averaged key, the same one used for W k.
@@ -71,7 +81,8 @@ def rank_one_update(
         jitter: ridge relative to C's mean diagonal, keeping C invertible.
 
     Returns:
-        (Delta (d_out, d_in) float64, the denominator k^T C^-1 k, which must be > 0).
+        (left r (d_out, 1), right C^-1 k / denominator (d_in, 1), both float64, the denominator
+        k^T C^-1 k, which must be > 0).
     """
     k, r, c = _f64(key), _f64(resid), _f64(cov)
     if jitter:
@@ -80,13 +91,22 @@ def rank_one_update(
     denom = float(k @ cinv_k)
     if not denom > 0:
         raise ArithmeticError(f"r-ROME denominator k^T C^-1 k = {denom} is not positive")
-    return torch.outer(r, cinv_k) / denom, denom
+    return r[:, None], (cinv_k / denom)[:, None], denom
 
 
 def classic_rank_one_update(
     key: torch.Tensor, bare_key: torch.Tensor, bare_resid: torch.Tensor, cov: torch.Tensor, jitter: float = 0.0
 ) -> tuple[torch.Tensor, float]:
-    """Classic ROME: Delta = r_k (C^-1 k*)^T / (k^T C^-1 k*), k* prefix-averaged, k unprefixed.
+    """Classic ROME's Delta (d_out, d_in) float64 and its denominator (:func:`classic_rank_one_factors`)."""
+    left, right, denom = classic_rank_one_factors(key, bare_key, bare_resid, cov, jitter)
+    return factor_product(left, right), denom
+
+
+def classic_rank_one_factors(
+    key: torch.Tensor, bare_key: torch.Tensor, bare_resid: torch.Tensor, cov: torch.Tensor, jitter: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Classic ROME: Delta = r_k (C^-1 k* / (k^T C^-1 k*))^T, k* prefix-averaged, k unprefixed
+    (factors as :func:`rank_one_factors`).
 
     Kept as a baseline for "The Fall of ROME": the denominator mixes two keys, so it can be
     tiny or negative, and the update is then huge. No positivity check, on purpose.
@@ -103,7 +123,7 @@ def classic_rank_one_update(
     denom = float(k @ cinv_k_star)
     if denom == 0.0:
         raise ArithmeticError("classic ROME denominator k^T C^-1 k* is exactly 0")
-    return torch.outer(r, cinv_k_star) / denom, denom
+    return r[:, None], (cinv_k_star / denom)[:, None], denom
 
 
 def woodbury_solve(

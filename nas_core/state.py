@@ -7,6 +7,19 @@ from dataclasses import dataclass, field, replace
 import torch
 
 
+def as_stored(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(t as a file stores it, whether that is its transpose)``: a 2-D transposed view (LAPACK's
+    column-major inverse, a key matrix read as rows) is stored as its contiguous transpose, so
+    loading gives back the same memory layout, and the BLAS products that follow round exactly
+    as they did in the process that wrote it."""
+    if t.dim() == 2 and not t.is_contiguous() and t.T.is_contiguous():
+        return t.T.contiguous(), True
+    return t.contiguous(), False
+
+
+_KINDS = ("key_cache", "projector", "inverse")
+
+
 @dataclass(frozen=True)
 class EditState:
     """Sequential-editing state. Immutable: editors return a new one.
@@ -51,8 +64,9 @@ class EditState:
             skipped_count=self.skipped_count + skipped,
         )
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat tensors only, ready for safetensors."""
+    def state_dict(self, projectors: bool = True) -> dict[str, torch.Tensor]:
+        """Flat tensors only, ready for safetensors; without the projectors (rebuilt from the
+        covariance) when ``projectors`` is False."""
         out: dict[str, torch.Tensor] = {
             "layers": torch.tensor(self.layers, dtype=torch.long),
             "edit_count": torch.tensor(self.edit_count, dtype=torch.long),
@@ -60,25 +74,30 @@ class EditState:
         }
         if self.reference_norm is not None:
             out["reference_norm"] = torch.tensor(self.reference_norm, dtype=torch.float64)
-        for layer, t in self.key_cache.items():
-            out[f"key_cache.{layer}"] = t.contiguous()
-        for layer, t in self.projectors.items():
-            out[f"projector.{layer}"] = t.contiguous()
-        for layer, t in self.inverses.items():
-            out[f"inverse.{layer}"] = t.contiguous()
+        for kind, tensors in zip(_KINDS, (self.key_cache, self.projectors if projectors else {}, self.inverses),
+                                 strict=True):
+            for layer, t in tensors.items():
+                stored, flipped = as_stored(t)
+                out[f"{kind}{'_t' if flipped else ''}.{layer}"] = stored  # _t: the transpose is stored
         return out
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> EditState:
         known = {"layers", "edit_count", "skipped_count", "reference_norm"}
-        unknown = [k for k in sd if k not in known and not k.startswith(("key_cache.", "projector.", "inverse."))]
+        prefixes = tuple(f"{kind}{t}." for kind in _KINDS for t in ("", "_t"))
+        unknown = [k for k in sd if k not in known and not k.startswith(prefixes)]
         if unknown:
             raise ValueError(f"unknown EditState entries: {unknown}")
+
+        def of(kind: str) -> dict[int, torch.Tensor]:
+            plain = {int(k.split(".")[1]): v for k, v in sd.items() if k.startswith(f"{kind}.")}
+            return {**plain, **{int(k.split(".")[1]): v.T for k, v in sd.items() if k.startswith(f"{kind}_t.")}}
+
         return cls(
             layers=tuple(int(x) for x in sd["layers"].tolist()),
-            key_cache={int(k.split(".")[1]): v for k, v in sd.items() if k.startswith("key_cache.")},
-            projectors={int(k.split(".")[1]): v for k, v in sd.items() if k.startswith("projector.")},
-            inverses={int(k.split(".")[1]): v for k, v in sd.items() if k.startswith("inverse.")},
+            key_cache=of("key_cache"),
+            projectors=of("projector"),
+            inverses=of("inverse"),
             edit_count=int(sd["edit_count"]),
             skipped_count=int(sd["skipped_count"]),
             reference_norm=float(sd["reference_norm"]) if "reference_norm" in sd else None,

@@ -74,7 +74,7 @@ def make_params(tiny_folder: Path, work: Path, tracking_uri: str, **overrides) -
         "tracking": {"uri": tracking_uri, "experiment": f"refresh-{work.name}"},
     }
     for section, values in overrides.items():
-        doc[section] = {**doc[section], **values} if isinstance(values, dict) else values
+        doc[section] = {**doc.get(section, {}), **values} if isinstance(values, dict) else values
     path = work / "params.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from flows.audit.outputs import (
     retention_rows,
 )
 from flows.config.params import Params
-from flows.engine.checkpoints import replace_dir
+from flows.engine.checkpoints import standalone_copy
 from flows.io import write_csv, write_json
 from flows.ledger.lineage import champion_of
 from flows.ledger.records import Ledger
@@ -64,19 +62,6 @@ def tracked_paths(params: Params) -> list[Path]:
     return [params.roots.ledger, params.roots.accepted, params.roots.checkpoints]
 
 
-def _copy_checkpoint(src: Path, dst: Path) -> None:
-    """Replace ``dst`` with a copy of the checkpoint folder ``src`` (assembled aside, then renamed)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
-    try:
-        for name in ("deltas.safetensors", "state.safetensors", "manifest.json"):
-            shutil.copy2(src / name, tmp / name)
-        replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_promotion_outputs(params: Params) -> dict[str, Any] | None:
     """The files ``dvc repro`` would make, from what the flow made: the champion checkpoint,
     replay.json, metrics.json, norms.csv, retention.csv (``"source": "promotion"``) and
@@ -92,7 +77,7 @@ def write_promotion_outputs(params: Params) -> dict[str, Any] | None:
     if manifest.get("weights_hash") != whash:
         raise ValueError(f"checkpoint {ckpt} has weights {str(manifest.get('weights_hash'))[:12]}, the ledger's "
                          f"champion {version} {str(whash)[:12]}")
-    _copy_checkpoint(ckpt, repo / CHAMPION_DIR)
+    standalone_copy(ckpt, repo / CHAMPION_DIR)  # the replay's output: one folder, no chain
     lineage = ledger.lineage(version)
     machine = machine_info()
     record = {"version": version, "weights_hash": whash, "checkpoint": str(ckpt.relative_to(repo))

@@ -18,6 +18,7 @@ from torch import nn
 
 from flows.engine import precision
 from flows.engine.checkpoints import read_checkpoint
+from flows.engine.increments import Step
 from nas_core.deltas import accumulate, edited_weights, frobenius_norms, materialise
 from nas_core.editors import EDITORS, check_method
 from nas_core.editors.base import Editor, EditResult
@@ -41,11 +42,17 @@ class SessionSnapshot:
     state: EditState
     requests: int
     batches: int
+    steps: int
 
 
 @dataclasses.dataclass
 class EditSession:
-    """A model being edited: base weights kept for exact materialisation, D, state, log."""
+    """A model being edited: base weights kept for exact materialisation, D, state, log.
+
+    ``increment`` holds the edit calls since ``parent`` (the version last loaded or written:
+    its folder and manifest sha256; ``links``: the increments a load of it replays), which is what the
+    next compact checkpoint stores; a study that never writes one sets ``keep_increment`` off.
+    """
 
     model: nn.Module
     tok: Any
@@ -60,6 +67,10 @@ class EditSession:
     original_norms: dict[str, float]
     request_log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     batch_log: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    increment: list[Step] = dataclasses.field(default_factory=list)
+    parent: dict[str, str] | None = None
+    links: int = 0
+    keep_increment: bool = True
 
     def apply(self, requests: Sequence[EditRequest]) -> EditResult:
         """Edit one batch, then re-materialise W = W_base + D so D is the single truth."""
@@ -68,6 +79,8 @@ class EditSession:
         self.cumulative = accumulate(self.cumulative, result.deltas)
         materialise(self.model, self.base, self.cumulative)
         self.state = result.state
+        if self.keep_increment:
+            self.increment.append(Step.of(result))
         seconds = time.perf_counter() - t0
         for r in result.requests:
             self.request_log.append(dataclasses.asdict(r))
@@ -98,13 +111,19 @@ class EditSession:
 
     def snapshot(self) -> SessionSnapshot:
         """What :meth:`restore` needs to undo every later :meth:`apply` (a rejected batch)."""
-        return SessionSnapshot(self.cumulative, self.state, len(self.request_log), len(self.batch_log))
+        return SessionSnapshot(self.cumulative, self.state, len(self.request_log), len(self.batch_log),
+                               len(self.increment))
 
     def restore(self, snap: SessionSnapshot) -> None:
-        """Back to ``snap``: D, state and logs, and the model's weights re-materialised from D."""
+        """Back to ``snap``: D, state, logs and increment, and the weights re-materialised from D."""
         self.cumulative, self.state = snap.cumulative, snap.state
-        del self.request_log[snap.requests:], self.batch_log[snap.batches:]
+        del self.request_log[snap.requests:], self.batch_log[snap.batches:], self.increment[snap.steps:]
         materialise(self.model, self.base, self.cumulative)
+
+    def written(self, folder: Path, manifest_sha256: str, links: int) -> None:
+        """``folder`` now holds this session's version: it is the parent of the next one."""
+        self.parent = {"version": Path(folder).name, "manifest_sha256": manifest_sha256, "folder": str(folder)}
+        self.links, self.increment = links, []
 
     def norms(self) -> dict[str, dict[str, float]]:
         now_norms = frobenius_norms(self.model, list(self.base))
@@ -138,17 +157,19 @@ def open_session(
         return EditSession(model, tok, model_name, method, settings, editor, base_hash, base, {}, state,
                            original)
     ckpt = read_checkpoint(checkpoint, recorded_files)
-    man = ckpt["manifest"]
+    man = ckpt.manifest
     if man["base_weights_hash"] != base_hash:
         raise ValueError(f"checkpoint {checkpoint} was made from base weights "
                          f"{man['base_weights_hash'][:12]}, not the loaded model's {base_hash[:12]}")
     if man["method"] != method:
         raise ValueError(f"checkpoint {checkpoint} is a {man['method']} checkpoint, not {method}")
-    materialise(model, base, ckpt["deltas"])
-    session = EditSession(model, tok, model_name, method, settings, editor, base_hash, base, ckpt["deltas"],
-                          ckpt["state"], original)
+    materialise(model, base, ckpt.deltas)
+    session = EditSession(model, tok, model_name, method, settings, editor, base_hash, base, ckpt.deltas,
+                          ckpt.state(editor, model), original)
     session.request_log = list(man.get("requests", []))
     session.batch_log = list(man.get("batches", []))
+    link = ckpt.chain[-1]
+    session.written(link.folder, link.manifest_sha256, int(man.get("links", 0)))
     return session
 
 

@@ -46,10 +46,11 @@ def _checkpoint_problem(params: Params, entry, missing_ok: bool = False) -> str 
 def verify_lineage(params: Params, ledger: Ledger, version: str | None, missing_ok: bool = False) -> list[str]:
     """Every checkpoint and accepted batch of ``version``'s lineage checked against the ledger
     (``missing_ok``: a checkpoint folder that is absent, as on an auditor's fresh clone, is skipped)."""
-    problems = []
+    problems: list[str] = []
     for entry in ledger.lineage(version) if version else []:
         problem = _checkpoint_problem(params, entry, missing_ok)
-        if problem:
+        # A compact version's chain reports its parent's fault again: one line per faulty folder.
+        if problem and not any(p.split(":")[0] == problem.split(":")[0] for p in problems):
             problems.append(problem)
         batch = params.roots.resolve(entry["accepted_path"])
         if not batch.is_file():

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.audit.machine import machine_info
 from flows.config.params import Params
 from flows.engine import evaluation
-from flows.engine.checkpoints import file_hashes, write_checkpoint
+from flows.engine.checkpoints import file_hashes, registry_files, write_checkpoint
 from flows.engine.editing import EditSession, SessionSnapshot, apply_in_batches, open_session
 from flows.engine.loading import base_anchor, base_stats, load_base
 from flows.facts.batch import BatchValidation
@@ -310,7 +310,8 @@ def promote(nb: NightBatch, result: GateResult, champion: Champion, parent: str 
     logger, roots, session = get_run_logger(), params.roots, champion.session
     version = next_version(roots.checkpoints)
     ckpt = write_checkpoint(session, roots.checkpoints / version,
-                            {"version": version, "batch_id": nb.batch_id, "batch_sha256": nb.snap.sha256})
+                            {"version": version, "batch_id": nb.batch_id, "batch_sha256": nb.snap.sha256},
+                            params.checkpoints.snapshot_every)
     manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
     model_name = registered_model_name(champion.name)
     mv = _register(tracker, model_name, nb, ckpt, version, manifest["weights_hash"])
@@ -338,9 +339,10 @@ def _close_rejected(tracker: Tracker, run_id: str, reasons: list[str]) -> None:
 
 
 def _register(tracker: Tracker, model_name: str, nb: NightBatch, ckpt: Path, version: str, whash: str) -> str:
-    """The checkpoint in MLflow's registry: the model (deltas + manifest); the editor state stays on disk."""
+    """The checkpoint in MLflow's registry: its edits (increment, deltas when a snapshot, manifest);
+    the editor state stays on disk."""
     with tempfile.TemporaryDirectory() as staging:
-        for f in ("deltas.safetensors", "manifest.json"):
+        for f in registry_files(ckpt):
             shutil.copy2(ckpt / f, Path(staging) / f)
         return tracker.register_checkpoint(model_name, nb.run_id, Path(staging), version,
                                            {"batch_id": nb.batch_id, "weights_hash": whash})

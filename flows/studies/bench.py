@@ -17,7 +17,6 @@ from flows.engine import editing, precision
 from flows.engine.caches import corpus_text, corpus_token_ids
 from flows.io import atomic_write_text
 from flows.paths import Roots
-from nas_core.deltas import materialise
 from nas_core.evaluate.scoring import prefers_new
 from nas_core.formats import from_counterfact_rome
 from nas_core.requests import EditRequest
@@ -60,10 +59,9 @@ def efficacy(model, tok, reqs: list[EditRequest]) -> dict[str, list]:
 def edit_each_alone(session: editing.EditSession, reqs: list[EditRequest]) -> dict[str, Any]:
     """Edit every request alone from the base model; returns per-request success and times."""
     eff, para, spec, times = [], [], [], []
-    initial_state = session.state
+    initial = session.snapshot()
     for r in reqs:
-        materialise(session.model, session.base, {})
-        session.cumulative, session.state = {}, initial_state
+        session.restore(initial)
         t0 = time.perf_counter()
         session.apply([r])
         times.append(time.perf_counter() - t0)
@@ -71,21 +69,19 @@ def edit_each_alone(session: editing.EditSession, reqs: list[EditRequest]) -> di
         eff.append(e["efficacy"][0])
         para.append(e["paraphrase"][0])
         spec.append(e["specificity"][0])
-    materialise(session.model, session.base, {})
-    session.cumulative, session.state = {}, initial_state
+    session.restore(initial)
     return {"efficacy": eff, "paraphrase": para, "specificity": spec, "seconds": times}
 
 
 def speed(session: editing.EditSession, reqs: list[EditRequest]) -> dict[str, Any]:
     """Single-request calls vs one batched call over the same requests."""
     single = edit_each_alone(session, reqs)
-    initial_state = session.state
+    initial = session.snapshot()
     t0 = time.perf_counter()
     result = session.apply(reqs)
     batch_seconds = time.perf_counter() - t0
     batch_eff = efficacy(session.model, session.tok, reqs)
-    materialise(session.model, session.base, {})
-    session.cumulative, session.state = {}, initial_state
+    session.restore(initial)
     return {
         "single_median_s": statistics.median(single["seconds"]),
         "single_seconds": single["seconds"],

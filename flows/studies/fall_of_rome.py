@@ -20,7 +20,6 @@ from typing import Any
 
 from flows.engine import editing, evaluation, precision
 from flows.paths import Roots
-from nas_core.deltas import materialise
 from nas_core.evaluate.health import perplexity
 from nas_core.requests import EditRequest
 from nas_core.settings import EvalSettings
@@ -52,8 +51,7 @@ def split_cases(requests: list[EditRequest], n: int) -> dict[str, list[EditReque
 
 def edit_alone(session: editing.EditSession, req: EditRequest, canary: list[int], window: int) -> dict[str, Any]:
     """One edit from the base model: the update's norm, the canary perplexity, then undo."""
-    materialise(session.model, session.base, {})
-    session.cumulative, state = {}, session.state
+    start = session.snapshot()  # the base model: every edit is undone in the finally
     t0 = time.perf_counter()
     try:
         result = session.apply([req])
@@ -63,8 +61,7 @@ def edit_alone(session: editing.EditSession, req: EditRequest, canary: list[int]
     except ArithmeticError as err:  # r-ROME refuses a non-positive denominator
         norm, ppl, error = float("nan"), float("nan"), str(err)
     finally:
-        materialise(session.model, session.base, {})
-        session.cumulative, session.state = {}, state
+        session.restore(start)
     return {"case_id": req.case_id, "update_norm": norm, "perplexity": ppl, "error": error,
             "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -284,6 +284,7 @@ def _method_session(label: str, model, tok, model_name: str, cfg: ModelConfig, s
     if man is not None:
         s = precision.with_path(s, *precision.recorded_path(man["settings"]["values"]))
     session = editing.open_session(model, tok, model_name, method, s, cov, base_hash, anchor, resume)
+    session.keep_increment = False  # its checkpoint is rewritten in place: always a snapshot
     return session, list(man["horizon_points"]) if man is not None else []
 
 

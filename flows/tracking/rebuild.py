@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# What the night registers from a checkpoint folder (the editor state stays with the checkpoint).
-REGISTRY_FILES = ("deltas.safetensors", "manifest.json")
 REBUILT_TAG = "rebuilt_from_ledger"
 
 
@@ -76,7 +74,7 @@ class PromotedCheckpoint:
 class RegistryRebuild:
     """What :meth:`Tracker.rebuild_registry` did; labels in ledger order.
 
-    ``missing``: the checkpoint folder (or one of :data:`REGISTRY_FILES`) is gone; ``mismatched``: its
+    ``missing``: the checkpoint folder (or one of its files) is gone; ``mismatched``: its
     manifest is unreadable or names other weights than the ledger promoted. Neither is registered.
     ``champion_version`` is the registry version holding the alias afterwards (None: no alias).
     """
@@ -99,8 +97,8 @@ def rebuild_registry(
 
     In ledger order, each missing version gets a new FINISHED run tagged ``rebuilt_from_ledger=true``
     and ``original_run_id`` (the night's run went with the old store), and is registered from its
-    checkpoint folder's :data:`REGISTRY_FILES` with the night's labels and tags. Unusable folders
-    are skipped and reported. Idempotent: once nothing is missing, a call changes nothing.
+    checkpoint folder's :func:`flows.engine.checkpoints.registry_files` with the night's labels and
+    tags. Unusable folders are skipped and reported. Idempotent: once nothing is missing, a call changes nothing.
     """
     todo = set(tracker.unregistered_labels(model_name, [p.version_label for p in promotions]))
     rebuilt: list[str] = []
@@ -137,7 +135,9 @@ def _reregister(tracker: Tracker, model_name: str, promo: PromotedCheckpoint) ->
     run_id = tracker.start_batch_run(promo.batch_id or label, {}, tags=run_tags)
     try:
         with tempfile.TemporaryDirectory() as staging:
-            for name in REGISTRY_FILES:
+            from flows.engine.checkpoints import registry_files
+
+            for name in registry_files(promo.checkpoint):
                 shutil.copy2(promo.checkpoint / name, Path(staging) / name)
             version = tracker.register_checkpoint(model_name, run_id, Path(staging), label, version_tags)
         tracker.describe_version(
@@ -189,14 +189,13 @@ def _known(tags: Mapping[str, str | None]) -> dict[str, str]:
 
 def _checkpoint_problem(promo: PromotedCheckpoint) -> str | None:
     """None when ``promo.checkpoint`` can be registered; else "missing" or "mismatched" (logged)."""
-    absent = [name for name in REGISTRY_FILES if not (promo.checkpoint / name).is_file()]
-    if absent:
-        log.warning("cannot re-register %s: %s lacks %s", promo.version_label, promo.checkpoint, ", ".join(absent))
-        return "missing"
-    try:
-        from flows.engine.checkpoints import verify_checkpoint
+    from flows.engine.checkpoints import verify_checkpoint
 
+    try:
         recorded = verify_checkpoint(promo.checkpoint, promo.files).get("weights_hash")
+    except FileNotFoundError as exc:
+        log.warning("cannot re-register %s: %s", promo.version_label, exc)
+        return "missing"
     except (OSError, ValueError, AttributeError) as exc:  # CheckpointTampered is a ValueError
         log.warning("cannot re-register %s: unreadable manifest in %s (%s)", promo.version_label, promo.checkpoint, exc)
         return "mismatched"

@@ -72,14 +72,22 @@ class AlphaEditEditor:
 
         inverses: dict[int, torch.Tensor] = {}
 
-        def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-            # (P S + beta I + (P K) K^T) X = P K R^T through the maintained (P S + beta I)^-1.
-            p = state.projectors[layer].double()
-            d = p.shape[0]
-            inv = inverse_or(state, layer, lambda: torch.eye(d, dtype=torch.float64, device=p.device) / s.l2)
-            pk = p @ keys.double()  # (d_in, n)
+        def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # X = A^-1 (P K) R^T is taken as (A^-1 P K) R^T: O(d_in^2 n) instead of O(d_in^2 d_out).
-            a_inv_pk, inverses[layer] = woodbury_solve(inv, pk, keys, pk)  # (d_in, n)
-            return resid.double() @ a_inv_pk.T  # (d_out, d_in)
+            a_inv_pk, inverses[layer] = self._system(state, layer, keys)  # (d_in, n)
+            return resid, a_inv_pk  # Delta = R (A^-1 P K)^T
 
         return spread_over_layers(model, tok, spec, requests, kept, tg, s, solve, clock, state, inverses)
+
+    def replay(self, state: EditState, keys: dict[int, torch.Tensor], edited: int, skipped: int) -> EditState:
+        inverses = {layer: self._system(state, layer, k)[1] for layer, k in keys.items()}
+        return state.with_keys(keys, edited, skipped, inverses)
+
+    def _system(self, state: EditState, layer: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A^-1 P K for A = P S + beta I + (P K) K^T, and the new maintained inverse, through the
+        state's (P S + beta I)^-1 (beta^-1 I on the first batch)."""
+        p = state.projectors[layer].double()
+        d = p.shape[0]
+        inv = inverse_or(state, layer, lambda: torch.eye(d, dtype=torch.float64, device=p.device) / self.settings.l2)
+        pk = p @ keys.double()  # (d_in, n)
+        return woodbury_solve(inv, pk, keys, pk)

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from nas_core.anchor import AnchorResult, targets
+from nas_core.deltas import LowRankUpdate, factor_product, storage_update
 from nas_core.keys import read_at_subject
 from nas_core.requests import EditRequest
 from nas_core.settings import NASSettings, ValueSettings
-from nas_core.spec import ModelSpec, proj_weight, to_storage_layout
+from nas_core.spec import ModelSpec, proj_weight
 from nas_core.state import EditState
 from nas_core.values import ValueResult, optimise_values
 
@@ -44,6 +45,10 @@ class EditResult:
         requests: diagnostics in request order.
         layer_delta_norms: layer -> ||delta W||_F.
         timings: seconds per phase ("values", "solve").
+        factors: edited weight name -> the same update as factor pairs (``deltas[name] ==
+            factors[name].dense()`` bit for bit): what a compact checkpoint stores.
+        keys: layer -> (d_in, m) keys this call added to the state (what
+            :meth:`Editor.replay` needs to rebuild the state without the model).
     """
 
     deltas: dict[str, torch.Tensor]
@@ -51,6 +56,8 @@ class EditResult:
     requests: tuple[RequestDiagnostics, ...]
     layer_delta_norms: dict[int, float]
     timings: dict[str, float] = field(default_factory=dict)
+    factors: dict[str, LowRankUpdate] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def edited_ids(self) -> tuple[str, ...]:
@@ -70,6 +77,11 @@ class Editor(Protocol):
         self, model: nn.Module, tok, requests: Sequence[EditRequest], state: EditState
     ) -> EditResult:
         """Edit ``model`` in place for ``requests`` and return what was done."""
+        ...
+
+    def replay(self, state: EditState, keys: dict[int, torch.Tensor], edited: int, skipped: int) -> EditState:
+        """The state after a past call that added ``keys`` (its :attr:`EditResult.keys`), computed
+        by the same code as :meth:`compute`, so it is bit-identical to the state that call returned."""
         ...
 
 
@@ -121,8 +133,9 @@ def diagnostics(requests: Sequence[EditRequest], t: Targets) -> tuple[RequestDia
     return tuple(out)
 
 
-# solve(layer, keys (d_in, m), resid (d_out, m)) -> delta (d_out, d_in) float64
-LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+# solve(layer, keys (d_in, m), resid (d_out, m)) -> factors (left (d_out, r), right (d_in, r)) of
+# the layer's update delta = left right^T (float64 product, :func:`nas_core.deltas.factor_product`)
+LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def inverse_or(state: EditState, layer: int, build: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -135,7 +148,7 @@ def inverse_or(state: EditState, layer: int, build: Callable[[], torch.Tensor]) 
 def add_to_weight(model: nn.Module, spec: ModelSpec, layer: int, delta_out_in: torch.Tensor) -> torch.Tensor:
     """W_l += delta (given as (d_out, d_in)); returns the update in storage layout, float32."""
     weight = proj_weight(model, spec, layer)
-    update = to_storage_layout(delta_out_in, spec).to(torch.float32)
+    update = storage_update(delta_out_in, spec.transposed)
     weight.add_(update.to(weight.dtype))
     return update
 
@@ -158,11 +171,12 @@ def sweep_layers(
     reads at the subject), "solve" and "write".
 
     Returns:
-        deltas by weight name (storage layout, float32), keys by layer (d_in, m) as used
-        in the solves, ||delta||_F by layer.
+        deltas by weight name (storage layout, float32), the same as factors, keys by layer
+        (d_in, m) as used in the solves, ||delta||_F by layer.
     """
     last = layers[-1]
     deltas: dict[str, torch.Tensor] = {}
+    factors: dict[str, LowRankUpdate] = {}
     used_keys: dict[int, torch.Tensor] = {}
     norms: dict[int, float] = {}
     earlier: tuple[object, ...] = ()
@@ -178,13 +192,16 @@ def sweep_layers(
         keys = read.keys[layer].T  # (d_in, m)
         resid = ((z - read.hidden) / (len(layers) - j)).T  # (d_model, m)
         t = clock.lap("keys", t)
-        delta = solve(layer, keys, resid)  # (d_out, d_in)
+        left, right = solve(layer, keys, resid)
+        delta = factor_product(left, right)  # (d_out, d_in)
         t = clock.lap("solve", t)
-        deltas[spec.weight_name(layer)] = add_to_weight(model, spec, layer, delta)
+        name = spec.weight_name(layer)
+        deltas[name] = add_to_weight(model, spec, layer, delta)
+        factors[name] = LowRankUpdate(((left, right),), spec.transposed)
         used_keys[layer] = keys
         norms[layer] = float(delta.norm())
         t = clock.lap("write", t)
-    return deltas, used_keys, norms
+    return deltas, factors, used_keys, norms
 
 
 def require_cov(layers: Sequence[int], cov: dict[int, torch.Tensor]) -> None:
@@ -214,10 +231,10 @@ def spread_over_layers(model: nn.Module, tok, spec: ModelSpec, requests: Sequenc
                        state: EditState, inverses: dict[int, torch.Tensor]) -> EditResult:
     """MEMIT's and AlphaEdit's shared tail: :func:`sweep_layers` over ``settings.layers`` with the
     editor's ``solve``, then the state with the new keys and maintained inverses."""
-    deltas, keys, norms = sweep_layers(model, tok, spec, kept, tg.z, settings.layers, settings.values.prefixes, solve,
-                                       clock)
+    deltas, factors, keys, norms = sweep_layers(model, tok, spec, kept, tg.z, settings.layers,
+                                                settings.values.prefixes, solve, clock)
     new_state = state.with_keys(keys, edited=len(kept), skipped=len(requests) - len(kept), inverses=inverses)
-    return EditResult(deltas, new_state, diagnostics(requests, tg), norms, clock.times)
+    return EditResult(deltas, new_state, diagnostics(requests, tg), norms, clock.times, factors, keys)
 
 
 class Stopwatch:

@@ -54,12 +54,21 @@ class MemitEditor:
 
         inverses: dict[int, torch.Tensor] = {}
 
-        def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-            # (lambda C + S + K K^T) X = K through the maintained (lambda C + S)^-1.
-            inv = inverse_or(state, layer, lambda: torch.linalg.inv(s.mom2_weight * self.cov[layer].double()))
-            x, new_inv = woodbury_solve(inv, keys, keys, keys)  # x: (d_in, n)
+        def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x, new_inv = self._system(state, layer, keys)  # x: (d_in, n)
             if s.use_key_cache:
                 inverses[layer] = new_inv
-            return resid.double() @ x.T
+            return resid, x  # Delta = R X^T
 
         return spread_over_layers(model, tok, spec, requests, kept, tg, s, solve, clock, state, inverses)
+
+    def replay(self, state: EditState, keys: dict[int, torch.Tensor], edited: int, skipped: int) -> EditState:
+        inverses = ({layer: self._system(state, layer, k)[1] for layer, k in keys.items()}
+                    if self.settings.use_key_cache else {})
+        return state.with_keys(keys, edited, skipped, inverses)
+
+    def _system(self, state: EditState, layer: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """X solving (lambda C + S + K K^T) X = K, and the new maintained inverse, through the
+        state's (lambda C + S)^-1 (built from C on the first batch)."""
+        inv = inverse_or(state, layer, lambda: torch.linalg.inv(self.settings.mom2_weight * self.cov[layer].double()))
+        return woodbury_solve(inv, keys, keys, keys)

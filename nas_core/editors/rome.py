@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from nas_core.deltas import LowRankUpdate
 from nas_core.editors.base import (
     EditResult,
     Stopwatch,
@@ -17,7 +18,7 @@ from nas_core.editors.base import (
     sweep_layers,
 )
 from nas_core.keys import read_at_subject
-from nas_core.linalg import classic_rank_one_update, rank_one_update
+from nas_core.linalg import classic_rank_one_factors, rank_one_factors
 from nas_core.requests import EditRequest
 from nas_core.settings import RomeSettings
 from nas_core.spec import spec_for
@@ -51,36 +52,40 @@ class RomeEditor:
         if not kept:
             return all_skipped(requests, state, tg, clock)
         total: torch.Tensor | None = None
-        all_keys = []
+        all_keys, pairs = [], []
 
-        def solve(_layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-            # rank_one_update raises if k^T C^-1 k is not positive (the collapse "The Fall of ROME" describes).
-            delta, _denominator = rank_one_update(keys[:, 0], resid[:, 0], self.cov[layer], s.cov_jitter)
-            return delta
+        def solve(_layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # rank_one_factors raises if k^T C^-1 k is not positive (the collapse "The Fall of ROME" describes).
+            left, right, _denominator = rank_one_factors(keys[:, 0], resid[:, 0], self.cov[layer], s.cov_jitter)
+            return left, right
 
         for i, req in enumerate(kept):
             step = solve if s.prefix_consistent else self._classic_solve(model, tok, spec, req, tg.z[i])
-            deltas, keys, _ = sweep_layers(model, tok, spec, [req], tg.z[i : i + 1], [layer],
-                                           s.values.prefixes, step, clock)
+            deltas, factors, keys, _ = sweep_layers(model, tok, spec, [req], tg.z[i : i + 1], [layer],
+                                                    s.values.prefixes, step, clock)
             all_keys.append(keys[layer])
             (name, d), = deltas.items()
+            pairs.extend(factors[name].pairs)
             total = d if total is None else total + d
-        new_state = state.with_keys({layer: torch.cat(all_keys, dim=1)}, edited=len(kept),
-                                    skipped=len(requests) - len(kept))
-        return EditResult({name: total}, new_state, diagnostics(requests, tg),
-                          {layer: float(total.norm())}, clock.times)
+        added = {layer: torch.cat(all_keys, dim=1)}
+        new_state = self.replay(state, added, len(kept), len(requests) - len(kept))
+        return EditResult({name: total}, new_state, diagnostics(requests, tg), {layer: float(total.norm())},
+                          clock.times, {name: LowRankUpdate(tuple(pairs), spec.transposed)}, added)
+
+    def replay(self, state: EditState, keys: dict[int, torch.Tensor], edited: int, skipped: int) -> EditState:
+        return state.with_keys(keys, edited, skipped)
 
     def _classic_solve(self, model: nn.Module, tok, spec, req: EditRequest, z: torch.Tensor):
         """The solve of classic ROME for ``req``: the bare prompt's key and residual read at
         call time (after the earlier requests of the batch were written), k* from the sweep."""
         s, layer = self.settings, self.settings.layers[0]
 
-        def solve(_layer: int, keys: torch.Tensor, _resid: torch.Tensor) -> torch.Tensor:
+        def solve(_layer: int, keys: torch.Tensor, _resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             bare = read_at_subject(model, tok, spec, [req], [layer], ("",), readout_layer=layer)
             bare_key = bare.keys[layer][0]  # (d_in,)
             bare_resid = z - bare.hidden[0]  # (d_model,)
-            delta, _denominator = classic_rank_one_update(keys[:, 0], bare_key, bare_resid, self.cov[layer],
-                                                          s.cov_jitter)
-            return delta
+            left, right, _denominator = classic_rank_one_factors(keys[:, 0], bare_key, bare_resid, self.cov[layer],
+                                                                 s.cov_jitter)
+            return left, right
 
         return solve

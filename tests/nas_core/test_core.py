@@ -272,12 +272,15 @@ def test_batched_values_equal_single_values(llama, tok):
 
 
 def _editor(method, model, nas):
-    cov = {0: torch.eye(64, dtype=torch.float64) * 0.5}
+    spec = spec_for(model)
+    w = get_module(model, spec.proj_name(0)).weight
+    d_in = w.shape[0] if spec.transposed else w.shape[1]
+    cov = {0: torch.eye(d_in, dtype=torch.float64) * 0.5}
     n = NASSettings(enabled=nas, outlier_factor=100.0)
     if method == "memit":
         return MemitEditor(MemitSettings(layers=(0,), mom2_weight=1.0, nas=n, values=VALUES), cov)
     if method == "alphaedit":
-        cov = {0: torch.diag(torch.linspace(0, 1, 64, dtype=torch.float64))}
+        cov = {0: torch.diag(torch.linspace(0, 1, d_in, dtype=torch.float64))}
         return AlphaEditEditor(AlphaEditSettings(layers=(0,), nullspace_threshold=0.5, l2=1.0,
                                                  nas=n, values=VALUES), cov)
     return RomeEditor(RomeSettings(layers=(0,), nas=n, values=VALUES), cov)
@@ -304,6 +307,31 @@ def test_editor_raises_target_and_touches_nothing_else(method, nas, tok):
     assert result.state.edit_count == 1
     if nas:
         assert result.requests[0].v_norm_after == pytest.approx(state.reference_norm, rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["memit", "alphaedit", "rome"])
+def test_factors_and_replay_rebuild_every_update_and_state_bit_for_bit(method, model_type, tok):
+    # A compact checkpoint stores only factors and keys: both must rebuild what compute wrote.
+    model = tiny_model(model_type)
+    editor = _editor(method, model, nas=False)
+    start = editor.init_state(model)
+    other = EditRequest("2", "The capital of {} is", "Spain", "Rome", "Madrid")
+    first = editor.compute(model, tok, [REQ, other], start)
+    results = [first, editor.compute(model, tok, [other], first.state)]
+    replayed = start
+    for result in results:
+        assert set(result.factors) == set(result.deltas)
+        for name, update in result.factors.items():
+            assert torch.equal(update.dense(), result.deltas[name]), name
+        edited = sum(not r.skipped for r in result.requests)
+        replayed = editor.replay(replayed, result.keys, edited, len(result.requests) - edited)
+        assert replayed.edit_count == result.state.edit_count
+        for attr in ("key_cache", "inverses", "projectors"):
+            mine, theirs = getattr(replayed, attr), getattr(result.state, attr)
+            assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine), attr
+    (update,) = first.factors.values()
+    assert update.rank == 2 and len(update.pairs) == (2 if method == "rome" else 1)
 
 
 def test_memit_spreads_over_layers_and_is_deterministic(tok):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tiny import FACTS, fact
 
@@ -17,6 +18,7 @@ from flows import io as fio
 from flows.audit import machine as machine_facts
 from flows.audit import outputs, record, verdict
 from flows.config.params import load_params
+from flows.engine import checkpoints
 from flows.ledger import lineage
 from flows.ledger.records import Ledger
 from flows.paths import Paths
@@ -449,10 +451,13 @@ def test_replay_rebuilds_the_flows_champion_bit_for_bit(prefect, tmp_path, tok, 
     rebuilt = json.loads((tmp_path / outputs.CHAMPION_DIR / "manifest.json").read_text())
     flow_manifest = json.loads((tmp_path / "data" / "checkpoints" / "v0003" / "manifest.json").read_text())
     assert rebuilt["weights_hash"] == flow_manifest["weights_hash"]
-    assert ((tmp_path / outputs.CHAMPION_DIR / "deltas.safetensors").read_bytes()
-            == (tmp_path / "data" / "checkpoints" / "v0003" / "deltas.safetensors").read_bytes())
-    assert ((tmp_path / outputs.CHAMPION_DIR / "state.safetensors").read_bytes()
-            == (tmp_path / "data" / "checkpoints" / "v0003" / "state.safetensors").read_bytes())
+    # The replay's one folder holds, byte for byte, the increments of the flow's chain v0001-v0003.
+    flat = checkpoints.standalone_copy(tmp_path / "data" / "checkpoints" / "v0003", tmp_path / "flat")
+    assert flow_manifest["parent"]["version"] == "v0002" and rebuilt["parent"] is None
+    assert ((tmp_path / outputs.CHAMPION_DIR / "increment.safetensors").read_bytes()
+            == (flat / "increment.safetensors").read_bytes())
+    mine, theirs = (checkpoints.read_checkpoint(p).deltas for p in (tmp_path / outputs.CHAMPION_DIR, flat))
+    assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
     fio.write_json(tmp_path / outputs.PROMOTION_JSON, {"version": "v0003", "machine": machine_facts.machine_info()})
     res = verdict.audit(load_params(params_file, tmp_path))

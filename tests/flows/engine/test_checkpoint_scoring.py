@@ -32,7 +32,7 @@ def checkpoint(tok, tmp_path) -> Path:
 
 def test_rebuild_verified_returns_the_manifests_hash_and_refuses_a_mismatch(checkpoint):
     model = tiny_model("llama")
-    manifest = read_checkpoint(checkpoint)["manifest"]
+    manifest = read_checkpoint(checkpoint).manifest
     assert rebuild_verified(model, weights_hash(tiny_model("llama")), checkpoint) == manifest["weights_hash"]
     assert weights_hash(model) == manifest["weights_hash"]
     doctored = {**manifest, "weights_hash": "f" * 64}
@@ -55,7 +55,7 @@ def test_apply_checkpoint_measures_the_manifests_norm_ratios(checkpoint):
     model = tiny_model("llama")
     base_hash = weights_hash(model)
     applied = evaluation.apply_checkpoint(model, base_hash, checkpoint)
-    manifest = read_checkpoint(checkpoint)["manifest"]
+    manifest = read_checkpoint(checkpoint).manifest
     assert applied.manifest == manifest and applied.edits == 1 and applied.path == checkpoint
     assert applied.norm_ratios == pytest.approx({n: manifest["norms"][n]["ratio"] for n in manifest["edited_weights"]})
     assert all(r != 1.0 for r in applied.norm_ratios.values())

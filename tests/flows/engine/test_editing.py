@@ -63,7 +63,7 @@ def test_checkpoint_round_trip_and_continue(tok, tmp_path):
     session = _session(model, tok)
     session.apply(REQS[:1])
     ckpt = write_checkpoint(session, tmp_path / "v1")
-    man = read_checkpoint(ckpt)["manifest"]
+    man = read_checkpoint(ckpt).manifest
     assert man["request_ids"] == ["a"] and man["base_weights_hash"] == base_hash
     assert man["norms"]["model.layers.0.mlp.down_proj.weight"]["ratio"] != 1.0
     assert man["requests"][0]["v_norm_after"] == pytest.approx(2.0, rel=1e-5)
@@ -74,7 +74,7 @@ def test_checkpoint_round_trip_and_continue(tok, tmp_path):
     assert weights_hash(fresh) == man["weights_hash"]
     cont.apply(REQS[1:])
     ckpt2 = write_checkpoint(cont, tmp_path / "v2")
-    man2 = read_checkpoint(ckpt2)["manifest"]
+    man2 = read_checkpoint(ckpt2).manifest
     assert man2["request_ids"] == ["a", "b"] and man2["edit_count"] == 2
 
     # Continuous editing in one session gives bit-identical deltas to resuming from disk.
@@ -99,7 +99,7 @@ def test_rewriting_a_checkpoint_is_atomic(tok, tmp_path):
     out = write_checkpoint(session, tmp_path / "v1")
     write_checkpoint(session, out)  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]
-    assert read_checkpoint(out)["manifest"]["edit_count"] == 1
+    assert read_checkpoint(out).manifest["edit_count"] == 1
 
 
 def test_stats_cache_second_call_is_instant(tok, tmp_path, monkeypatch):

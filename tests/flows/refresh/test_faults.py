@@ -189,7 +189,7 @@ def test_crash_after_the_checkpoint_rename_and_a_killed_temp_folder_are_survived
     # half-written, with the name the next write would use.
     killed = tmp_path / "checkpoints" / ".v0003.tmp-killed"
     killed.mkdir()
-    (killed / "deltas.safetensors").write_bytes((tmp_path / "checkpoints" / "v0001" / "deltas.safetensors")
+    (killed / "increment.safetensors").write_bytes((tmp_path / "checkpoints" / "v0001" / "increment.safetensors")
                                                 .read_bytes()[:100])
 
     outcomes, _ = night()
@@ -307,7 +307,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_champion(night, tmp_path
     failed = []
 
     def save_until_full(tensors, filename, *args, **kwargs):
-        if Path(filename).parent.name.startswith(".v0002.tmp-") and Path(filename).name == "state.safetensors":
+        if Path(filename).parent.name.startswith(".v0002.tmp-") and Path(filename).name == "increment.safetensors":
             Path(filename).write_bytes(b"\0" * 64)  # half written, then the disk is full
             failed.append(filename)
             raise OSError(errno.ENOSPC, "No space left on device", str(filename))

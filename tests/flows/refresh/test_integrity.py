@@ -122,11 +122,16 @@ def test_a_large_file_is_hashed_in_chunks_and_never_held(tmp_path):
 
 # --- tampering is caught --------------------------------------------------------------------------
 
-def two_nights(night, tmp_path):
+# What each kind of tampering needs: the compact format's increment, or a snapshot's files.
+SNAPSHOT_KINDS = {"state", "deltas"}
+
+
+def two_nights(night, tmp_path, kind="increment"):
+    every = {"checkpoints": {"snapshot_every": 1 if kind in SNAPSHOT_KINDS else 30}}
     write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
-    night()
+    night(**every)
     write_batch(tmp_path / "inbox" / "night-02.jsonl", [fact(*FACTS[1])])
-    outcomes, params = night()
+    outcomes, params = night(**every)
     assert [o.outcome for o in outcomes] == ["promoted"]
     return params
 
@@ -134,6 +139,12 @@ def two_nights(night, tmp_path):
 def tamper(kind: str, params, version: str) -> str:
     """Alter one thing of ``version``; returns the file name the refusal must name."""
     ckpt = params.roots.checkpoints / version
+    if kind == "increment":  # one factor of the night's update
+        inc = load_file(ckpt / "increment.safetensors")
+        name = next(k for k in inc if k.endswith("/right"))
+        inc[name] = inc[name] * 1.001
+        save_file(inc, ckpt / "increment.safetensors")
+        return "increment.safetensors"
     if kind == "state":  # the NAS reference norm, 5x
         state = load_file(ckpt / "state.safetensors")
         key = next(k for k in state if "reference_norm" in k)
@@ -146,7 +157,7 @@ def tamper(kind: str, params, version: str) -> str:
         deltas[name] = deltas[name] + torch.ones_like(deltas[name]) * 1e-3
         save_file(deltas, ckpt / "deltas.safetensors")
         return "deltas.safetensors"
-    if kind == "manifest":
+    if kind == "manifest":  # the NAS reference norm a compact lineage starts from, 5x
         man = json.loads((ckpt / "manifest.json").read_text())
         man["reference_norm"] = 500.0
         (ckpt / "manifest.json").write_text(json.dumps(man))
@@ -156,23 +167,23 @@ def tamper(kind: str, params, version: str) -> str:
     for i, line in enumerate(lines):
         entry = json.loads(line)
         if entry.get("version") == version and entry["event"] == "promote":
-            entry["files"]["state.safetensors"] = "0" * 64
+            entry["files"]["increment.safetensors"] = "0" * 64
             lines[i] = json.dumps(entry)
     ledger.write_text("\n".join(lines) + "\n")
-    return "state.safetensors"
+    return "increment.safetensors"
 
 
 def assert_one_line(message: str, name: str) -> None:
     assert "\n" not in message and name in message and message.count("hashes to") == 1 and "recorded" in message
 
 
-@pytest.mark.parametrize("kind", ["state", "deltas", "manifest", "ledger"])
+@pytest.mark.parametrize("kind", ["increment", "state", "deltas", "manifest", "ledger"])
 def test_a_tampered_champion_is_refused_by_load_status_and_audit(night, tmp_path, kind):
-    params = two_nights(night, tmp_path)
+    params = two_nights(night, tmp_path, kind)
     name = tamper(kind, params, "v0002")
     write_batch(tmp_path / "inbox" / "night-03.jsonl", [fact(*FACTS[2])])
     with pytest.raises(CheckpointTampered) as err:  # loading: the next night
-        night()
+        night(checkpoints={"snapshot_every": 1 if kind in SNAPSHOT_KINDS else 30})
     assert (tmp_path / "inbox" / "night-03.jsonl").is_file()  # nothing was edited or moved
     assert_one_line(str(err.value), name)
     status = operations.status(params)
@@ -185,16 +196,20 @@ def test_a_tampered_champion_is_refused_by_load_status_and_audit(night, tmp_path
     assert res.exit_code == 1 and "refused" in res.output and name in res.output
 
 
-@pytest.mark.parametrize("kind", ["state", "deltas", "manifest", "ledger"])
+@pytest.mark.parametrize("kind", ["increment", "state", "deltas", "manifest", "ledger"])
 def test_a_tampered_version_is_refused_by_rollback_and_promote(night, tmp_path, kind):
-    params = two_nights(night, tmp_path)
+    params = two_nights(night, tmp_path, kind)
     name = tamper(kind, params, "v0001")
     for event in ("rollback", "manual_promote"):
         with pytest.raises(CheckpointTampered) as err:
             operations.move_champion(params, "v0001", event, "test")
         assert_one_line(str(err.value), name)
     assert Ledger(params.roots.ledger).champion()["version"] == "v0002"
-    assert operations.status(params)["integrity"] == []  # the champion itself is intact
+    champion = operations.status(params)["integrity"]
+    if kind in SNAPSHOT_KINDS or kind == "ledger":
+        assert champion == []  # the champion is a snapshot, or its chain's files are intact
+    else:  # a compact champion is rebuilt through v0001: its chain is refused, naming v0001's file
+        assert len(champion) == 1 and "v0001" in champion[0] and name in champion[0]
     assert len(operations.status(params, verify=True)["integrity"]) == 1  # --verify: the whole lineage
 
 
