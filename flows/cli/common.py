@@ -28,6 +28,10 @@ out = Console()
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="known name, hf:ORG/NAME, or a folder")]
 ConfigOpt = Annotated[str | None, typer.Option(help="model config name or YAML (default: the model's)")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (default: params.yaml "
+                                              "runtime.device, auto: cuda where a GPU is present)")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="weights dtype: auto, float32, bfloat16 or float16 "
+                                             "(default: params.yaml runtime.dtype, auto: bfloat16 on cuda)")]
 ComputeOpt = Annotated[str | None, typer.Option("--compute-dtype", help="v* compute path: auto, float32 or "
                                                 "bfloat16 (default: the model config's)")]
 
@@ -41,6 +45,26 @@ def claim_prefect_night() -> None:
     claim = prefect_runtime.claim_night()
     if claim is not None:
         os.environ[prefect_runtime.TOKEN_ENV] = claim.token
+
+
+def use_runtime(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """Put ``--device``/``--dtype`` in the environment for this command (params.yaml's ``runtime``
+    reads them, so a flow run by the command gets them too) and return the resolved pair."""
+    from flows.config.params import ENV_DEVICE, ENV_DTYPE, RuntimeParams, load_params
+    from flows.engine.precision import runtime
+
+    try:
+        RuntimeParams(device or "auto", dtype or "auto")  # a bad value is a usage error here, not in a flow
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    for name, value in ((ENV_DEVICE, device), (ENV_DTYPE, dtype)):
+        if value:
+            os.environ[name] = value
+    try:
+        chosen = load_params().runtime
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from None
+    return runtime(chosen.device, chosen.dtype)
 
 
 def progress_bar() -> Progress:
@@ -79,16 +103,18 @@ def method_settings(cfg: ModelConfig, method: str, nas: bool | None, pilots: int
 
 
 def fetch_and_load(model: str, fetch: bool = True):
-    """Fetch (no-op when present) and load a model; returns (model, tok, name, base hash)."""
+    """Fetch (no-op when present) and load a model on the command's device and dtype
+    (:func:`use_runtime`); returns (model, tok, name, base hash)."""
     from flows.assets.fetch import fetch_model
     from flows.assets.load import load_model
     from nas_core.deltas import weights_hash
 
     result = fetch_model(model, roots().models) if fetch else None
     path = result.path if result is not None else Path(model)
+    device, dtype = use_runtime(None, None)
     t0 = time.perf_counter()
-    m, tok = load_model(path)
-    logging.getLogger(__name__).info("loaded %s in %.2f s", path, time.perf_counter() - t0)
+    m, tok = load_model(path, dtype=dtype, device=device)
+    logging.getLogger(__name__).info("loaded %s on %s in %s in %.2f s", path, device, dtype, time.perf_counter() - t0)
     return m, tok, path.name, weights_hash(m)
 
 

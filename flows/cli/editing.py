@@ -16,6 +16,8 @@ from rich.table import Table
 
 from flows.cli.common import (
     ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
     ModelOpt,
     console,
     covariance_stats,
@@ -26,6 +28,7 @@ from flows.cli.common import (
     progress_bar,
     reference_norm,
     roots,
+    use_runtime,
 )
 from flows.engine import editing
 from flows.engine.checkpoints import rebuild_verified, write_checkpoint
@@ -59,8 +62,11 @@ def edit(
     from_dir: Annotated[Path | None, typer.Option("--from", help="continue from this checkpoint")] = None,
     pilots: Annotated[int | None, typer.Option(help="override the NAS pilot count")] = None,
     config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
-    """Apply requests in sequential batches and write a checkpoint (deltas + state + manifest)."""
+    """Apply requests in sequential batches and write a checkpoint (its increment and manifest)."""
+    use_runtime(device, dtype)
     cfg = model_config(model, config)
     s = method_settings(cfg, method, nas, pilots)
     reqs = read_requests(requests, limit)
@@ -86,8 +92,16 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
     out_dir: Annotated[Path, typer.Option("--out", "-o")],
     model: ModelOpt = "smollm2-135m",
+    fmt: Annotated[str, typer.Option("--format", help="hf: a full model folder; peft: a LoRA adapter of the "
+                                                      "edits")] = "hf",
+    max_rank: Annotated[int | None, typer.Option(help="peft: truncate each module to this rank (SVD)")] = None,
 ) -> None:
-    """Write a full Hugging Face model folder (base + checkpoint deltas) that transformers loads."""
+    """Write a checkpoint as a full Hugging Face model folder (base + deltas) or a PEFT LoRA adapter."""
+    if fmt == "peft":
+        _export_peft(checkpoint, out_dir, model, max_rank)
+        return
+    if fmt != "hf":
+        raise typer.BadParameter(f"--format must be hf or peft, not {fmt!r}", param_hint="--format")
     m, tok, name, h = fetch_and_load(model)
     try:
         got = rebuild_verified(m, h, checkpoint)
@@ -96,6 +110,27 @@ def export(
     m.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     out.print(f"exported {out_dir} (weights hash {got[:16]})")
+
+
+def _export_peft(checkpoint: Path, out_dir: Path, model: str, max_rank: int | None) -> None:
+    """The adapter, without loading the model: its folder names the base, its config the layout."""
+    from flows.assets.fetch import fetch_model
+    from flows.engine.lora_export import export_peft
+    from nas_core.spec import spec_for_model_type
+
+    folder = fetch_model(model, roots().models).path
+    model_type = json.loads((folder / "config.json").read_text(encoding="utf-8"))["model_type"]
+    try:
+        report = export_peft(checkpoint, out_dir, str(folder), spec_for_model_type(model_type).transposed, max_rank)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    table = Table("module", "rank", "exact", "relative error")
+    for name, m in report["modules"].items():
+        table.add_row(name, str(m["rank"]), "yes" if m["exact"] else "no (SVD)", f"{m['relative_error']:.2e}")
+    out.print(table)
+    out.print(f"exported {out_dir}: a PEFT LoRA adapter of {report['edit_count']} edits "
+              f"({report['adapter_bytes'] / 1e6:.2f} MB, factors from {report['source']}); load it with "
+              f"peft.PeftModel.from_pretrained(base, {str(out_dir)!r})")
 
 
 @commands.command("eval")
@@ -108,10 +143,13 @@ def eval_cmd(
     out_file: Annotated[Path, typer.Option("--out", "-o", help="where to write metrics.json")] = Path("metrics.json"),
     no_health: Annotated[bool, typer.Option("--no-health", help="skip canary perplexity and general tasks")] = False,
     config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Edit metrics, model health and the collapse verdict of a checkpoint (or the base model)."""
     from flows.engine import evaluation
 
+    use_runtime(device, dtype)
     cfg = model_config(model, config)
     reqs = read_requests(requests, limit)
     m, tok, name, h = fetch_and_load(model)

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.cli.common import ComputeOpt, ModelOpt, claim_prefect_night, out
+from flows.cli.common import ComputeOpt, DeviceOpt, DtypeOpt, ModelOpt, claim_prefect_night, out, use_runtime
 
 commands = typer.Typer()
 
@@ -62,6 +62,8 @@ def bench_horizon(
     source: Annotated[Path | None, typer.Option(help="CounterFact JSON (EasyEdit layout)")] = None,
     out_root: Annotated[Path, typer.Option("--out", help="studies live in OUT/MODEL-KEY/")] = Path("bench/horizon"),
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite mlflow.db)")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """The editing-horizon study (a Prefect flow): every method on the same edit stream, until collapse.
 
@@ -72,6 +74,7 @@ def bench_horizon(
     from flows.engine import precision
     from flows.studies.horizon import horizon_study
 
+    use_runtime(device, dtype)
     settings = _settings(methods, {
         "stream_length": stream_length, "batch_size": batch_size, "eval_every": eval_every,
         "general_items": general_items, "canary_tokens": canary_tokens, "pilots": pilots,

@@ -12,6 +12,8 @@ import typer
 
 from flows.cli.common import (
     ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
     ModelOpt,
     covariance_stats,
     fetch_and_load,
@@ -20,6 +22,7 @@ from flows.cli.common import (
     out,
     reference_norm,
     roots,
+    use_runtime,
 )
 
 commands = typer.Typer()
@@ -42,8 +45,11 @@ def stats(
     model: ModelOpt = "smollm2-135m",
     config: ConfigOpt = None,
     force: Annotated[bool, typer.Option(help="measure again even when cached (benchmarking)")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Covariance statistics C for every layer the model's config edits (cached)."""
+    use_runtime(device, dtype)
     cfg = model_config(model, config)
     m, tok, name, h = fetch_and_load(model)
     covariance_stats(m, tok, name, cfg, h, cfg.all_layers(), force=force)
@@ -55,8 +61,11 @@ def anchor(
     method: Annotated[str, typer.Option(help="memit, alphaedit or rome")] = "alphaedit",
     pilots: Annotated[int | None, typer.Option(help="override the config's pilot count")] = None,
     config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Calibrate the NAS reference norm on the unedited model (cached, never on an edited one)."""
+    use_runtime(device, dtype)
     cfg = model_config(model, config)
     s = method_settings(cfg, method, True, pilots)
     m, tok, name, h = fetch_and_load(model)

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from flows.cli.common import claim_prefect_night, console, out
+from flows.cli.common import DeviceOpt, DtypeOpt, claim_prefect_night, console, out, use_runtime
 from flows.config.model import ConfigError
 
 commands = typer.Typer()
@@ -48,6 +48,8 @@ def _tracker(params):
 def refresh(
     params_file: ParamsOpt = None,
     demo: Annotated[bool, typer.Option("--demo", help="run the shipped demo nights, one flow run each")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Run the nightly refresh now (one Prefect flow run) over every batch in the inbox."""
     from flows.engine.checkpoints import CheckpointTampered
@@ -55,6 +57,7 @@ def refresh(
     from flows.refresh import operations
     from flows.refresh.lock import RefreshLocked
 
+    use_runtime(device, dtype)  # before the params: they read it
     params = _params(params_file)
     t0 = time.perf_counter()
     nights = None

@@ -8,6 +8,7 @@ params.yaml picks the model and method and holds everything about the pipeline i
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from flows.paths import Paths, Roots, project_root
 from nas_core.collapse import CollapseSettings
 from nas_core.editors import METHODS
 from nas_core.settings import EvalSettings
+
+#: What ``--device`` / ``--dtype`` set for a command's lifetime (params.yaml ``runtime`` otherwise).
+ENV_DEVICE, ENV_DTYPE = "NAS_DEVICE", "NAS_DTYPE"
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,34 @@ class TrackingParams:
     experiment: str = "nightly-refresh"
 
 
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """Where the model lives and in which dtype its weights are loaded.
+
+    Attributes:
+        device: ``auto`` (cuda when a GPU is present, else cpu), ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: ``auto`` (bfloat16 on cuda, float32 on cpu), ``float32``, ``bfloat16`` or
+            ``float16``. Statistics, keys and solves stay float32/float64 whatever the weights
+            are; the update is cast to the weight's dtype where it is written. A checkpoint is
+            bound to the base weights it was made from, so a lineage keeps one dtype.
+
+    ``$NAS_DEVICE`` and ``$NAS_DTYPE`` (what the CLI's ``--device``/``--dtype`` set) win.
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.device.split(":")[0] not in DEVICES or (":" in self.device and not self.device.startswith("cuda:")):
+            raise ValueError(f"runtime.device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"runtime.dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+
+
 @dataclass(frozen=True)
 class CheckpointParams:
     """How versions are stored (flows/engine/checkpoints.py documents the format).
@@ -131,6 +163,7 @@ class Params:
     collapse: CollapseSettings = field(default_factory=CollapseSettings)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     checkpoints: CheckpointParams = field(default_factory=CheckpointParams)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
     #: The project directory the relative ``paths`` resolve against (not a params.yaml key).
     root: Path = field(default_factory=project_root, metadata={"yaml": False})
 
@@ -165,6 +198,9 @@ def load_params(path: Path | None = None, project: Path | None = None) -> Params
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
-        return dataclasses.replace(build(Params, raw, path.name), root=root)
+        params = build(Params, raw, path.name)
+        runtime = RuntimeParams(os.environ.get(ENV_DEVICE) or params.runtime.device,
+                                os.environ.get(ENV_DTYPE) or params.runtime.dtype)
+        return dataclasses.replace(params, root=root, runtime=runtime)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

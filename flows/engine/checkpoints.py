@@ -26,7 +26,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,20 @@ if TYPE_CHECKING:
 SNAPSHOT_EVERY = 30
 
 
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A temp folder beside ``out`` to fill; put at ``out`` (:func:`replace_dir`) when the block
+    ends, removed when it raises, so a crash leaves the old ``out`` or the new one, never half."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Put the fully written folder ``tmp`` at ``out`` (two renames; an old ``out`` is removed last),
     so a reader never sees a half-written folder."""
@@ -87,8 +102,7 @@ def write_checkpoint(session: EditSession, out: Path, extra: dict[str, Any] | No
     if links >= snapshot_every or not session.keep_increment:
         snapshot = "end"
     complete = session.keep_increment and (session.parent is None or parent is not None)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_dir(out) as tmp:
         tensors, increment = pack(session.increment)
         save_file(tensors, tmp / INCREMENT)
         if snapshot:
@@ -109,10 +123,6 @@ def write_checkpoint(session: EditSession, out: Path, extra: dict[str, Any] | No
         }
         blob = json.dumps(manifest, indent=1).encode("utf-8")
         (tmp / MANIFEST).write_bytes(blob)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     session.written(out, hashlib.sha256(blob).hexdigest(), manifest["links"])
     return out
 
@@ -207,9 +217,7 @@ def standalone_copy(src: Path, dst: Path, recorded: Mapping[str, str] | None = N
     chain's start snapshot (if any) and every increment after it, in one folder (written aside,
     then renamed). Its weights hash is ``src``'s; only the manifest's bookkeeping differs."""
     chain = read_chain(Path(src), recorded)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
-    try:
+    with staged_dir(dst) as tmp:
         start, target = chain[0], chain[-1].manifest
         kind = {"end": "start" if len(chain) > 1 else "end", "start": "start", None: None}[start.snapshot]
         steps = list(start.steps()) if kind == "end" else list(applied_steps(chain))
@@ -222,13 +230,9 @@ def standalone_copy(src: Path, dst: Path, recorded: Mapping[str, str] | None = N
                     "increment": increment, "increment_complete": complete, "copied_from": Path(src).name,
                     "files": file_hashes(tmp, (INCREMENT, *(SNAPSHOT_FILES if kind else ())))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
 __all__ = ["MANIFEST", "SNAPSHOT_EVERY", "Checkpoint", "CheckpointTampered", "file_hashes", "load_checkpoint_into",
-           "read_checkpoint", "read_verified", "rebuild_verified", "registry_files", "replace_dir", "standalone_copy",
-           "verify_checkpoint", "write_checkpoint"]
+           "read_checkpoint", "read_verified", "rebuild_verified", "registry_files", "replace_dir", "staged_dir",
+           "standalone_copy", "verify_checkpoint", "write_checkpoint"]

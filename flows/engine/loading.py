@@ -30,19 +30,23 @@ class BaseModel:
     base_hash: str
 
 
-def fetch_base(source: str, models_root: Path) -> BaseModel:
-    """The model ``source`` names (a model config's ``model``) from ``models_root``, fetched first when absent."""
+def fetch_base(source: str, models_root: Path, device: str = "cpu", dtype: str = "float32") -> BaseModel:
+    """The model ``source`` names (a model config's ``model``) from ``models_root``, fetched first
+    when absent, loaded onto ``device`` in ``dtype`` (``auto``: :func:`flows.engine.precision.runtime`)."""
     from flows.assets.fetch import fetch_model
     from flows.assets.load import load_model
+    from flows.engine.precision import runtime
 
+    device, dtype = runtime(device, dtype)
     fetched = fetch_model(source, models_root, show_progress=False)
-    model, tok = load_model(fetched.path)
+    model, tok = load_model(fetched.path, dtype=dtype, device=device)
     return BaseModel(model, tok, fetched.path.name, fetched.path, weights_hash(model))
 
 
 def load_base(params) -> BaseModel:
-    """params.yaml's model from the project's model cache (fetched first when absent)."""
-    return fetch_base(params.model_config().model, params.roots.models)
+    """params.yaml's model from the project's model cache (fetched first when absent), on
+    params.yaml's ``runtime`` device and dtype."""
+    return fetch_base(params.model_config().model, params.roots.models, params.runtime.device, params.runtime.dtype)
 
 
 def base_stats(base: BaseModel, params, logger: logging.Logger | logging.LoggerAdapter = log,

@@ -36,6 +36,16 @@ def cpu_facts() -> dict[str, object]:
     return {"cpu": model, "bf16_flags": [f for f in BF16_CPU_FLAGS if f in flags]}
 
 
+def runtime(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """``(device, dtype)`` with ``auto`` resolved: cuda and bfloat16 where a GPU is present, cpu and
+    float32 otherwise."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return device, dtype
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 matrix products natively."""
     if device.type == "cuda":

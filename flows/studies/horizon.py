@@ -329,13 +329,16 @@ def horizon_study(
     from flows.config.params import load_params
 
     logger = get_run_logger()
-    roots = load_params(project=project).roots
+    params = load_params(project=project)
+    roots = params.roots
     source = Path(source) if source is not None else roots.horizon_stream
     cfg = config_for(model_name, roots.configs)
-    base = fetch_base(cfg.model, roots.models)
+    base = fetch_base(cfg.model, roots.models, params.runtime.device, params.runtime.dtype)
     model, tok, name, base_hash = base.model, base.tok, base.name, base.base_hash
     stream = stream_requests(source, settings.stream_length)
-    out = study_dir(Path(out_root), name, settings, source, cfg)
+    weights_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    label = name if weights_dtype == "float32" else f"{name}-{weights_dtype}"
+    out = study_dir(Path(out_root), label, settings, source, cfg)  # float32 keeps the keys studies had
     out.mkdir(parents=True, exist_ok=True)
     logger.info("horizon study in %s: %d requests from %s, methods %s", out, len(stream), source.name,
                 ", ".join(settings.methods))

@@ -31,8 +31,8 @@ REQS = [EditRequest(str(i), "The capital of {} is", s, "Rome", t)
 NIGHTS = [REQS[0:2], REQS[2:3], REQS[3:5], REQS[5:6]]
 
 
-def _session(method, tok, checkpoint=None):
-    model = tiny_model("llama", layers=3)
+def _session(method, tok, checkpoint=None, dtype=torch.float32):
+    model = tiny_model("llama", layers=3).to(dtype)
     nas = NASSettings(enabled=True, outlier_factor=100.0)
     if method == "alphaedit":
         s = AlphaEditSettings(layers=(0, 1), nullspace_threshold=0.5, l2=1.0, nas=nas, values=VALUES)
@@ -150,3 +150,17 @@ def test_rewriting_a_version_in_place_makes_it_a_snapshot(tok, tmp_path):
     assert loaded.manifest["snapshot"] == "end" and loaded.manifest["parent"] is None
     assert loaded.manifest["weights_hash"] == weights_hash(session.model)
     assert lineage_steps(out) is None
+
+
+def test_a_bfloat16_lineage_reloads_bit_for_bit(tok, tmp_path):
+    session = _session("alphaedit", tok, dtype=torch.bfloat16)
+    session.apply(REQS[:2])
+    write_checkpoint(session, tmp_path / "v0001")
+    cont = _session("alphaedit", tok, tmp_path / "v0001", dtype=torch.bfloat16)
+    assert weights_hash(cont.model) == weights_hash(session.model)
+    assert cont.model.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    cont.apply(REQS[2:3])
+    session.apply(REQS[2:3])
+    assert weights_hash(cont.model) == weights_hash(session.model)
+    with pytest.raises(ValueError, match="base weights"):  # a float32 base is another model
+        _session("alphaedit", tok, tmp_path / "v0001")

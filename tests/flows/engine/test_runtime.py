@@ -1,0 +1,35 @@
+"""params.yaml ``runtime`` and the CLI's --device/--dtype: validated, resolved, the environment wins."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.config.params import ENV_DEVICE, ENV_DTYPE, RuntimeParams, load_params
+from flows.engine.precision import runtime
+
+
+def test_auto_resolves_to_the_cpu_and_float32_without_a_gpu(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert runtime() == ("cpu", "float32")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert runtime() == ("cuda", "bfloat16")
+    assert runtime("cuda:1", "auto") == ("cuda:1", "bfloat16")
+    assert runtime("cpu", "bfloat16") == ("cpu", "bfloat16")
+
+
+@pytest.mark.parametrize("device,dtype", [("tpu", "auto"), ("cpu:0", "auto"), ("cpu", "int8")])
+def test_bad_runtime_values_are_refused(device, dtype):
+    with pytest.raises(ValueError, match="runtime"):
+        RuntimeParams(device, dtype)
+
+
+def test_the_environment_overrides_params_yaml(tmp_path, monkeypatch):
+    (tmp_path / "params.yaml").write_text("runtime:\n  device: cpu\n  dtype: float32\n", encoding="utf-8")
+    monkeypatch.delenv(ENV_DEVICE, raising=False)
+    monkeypatch.delenv(ENV_DTYPE, raising=False)
+    assert load_params(project=tmp_path).runtime == RuntimeParams("cpu", "float32")
+    monkeypatch.setenv(ENV_DTYPE, "bfloat16")
+    assert load_params(project=tmp_path).runtime == RuntimeParams("cpu", "bfloat16")
+    (tmp_path / "params.yaml").write_text("runtime:\n  device: gpu\n", encoding="utf-8")
+    with pytest.raises(Exception, match="runtime.device"):
+        load_params(project=tmp_path)
