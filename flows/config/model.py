@@ -131,9 +131,31 @@ class ModelConfig:
         return s
 
 
+class _UniqueKeySafeLoader(yaml.SafeLoader):
+    """yaml's safe loader that refuses a mapping repeating a key (plain yaml keeps the last one
+    silently, so a second ``runtime:`` section would override the first unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content, duplicate keys refused with the file and line."""
+    try:
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeySafeLoader)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
 def load_model_config(path: Path) -> ModelConfig:
     """Read ``configs/NAME.yaml``. Top-level ``values``/``nas`` are shared by all methods."""
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     allowed = {"model", "layers_note", "stats", "values", "nas", *METHODS, "eval", "collapse"}

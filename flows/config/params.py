@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from flows.config.model import ConfigError, ModelConfig, build, config_for
+from flows.config.model import ConfigError, ModelConfig, build, config_for, read_yaml
 from flows.config.validation import ValidationSettings
 from flows.paths import Paths, Roots, project_root
 from nas_core.collapse import CollapseSettings
@@ -192,7 +190,7 @@ def load_params(path: Path | None = None, project: Path | None = None) -> Params
     resolve against ``project`` (:func:`flows.paths.project_root`), whose params.yaml is the default."""
     root = project_root(project)
     path = Path(path) if path is not None else root / "params.yaml"
-    raw: Any = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    raw: Any = read_yaml(path) if path.is_file() else {}
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

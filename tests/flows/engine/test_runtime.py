@@ -33,3 +33,9 @@ def test_the_environment_overrides_params_yaml(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text("runtime:\n  device: gpu\n", encoding="utf-8")
     with pytest.raises(Exception, match="runtime.device"):
         load_params(project=tmp_path)
+
+
+def test_a_section_given_twice_is_an_error_naming_the_line(tmp_path):
+    (tmp_path / "params.yaml").write_text("runtime:\n  device: cpu\n\nruntime:\n  device: cuda\n", encoding="utf-8")
+    with pytest.raises(Exception, match="line 4: key 'runtime' appears twice"):
+        load_params(project=tmp_path)
