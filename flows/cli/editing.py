@@ -128,8 +128,9 @@ def _export_peft(checkpoint: Path, out_dir: Path, model: str, max_rank: int | No
     for name, m in report["modules"].items():
         table.add_row(name, str(m["rank"]), "yes" if m["exact"] else "no (SVD)", f"{m['relative_error']:.2e}")
     out.print(table)
+    source = "the nights' own factors" if report["source"] == "factors" else "the SVD of D"
     out.print(f"exported {out_dir}: a PEFT LoRA adapter of {report['edit_count']} edits "
-              f"({report['adapter_bytes'] / 1e6:.2f} MB, factors from {report['source']}); load it with "
+              f"({report['adapter_bytes'] / 1e6:.2f} MB, from {source}); load it with "
               f"peft.PeftModel.from_pretrained(base, {str(out_dir)!r})")
 
 
