@@ -8,9 +8,10 @@ it to find each method's collapse point.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -31,6 +32,9 @@ class CollapseSettings:
         max_general_drop: the mean general-task accuracy may fall at most this many
             percentage points below the base model's.
         max_norm_ratio: no edited weight's ||W_t||_F / ||W_0||_F may exceed this.
+        norm_ratio_by_method: the norm bound of a method label (``alphaedit+nas``: method,
+            ``+nas`` when NAS is on) where the horizon study measured its own;
+            :meth:`for_method` picks it, ``max_norm_ratio`` serves every other method.
 
     Derived from the long horizon study on SmolLM2-135M (docs/horizon.md,
     ``scripts/gate_from_horizon.py``; batch 10, 3,000-edit CounterFact stream). The canary
@@ -38,6 +42,9 @@ class CollapseSettings:
     edits) and 1.470 for MEMIT+NAS (about 2,000): the damage follows the norm ratio, whatever
     slowed its growth. ``max_norm_ratio`` 1.45 therefore refuses a night 0.02 of norm ratio
     before that point: 60-80 edits at the measured growth rates, several nights of margin.
+    AlphaEdit+NAS tolerates more norm: its perplexity crossed 2x at a norm ratio of 1.621
+    (1,500 edits; 1.45 at about 900, while it was healthy), so its bound is 1.60 (params.yaml
+    ``norm_ratio_by_method``), the same 0.02 margin.
     It does not hold for MEMIT without its key cache (``memit-plain``, a baseline, not a night
     method): its later edits overwrite earlier ones, and perplexity doubled at a norm ratio of
     1.19 after 600 edits, so there the perplexity check, not the norm bound, catches it.
@@ -53,12 +60,24 @@ class CollapseSettings:
     max_perplexity_ratio: float = 2.0
     max_general_drop: float = 10.0
     max_norm_ratio: float = 1.45
+    norm_ratio_by_method: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(0 <= self.min_editing_score <= 100, "collapse.min_editing_score must be in [0, 100]")
         _check(self.max_perplexity_ratio >= 1, "collapse.max_perplexity_ratio must be >= 1")
         _check(0 <= self.max_general_drop <= 100, "collapse.max_general_drop must be in [0, 100]")
         _check(self.max_norm_ratio >= 1, "collapse.max_norm_ratio must be >= 1")
+        from nas_core.editors import METHODS
+
+        for label, bound in self.norm_ratio_by_method.items():
+            _check(label.removesuffix("+nas") in METHODS,
+                   f"collapse.norm_ratio_by_method: {label!r} is not a method label ({', '.join(METHODS)}, +nas)")
+            _check(bound >= 1, f"collapse.norm_ratio_by_method.{label} must be >= 1")
+
+    def for_method(self, label: str) -> CollapseSettings:
+        """These thresholds with the norm bound of method ``label`` (e.g. ``alphaedit+nas``)."""
+        bound = self.norm_ratio_by_method.get(label, self.max_norm_ratio)
+        return dataclasses.replace(self, max_norm_ratio=bound)
 
 
 @dataclass(frozen=True)

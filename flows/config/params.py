@@ -171,9 +171,11 @@ class Params:
         return self.paths.under(self.root)
 
     def model_config(self) -> ModelConfig:
-        """The model's config with this file's overrides (pilots, statistics tokens, eval, collapse)."""
+        """The model's config with this file's overrides (pilots, statistics tokens, eval, collapse
+        with the norm bound of ``edit.method``)."""
         cfg = config_for(self.model, self.roots.configs)
-        cfg = dataclasses.replace(cfg, eval=self.eval, collapse=self.collapse)
+        label = f"{self.edit.method}{'+nas' if self.edit.nas else ''}"
+        cfg = dataclasses.replace(cfg, eval=self.eval, collapse=self.collapse.for_method(label))
         if self.edit.stats_tokens:
             cfg = dataclasses.replace(cfg, stats=dataclasses.replace(cfg.stats, tokens=self.edit.stats_tokens))
         return cfg

@@ -1,6 +1,9 @@
-"""params.yaml ``runtime`` and the CLI's --device/--dtype: validated, resolved, the environment wins."""
+"""params.yaml sections added for scale: ``runtime`` (and --device/--dtype), the per-method norm
+bound; a repeated key is an error."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -38,4 +41,19 @@ def test_the_environment_overrides_params_yaml(tmp_path, monkeypatch):
 def test_a_section_given_twice_is_an_error_naming_the_line(tmp_path):
     (tmp_path / "params.yaml").write_text("runtime:\n  device: cpu\n\nruntime:\n  device: cuda\n", encoding="utf-8")
     with pytest.raises(Exception, match="line 4: key 'runtime' appears twice"):
+        load_params(project=tmp_path)
+
+
+def test_the_norm_bound_is_the_methods_own_where_the_study_measured_one(tmp_path):
+    config = Path(__file__).resolve().parents[2] / "configs" / "smollm2-135m.yaml"
+    (tmp_path / "params.yaml").write_text(
+        f"model: {config}\nedit:\n  method: alphaedit\n  nas: true\ncollapse:\n  max_norm_ratio: 1.45\n"
+        "  norm_ratio_by_method:\n    alphaedit+nas: 1.6\n", encoding="utf-8")
+    params = load_params(project=tmp_path)
+    assert params.model_config().collapse.max_norm_ratio == 1.6
+    other = load_params(project=tmp_path).__class__(**{**params.__dict__, "edit": params.edit.__class__("memit")})
+    assert other.model_config().collapse.max_norm_ratio == 1.45
+    (tmp_path / "params.yaml").write_text("collapse:\n  norm_ratio_by_method:\n    alphaedt+nas: 1.6\n",
+                                          encoding="utf-8")
+    with pytest.raises(Exception, match="'alphaedt\\+nas' is not a method label"):
         load_params(project=tmp_path)
