@@ -26,7 +26,7 @@ NIGHTS = ("night-01", "night-02", "night-04")
 
 def worker(project: Path, params_file: Path, out: Path, nights: int) -> dict:
     from flows.config.params import load_params
-    from flows.engine import editing, loading
+    from flows.engine import editing
     from flows.engine.checkpoints import write_checkpoint
     from flows.engine.loading import base_anchor, base_stats, load_base
     from nas_core.deltas import materialise, weights_hash
@@ -37,9 +37,6 @@ def worker(project: Path, params_file: Path, out: Path, nights: int) -> dict:
     settings = params.method_settings()
     cov = base_stats(base, params, require_cached=True)
     anchor = base_anchor(base, params, settings, require_cached=True)
-    projectors = None  # the new tree loads AlphaEdit's P from its cache, as a night does
-    if hasattr(loading, "base_projectors"):
-        projectors = loading.base_projectors(cov, loading.base_stats_file(base, params)[1], settings)
     rows, champion, base_weights = [], None, None
     for i, night in enumerate(NIGHTS[:nights], 1):
         reqs = list(parse_fact_jsonl((project / "data/demo/batches" / f"{night}.jsonl").read_text()).requests)
@@ -47,7 +44,7 @@ def worker(project: Path, params_file: Path, out: Path, nights: int) -> dict:
             materialise(base.model, base_weights, {})  # the base model again, as a new night loads it
         t0 = time.perf_counter()
         session = editing.open_session(base.model, base.tok, base.name, params.edit.method, settings, cov,
-                                       base.base_hash, anchor, champion, **_cached(projectors))
+                                       base.base_hash, anchor, champion)
         load_s = time.perf_counter() - t0
         base_weights = session.base
         t0 = time.perf_counter()
@@ -63,23 +60,22 @@ def worker(project: Path, params_file: Path, out: Path, nights: int) -> dict:
     materialise(base.model, base_weights, {})
     t0 = time.perf_counter()
     final = editing.open_session(base.model, base.tok, base.name, params.edit.method, settings, cov,
-                                 base.base_hash, anchor, champion, **_cached(projectors))
+                                 base.base_hash, anchor, champion)
     return {"rows": rows, "load_champion_s": round(time.perf_counter() - t0, 2),
             "reload_hash_ok": weights_hash(final.model) == rows[-1]["weights_hash"]}
 
 
-def _cached(projectors) -> dict:
-    return {} if projectors is None else {"projectors": projectors}
-
-
 def run_tree(tree: Path, out: Path, nights: int) -> dict:
     """The worker in ``tree``'s code, on this project's data, with params.yaml less the keys that
-    tree does not know (the old tree has no ``checkpoints`` section)."""
+    tree does not know (the old tree has no ``checkpoints`` or ``runtime`` section); the editing
+    settings are the same."""
     import yaml
 
     doc = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    if not (tree / "flows/engine/increments.py").is_file():
+    if not (tree / "flows/engine/increments.py").is_file():  # sections added with the compact format
         doc.pop("checkpoints", None)
+        doc.pop("runtime", None)
+        doc.get("collapse", {}).pop("norm_ratio_by_method", None)
     out.mkdir(parents=True)
     params_file = out / "params.yaml"
     params_file.write_text(yaml.safe_dump(doc), encoding="utf-8")

@@ -154,32 +154,6 @@ def ensure_stats(
     return sm.cov, path, False
 
 
-def ensure_projectors(cov: dict[int, torch.Tensor], cov_path: Path, settings: AlphaEditSettings
-                      ) -> tuple[dict[int, torch.Tensor], Path, bool]:
-    """AlphaEdit's P per edited layer, cached beside the statistics they come from.
-
-    The key is the (content-addressed) statistics file and the null-space cut, so every night
-    and the replay of a lineage load the very P bytes the first night computed: a compact
-    checkpoint rebuilds its state without the five eigendecompositions (2 s for SmolLM2, 28 min
-    for Llama-3-8B on this CPU). Returns (projectors, file, cached?).
-    """
-    from nas_core.editors.alphaedit import projectors_for
-
-    key = {"cov": cov_path.name, "layers": sorted(settings.layers), "threshold": settings.nullspace_threshold,
-           "relative": settings.nullspace_relative_threshold}
-    path = cov_path.with_name(f"projector-{digest(key)}.safetensors")
-    if path.is_file():
-        tensors = load_file(path)
-        return {int(k.split(".")[1]): v for k, v in tensors.items()}, path, True
-    t0 = time.perf_counter()
-    projectors = projectors_for(settings, cov)
-    atomic_save_tensors(path, {f"projector.{layer}": p for layer, p in projectors.items()},
-                        {**{k: json.dumps(v) for k, v in key.items()}, "seconds": f"{time.perf_counter() - t0:.1f}",
-                         "created": now()})
-    log.info("AlphaEdit projectors for layers %s: %.1f s -> %s", sorted(projectors), time.perf_counter() - t0, path)
-    return projectors, path, False
-
-
 # --- NAS anchors -----------------------------------------------------------------------------
 
 def pilot_file(roots: Roots) -> Path:

@@ -29,12 +29,9 @@ from nas_core.state import EditState
 log = logging.getLogger(__name__)
 
 
-def make_editor(method: str, settings, cov: dict[int, torch.Tensor],
-                projectors: dict[int, torch.Tensor] | None = None) -> Editor:
-    """The editor of a method or a baseline variant (``memit-plain`` runs MEMIT's class);
-    ``projectors``: AlphaEdit's cached P (:func:`flows.engine.caches.ensure_projectors`)."""
-    cls = EDITORS[check_method(method)]
-    return cls(settings, cov, projectors) if projectors is not None else cls(settings, cov)
+def make_editor(method: str, settings, cov: dict[int, torch.Tensor]) -> Editor:
+    """The editor of a method or a baseline variant (``memit-plain`` runs MEMIT's class)."""
+    return EDITORS[check_method(method)](settings, cov)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,17 +142,15 @@ def open_session(
     reference_norm: float | None,
     checkpoint: Path | None = None,
     recorded_files: dict[str, str] | None = None,
-    projectors: dict[int, torch.Tensor] | None = None,
 ) -> EditSession:
     """Start editing the base ``model``, or continue from ``checkpoint`` (its files checked
     against their manifest and, given, the ledger's ``recorded_files``). ``auto`` precision is
-    resolved for the model's device here (:mod:`flows.engine.precision`); ``projectors``: AlphaEdit's
-    cached P, else built from ``cov``."""
+    resolved for the model's device here (:mod:`flows.engine.precision`)."""
     settings = precision.resolve(settings, next(model.parameters()).device)
     spec = spec_for(model)
     names = [spec.weight_name(layer) for layer in settings.layers]
     base = edited_weights(model, names)
-    editor = make_editor(method, settings, cov, projectors)
+    editor = make_editor(method, settings, cov)
     original = frobenius_norms(model, names)
     if checkpoint is None:
         state = dataclasses.replace(editor.init_state(model), reference_norm=reference_norm)

@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flows.engine.caches import ensure_anchor, ensure_projectors, ensure_stats
+from flows.engine.caches import ensure_anchor, ensure_stats
 from nas_core.deltas import weights_hash
-from nas_core.settings import AlphaEditSettings
 
 log = logging.getLogger(__name__)
 
@@ -54,30 +53,13 @@ def base_stats(base: BaseModel, params, logger: logging.Logger | logging.LoggerA
                require_cached: bool = False) -> dict[int, torch.Tensor]:
     """C of every layer the model config edits (one file serves every method); ``require_cached``
     refuses to measure (a replay uses the statistics the ``stats`` stage made)."""
-    return base_stats_file(base, params, logger, require_cached)[0]
-
-
-def base_stats_file(base: BaseModel, params, logger: logging.Logger | logging.LoggerAdapter = log,
-                    require_cached: bool = False) -> tuple[dict[int, torch.Tensor], Path]:
-    """:func:`base_stats` and the cache file it came from (what the projector cache is keyed by)."""
     cfg = params.model_config()
     cov, path, cached = ensure_stats(base.model, base.tok, base.name, cfg.all_layers(), cfg.stats, base.base_hash,
                                      params.roots)
     if require_cached and not cached:
         raise RuntimeError(f"covariance statistics {path} were not made by the stats stage (dvc repro stats)")
     logger.info("covariance statistics %s%s", path, " (cached)" if cached else "")
-    return cov, path
-
-
-def base_projectors(cov: dict[int, torch.Tensor], cov_path: Path, settings,
-                    logger: logging.Logger | logging.LoggerAdapter = log) -> dict[int, torch.Tensor] | None:
-    """AlphaEdit's cached projectors for ``settings`` (None for the other methods): what
-    :func:`flows.engine.editing.open_session` takes instead of building them."""
-    if not isinstance(settings, AlphaEditSettings):
-        return None
-    projectors, ppath, cached = ensure_projectors(cov, cov_path, settings)
-    logger.info("AlphaEdit projectors %s%s", ppath, " (cached)" if cached else "")
-    return projectors
+    return cov
 
 
 def base_anchor(base: BaseModel, params, settings, logger: logging.Logger | logging.LoggerAdapter = log,

@@ -24,7 +24,7 @@ from flows.config.params import Params
 from flows.engine import evaluation
 from flows.engine.checkpoints import file_hashes, registry_files, write_checkpoint
 from flows.engine.editing import EditSession, SessionSnapshot, apply_in_batches, open_session
-from flows.engine.loading import base_anchor, base_projectors, base_stats_file, load_base
+from flows.engine.loading import base_anchor, base_stats, load_base
 from flows.facts.batch import BatchValidation
 from flows.facts.inbox import BatchSnapshot, InboxScan, release, scan_inbox, store
 from flows.facts.quarantine import quarantine
@@ -183,7 +183,7 @@ def load_champion(params: Params, ledger: Ledger) -> Champion:
     logger = get_run_logger()
     s = params.method_settings()
     base = load_base(params)
-    cov, cov_path = base_stats_file(base, params, logger)
+    cov = base_stats(base, params, logger)
     anchor = base_anchor(base, params, s, logger)
     base_ref = evaluation.base_reference(base.model, base.tok, base.name, base.base_hash, params.model_config().eval,
                                          params.roots)
@@ -199,7 +199,7 @@ def load_champion(params: Params, ledger: Ledger) -> Champion:
         logger.info("no champion yet: starting from the base model %s", base.name)
     promo = ledger.promotion(champ.version) if champ is not None else None
     session = open_session(base.model, base.tok, base.name, params.edit.method, s, cov, base.base_hash, anchor, ckpt,
-                           promo.files if promo is not None else None, base_projectors(cov, cov_path, s, logger))
+                           promo.files if promo is not None else None)
     if champ is not None and weights_hash(base.model) != champ["weights_hash"]:
         raise RuntimeError(f"champion {champ.version} rebuilt to weights {weights_hash(base.model)[:12]}, but the "
                            f"ledger recorded {champ['weights_hash'][:12]}: the checkpoint folder was altered")

@@ -32,7 +32,7 @@ from flows.audit.machine import machine_info
 from flows.audit.outputs import CHAMPION_DIR, REPLAY_JSON
 from flows.engine import precision
 from flows.engine.checkpoints import write_checkpoint
-from flows.engine.loading import base_anchor, base_projectors, base_stats_file, load_base
+from flows.engine.loading import base_anchor, base_stats, load_base
 from flows.io import write_json
 from flows.ledger.lineage import champion_of, lineage_batches
 from flows.stages.common import log, parser, recorded_settings, setup_logging, stage_params
@@ -47,7 +47,7 @@ def replay(params, out: Path, metrics: Path, require_cached: bool = True) -> dic
     t0 = time.perf_counter()
     base = load_base(params)
     settings = recorded_settings(params)
-    cov, cov_path = base_stats_file(base, params, log, require_cached)
+    cov = base_stats(base, params, log, require_cached)
     anchor = base_anchor(base, params, settings, log, require_cached)
     ledger = Ledger(params.roots.ledger)
     version, expected = champion_of(ledger)
@@ -55,9 +55,8 @@ def replay(params, out: Path, metrics: Path, require_cached: bool = True) -> dic
     log.info("replaying %s: %d accepted batch(es), %d requests, %s%s, batch size %s",
              version or "no champion (the base model)", len(batches), sum(len(b.requests) for b in batches),
              params.edit.method, "+NAS" if params.edit.nas else "", params.edit.batch_size)
-    projectors = base_projectors(cov, cov_path, settings, log)  # the very P bytes the nights loaded
     session = editing.open_session(base.model, base.tok, base.name, params.edit.method, settings, cov,
-                                   base.base_hash, anchor, None, projectors=projectors)
+                                   base.base_hash, anchor, None)
     versions = [_replay_batch(session, b) for b in batches]
     write_checkpoint(session, out, {"version": version, "replay": True, "ledger_weights_hash": expected})
     rebuilt = weights_hash(session.model)

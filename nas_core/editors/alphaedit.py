@@ -26,13 +26,6 @@ from nas_core.state import EditState
 log = logging.getLogger(__name__)
 
 
-def projectors_for(settings: AlphaEditSettings, cov: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """P = U0 U0^T (float32) per edited layer from C (one eigendecomposition each)."""
-    return {layer: nullspace_projector(cov[layer], settings.nullspace_threshold,
-                                       settings.nullspace_relative_threshold).float()
-            for layer in settings.layers}
-
-
 class AlphaEditEditor:
     """X = (P (K K^T + S) + beta I)^-1 P K R^T, Delta_l = X^T, for each edited layer l.
 
@@ -43,25 +36,21 @@ class AlphaEditEditor:
         settings: the AlphaEdit settings (NAS included).
         cov: layer -> (d_in, d_in) second moment C; P is built from it once, in
             :meth:`init_state`, and then travels in the state.
-        projectors: P per layer as :func:`projectors_for` made it from this ``cov`` and these
-            settings (a cache of it: the eigendecompositions are the slow part of a load).
     """
 
     name = "alphaedit"
 
-    def __init__(self, settings: AlphaEditSettings, cov: dict[int, torch.Tensor],
-                 projectors: dict[int, torch.Tensor] | None = None):
+    def __init__(self, settings: AlphaEditSettings, cov: dict[int, torch.Tensor]):
         require_cov(settings.layers, cov)
-        if projectors is not None and any(layer not in projectors for layer in settings.layers):
-            raise ValueError(f"projectors given for layers {sorted(projectors)}, not {list(settings.layers)}")
         self.settings = settings
         self.cov = cov
-        self.projectors = projectors
 
     def init_state(self, model: nn.Module) -> EditState:
         s = self.settings
-        projectors = ({layer: self.projectors[layer] for layer in s.layers} if self.projectors is not None
-                      else projectors_for(s, self.cov))
+        projectors = {
+            layer: nullspace_projector(self.cov[layer], s.nullspace_threshold, s.nullspace_relative_threshold).float()
+            for layer in s.layers
+        }
         # The null space's dimension is the number of free directions: 0 means no edit can land.
         dims = {layer: round(float(torch.trace(p))) for layer, p in projectors.items()}
         log.info("AlphaEdit null-space dimension per layer: %s", dims)

@@ -164,28 +164,3 @@ def test_a_bfloat16_lineage_reloads_bit_for_bit(tok, tmp_path):
     assert weights_hash(cont.model) == weights_hash(session.model)
     with pytest.raises(ValueError, match="base weights"):  # a float32 base is another model
         _session("alphaedit", tok, tmp_path / "v0001")
-
-
-def test_cached_projectors_are_the_ones_init_state_builds(tok, tmp_path):
-    from flows.engine.caches import ensure_projectors
-    from nas_core.editors.alphaedit import projectors_for
-
-    first = _session("alphaedit", tok)
-    s, cov = first.settings, first.editor.cov
-    stats = tmp_path / "stats" / "cov-x.safetensors"
-    stats.parent.mkdir()
-    stats.write_bytes(b"the statistics file the cache is keyed by")
-    made, path, cached = ensure_projectors(cov, stats, s)
-    again, path2, cached2 = ensure_projectors(cov, stats, s)
-    assert (cached, cached2, path) == (False, True, path2) and path.parent == stats.parent
-    fresh = projectors_for(s, cov)
-    assert all(torch.equal(again[k], fresh[k]) for k in fresh)
-    # A session given the cached P edits bit for bit as one that builds it.
-    model = tiny_model("llama", layers=3)
-    cached_session = editing.open_session(model, tok, "tiny", "alphaedit", s, cov, weights_hash(model), 2.0,
-                                          projectors=again)
-    for sess in (first, cached_session):
-        sess.apply(REQS[:2])
-    assert weights_hash(first.model) == weights_hash(cached_session.model)
-    with pytest.raises(ValueError, match="projectors given for layers"):
-        editing.make_editor("alphaedit", s, cov, {0: again[0]})
