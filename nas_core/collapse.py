@@ -13,6 +13,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from nas_core.editors import METHODS
+
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
@@ -67,8 +69,6 @@ class CollapseSettings:
         _check(self.max_perplexity_ratio >= 1, "collapse.max_perplexity_ratio must be >= 1")
         _check(0 <= self.max_general_drop <= 100, "collapse.max_general_drop must be in [0, 100]")
         _check(self.max_norm_ratio >= 1, "collapse.max_norm_ratio must be >= 1")
-        from nas_core.editors import METHODS
-
         for label, bound in self.norm_ratio_by_method.items():
             _check(label.removesuffix("+nas") in METHODS,
                    f"collapse.norm_ratio_by_method: {label!r} is not a method label ({', '.join(METHODS)}, +nas)")

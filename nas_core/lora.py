@@ -46,11 +46,12 @@ def _error(dense: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
 def from_pairs(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], dense: torch.Tensor,
                max_rank: int | None = None) -> LoraFactors:
     """The concatenated factor pairs ``(left (d_out, r_i), right (d_in, r_i))`` when their rank is
-    below min(d_out, d_in) and ``max_rank``; else :func:`from_dense`. ``dense``: D as (d_out, d_in)."""
+    below min(d_out, d_in) and at most ``max_rank``; else :func:`from_dense` at ``max_rank``
+    (default min(d_out, d_in): no truncation). ``dense``: D as (d_out, d_in)."""
     rank = sum(int(left.shape[1]) for left, _ in pairs)
-    cap = min(dense.shape) - 1 if max_rank is None else min(max_rank, min(dense.shape))
-    if not pairs or rank > cap:
-        return from_dense(dense, cap)
+    full = min(dense.shape)
+    if not pairs or rank >= full or (max_rank is not None and rank > max_rank):
+        return from_dense(dense, full if max_rank is None else min(max_rank, full))
     b = torch.cat([left.double() for left, _ in pairs], dim=1)
     a = torch.cat([right.double() for _, right in pairs], dim=1).T
     return LoraFactors(b.float(), a.float().contiguous(), True, _error(dense, b, a))

@@ -55,21 +55,32 @@ class Link:
         return EditState.from_state_dict(load_tensors(self.data[STATE]))
 
 
-def read_chain(folder: Path, recorded: Mapping[str, str] | None = None) -> list[Link]:
-    """The links a load of ``folder`` reads, oldest first: back to the nearest snapshot or to a
-    version without a parent. Every file is checked against its manifest, the version's
-    against ``recorded``, each parent's manifest against its child's pointer."""
-    folder, links, where = Path(folder), [], "the ledger"
+def links_back(folder: Path, recorded: Mapping[str, str] | None = None) -> Iterator[Link]:
+    """``folder``'s version, then its parent, grandparent... to a version without a parent, each
+    read and verified: the version against ``recorded``, each parent's manifest against its child's
+    pointer. A parent folder that is missing is a FileNotFoundError naming it."""
+    folder, where = Path(folder), "the ledger"
     while True:
         data, manifest = read_verified(folder, recorded, where)
-        links.append(Link(folder, manifest, data))
+        yield Link(folder, manifest, data)
         parent = parent_of(folder, manifest)
-        if snapshot_kind(manifest) or parent is None:
-            return links[::-1]
-        if not (parent[0] / "manifest.json").is_file():
-            raise FileNotFoundError(f"checkpoint {links[-1].folder.name} needs its parent {parent[0].name}, which is "
+        if parent is None:
+            return
+        if not (parent[0] / MANIFEST).is_file():
+            raise FileNotFoundError(f"checkpoint {folder.name} needs its parent {parent[0].name}, which is "
                                     f"missing from {folder.parent} (restore it with `dvc pull data/checkpoints.dvc`)")
         folder, recorded, where = parent
+
+
+def read_chain(folder: Path, recorded: Mapping[str, str] | None = None) -> list[Link]:
+    """The links a load of ``folder`` reads, oldest first: back to the nearest snapshot or to a
+    version without a parent (:func:`links_back`)."""
+    links = []
+    for link in links_back(folder, recorded):
+        links.append(link)
+        if link.snapshot:
+            break
+    return links[::-1]
 
 
 def applied_steps(chain: list[Link]) -> Iterator[Step]:
@@ -107,19 +118,14 @@ def rebuild_state(chain: list[Link], editor: Editor, model: nn.Module) -> EditSt
 
 def lineage_steps(folder: Path) -> list[Step] | None:
     """Every edit call from the base to ``folder``'s version (verified), or None when a version
-    of the lineage stores no increment (format 1, a study's snapshot): its factors are lost."""
+    of the lineage lacks part of its increment (format 1, a study's snapshot, a standalone copy
+    that starts from a snapshot): its factors are lost."""
     steps: list[Step] = []
-    folder, recorded, where = Path(folder), None, "the ledger"
-    while True:
-        data, manifest = read_verified(folder, recorded, where)
-        link = Link(folder, manifest, data)
-        if snapshot_kind(manifest) == "start" or INCREMENT not in data or manifest.get("increment_complete") is False:
+    for link in links_back(folder):
+        if link.snapshot == "start" or INCREMENT not in link.data or link.manifest.get("increment_complete") is False:
             return None
         steps[:0] = link.steps()
-        parent = parent_of(folder, manifest)
-        if parent is None:
-            return steps
-        folder, recorded, where = parent
+    return steps
 
 
-__all__ = ["Link", "applied_steps", "lineage_steps", "read_chain", "rebuild_deltas", "rebuild_state"]
+__all__ = ["Link", "applied_steps", "lineage_steps", "links_back", "read_chain", "rebuild_deltas", "rebuild_state"]

@@ -6,9 +6,9 @@ of every edit call since the parent version (:mod:`flows.engine.increments`), th
 points at the parent (``parent``: its folder name, a sibling, and its manifest's sha256). The
 cumulative deltas D and the editor state are rebuilt from the chain (:mod:`flows.engine.chain`).
 A *snapshot* also holds ``deltas.safetensors`` and ``state.safetensors`` (the state without the
-AlphaEdit projector, which is rebuilt from the cached covariance): ``"snapshot": "end"`` after
-its increment (written every ``checkpoints.snapshot_every`` links, so a rebuild reads at most
-that many folders), ``"start"`` before it (a standalone copy). Format ``nas-checkpoint/1``
+AlphaEdit projector, which is rebuilt from the covariance): ``"snapshot": "end"`` after its
+increment (written when a load would otherwise replay ``checkpoints.snapshot_every``
+increments), ``"start"`` before it (a standalone copy). Format ``nas-checkpoint/1``
 (D and the full state, no increment) is read as an ``end`` snapshot.
 
 The manifest's ``files`` records every other file's sha256; the night's ``promote`` ledger line

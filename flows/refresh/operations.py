@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 RunNight = Callable[[str | None, str | None], list["BatchOutcome"]]
 
 
-def _checkpoint_problem(params: Params, entry, missing_ok: bool = False) -> str | None:
+def _checkpoint_problem(params: Params, entry, missing_ok: bool = False, chain: bool = True) -> str | None:
     """Why the checkpoint of promote ``entry`` cannot be trusted, or None."""
     ckpt = params.roots.checkpoints / entry["version"]
     if missing_ok and not ckpt.exists():
@@ -34,7 +34,7 @@ def _checkpoint_problem(params: Params, entry, missing_ok: bool = False) -> str 
     if not (ckpt / "manifest.json").is_file():
         return f"{entry['version']}: checkpoint {ckpt} is missing (restore it with `dvc pull data/checkpoints.dvc`)"
     try:
-        manifest = verify_checkpoint(ckpt, entry.files)
+        manifest = verify_checkpoint(ckpt, entry.files, chain)
     except (CheckpointTampered, FileNotFoundError) as err:
         return str(err)
     if manifest.get("weights_hash") != entry["weights_hash"]:
@@ -48,9 +48,9 @@ def verify_lineage(params: Params, ledger: Ledger, version: str | None, missing_
     (``missing_ok``: a checkpoint folder that is absent, as on an auditor's fresh clone, is skipped)."""
     problems: list[str] = []
     for entry in ledger.lineage(version) if version else []:
-        problem = _checkpoint_problem(params, entry, missing_ok)
-        # A compact version's chain reports its parent's fault again: one line per faulty folder.
-        if problem and not any(p.split(":")[0] == problem.split(":")[0] for p in problems):
+        # Every version is checked against the ledger here, so a compact one's parents need no second look.
+        problem = _checkpoint_problem(params, entry, missing_ok, chain=False)
+        if problem:
             problems.append(problem)
         batch = params.roots.resolve(entry["accepted_path"])
         if not batch.is_file():
