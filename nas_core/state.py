@@ -17,7 +17,10 @@ def as_stored(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return t.contiguous(), False
 
 
-_KINDS = ("key_cache", "projector", "inverse")
+_KINDS = ("projector", "inverse")
+# Written by states before the key cache was dropped: S = sum of K K^T was never read by a solve
+# (the maintained inverses carry it), so it is skipped on load.
+_DROPPED = ("key_cache",)
 
 
 @dataclass(frozen=True)
@@ -26,39 +29,28 @@ class EditState:
 
     Attributes:
         layers: edited layers.
-        key_cache: layer -> (d_in, d_in) float64 S = sum of K K^T over all past edits.
         projectors: layer -> (d_in, d_in) AlphaEdit null-space projector P (empty otherwise).
         inverses: layer -> (d_in, d_in) float64 inverse of the solve's system without the
-            current batch (MEMIT: (lambda C + S)^-1; AlphaEdit: (P S + beta I)^-1), kept up to
-            date by Woodbury updates so each batch costs O(d^2 n), not O(d^3).
+            current batch (MEMIT: (lambda C + S)^-1; AlphaEdit: (P S + beta I)^-1, S = sum of the
+            past keys' K K^T), kept up to date by Woodbury updates so each batch costs O(d^2 n),
+            not O(d^3). S itself is not held: no solve reads it, and at 8B it would be 1.6 GB
+            of float64 per layer.
         edit_count: requests written so far.
         skipped_count: requests NAS skipped as outliers so far.
         reference_norm: NAS reference norm a (None when NAS is off).
     """
 
     layers: tuple[int, ...]
-    key_cache: dict[int, torch.Tensor] = field(default_factory=dict)
     projectors: dict[int, torch.Tensor] = field(default_factory=dict)
     inverses: dict[int, torch.Tensor] = field(default_factory=dict)
     edit_count: int = 0
     skipped_count: int = 0
     reference_norm: float | None = None
 
-    def with_keys(
-        self,
-        keys: dict[int, torch.Tensor],
-        edited: int,
-        skipped: int,
-        inverses: dict[int, torch.Tensor] | None = None,
-    ) -> EditState:
-        """A new state with ``keys[layer]`` (d_in, n) added to the key cache."""
-        cache = dict(self.key_cache)
-        for layer, k in keys.items():
-            kk = k.double() @ k.double().T
-            cache[layer] = cache[layer] + kk if layer in cache else kk
+    def advanced(self, edited: int, skipped: int, inverses: dict[int, torch.Tensor] | None = None) -> EditState:
+        """A new state after a batch: the counts moved on and the layers' maintained inverses replaced."""
         return replace(
             self,
-            key_cache=cache,
             inverses={**self.inverses, **(inverses or {})},
             edit_count=self.edit_count + edited,
             skipped_count=self.skipped_count + skipped,
@@ -74,8 +66,7 @@ class EditState:
         }
         if self.reference_norm is not None:
             out["reference_norm"] = torch.tensor(self.reference_norm, dtype=torch.float64)
-        for kind, tensors in zip(_KINDS, (self.key_cache, self.projectors if projectors else {}, self.inverses),
-                                 strict=True):
+        for kind, tensors in zip(_KINDS, (self.projectors if projectors else {}, self.inverses), strict=True):
             for layer, t in tensors.items():
                 stored, flipped = as_stored(t)
                 out[f"{kind}{'_t' if flipped else ''}.{layer}"] = stored  # _t: the transpose is stored
@@ -84,7 +75,7 @@ class EditState:
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> EditState:
         known = {"layers", "edit_count", "skipped_count", "reference_norm"}
-        prefixes = tuple(f"{kind}{t}." for kind in _KINDS for t in ("", "_t"))
+        prefixes = tuple(f"{kind}{t}." for kind in (*_KINDS, *_DROPPED) for t in ("", "_t"))
         unknown = [k for k in sd if k not in known and not k.startswith(prefixes)]
         if unknown:
             raise ValueError(f"unknown EditState entries: {unknown}")
@@ -95,7 +86,6 @@ class EditState:
 
         return cls(
             layers=tuple(int(x) for x in sd["layers"].tolist()),
-            key_cache=of("key_cache"),
             projectors=of("projector"),
             inverses=of("inverse"),
             edit_count=int(sd["edit_count"]),

@@ -105,7 +105,7 @@ def main() -> None:
         save_file(sd, Path(tmp) / "state.safetensors")
         res["snapshot_state_bytes"] = (Path(tmp) / "state.safetensors").stat().st_size
     res["snapshot_deltas_bytes"] = d_model * d_in * 4
-    tensors = (*rebuilt.key_cache.values(), *rebuilt.projectors.values(), *rebuilt.inverses.values())
+    tensors = (*rebuilt.projectors.values(), *rebuilt.inverses.values())
     res["state_ram_bytes"] = sum(t.numel() * t.element_size() for t in tensors)
     res["peak_rss_gb"] = peak_rss_gb()
     L = args.layers

@@ -81,7 +81,7 @@ class AlphaEditEditor:
 
     def replay(self, state: EditState, keys: dict[int, torch.Tensor], edited: int, skipped: int) -> EditState:
         inverses = {layer: self._system(state, layer, k)[1] for layer, k in keys.items()}
-        return state.with_keys(keys, edited, skipped, inverses)
+        return state.advanced(edited, skipped, inverses)
 
     def _system(self, state: EditState, layer: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A^-1 P K for A = P S + beta I + (P K) K^T, and the new maintained inverse, through the

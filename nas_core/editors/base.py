@@ -233,7 +233,7 @@ def spread_over_layers(model: nn.Module, tok, spec: ModelSpec, requests: Sequenc
     editor's ``solve``, then the state with the new keys and maintained inverses."""
     deltas, factors, keys, norms = sweep_layers(model, tok, spec, kept, tg.z, settings.layers,
                                                 settings.values.prefixes, solve, clock)
-    new_state = state.with_keys(keys, edited=len(kept), skipped=len(requests) - len(kept), inverses=inverses)
+    new_state = state.advanced(edited=len(kept), skipped=len(requests) - len(kept), inverses=inverses)
     return EditResult(deltas, new_state, diagnostics(requests, tg), norms, clock.times, factors, keys)
 
 

@@ -65,7 +65,7 @@ class MemitEditor:
     def replay(self, state: EditState, keys: dict[int, torch.Tensor], edited: int, skipped: int) -> EditState:
         inverses = ({layer: self._system(state, layer, k)[1] for layer, k in keys.items()}
                     if self.settings.use_key_cache else {})
-        return state.with_keys(keys, edited, skipped, inverses)
+        return state.advanced(edited, skipped, inverses)
 
     def _system(self, state: EditState, layer: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """X solving (lambda C + S + K K^T) X = K, and the new maintained inverse, through the

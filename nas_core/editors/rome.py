@@ -73,7 +73,7 @@ class RomeEditor:
                           clock.times, {name: LowRankUpdate(tuple(pairs), spec.transposed)}, added)
 
     def replay(self, state: EditState, keys: dict[int, torch.Tensor], edited: int, skipped: int) -> EditState:
-        return state.with_keys(keys, edited, skipped)
+        return state.advanced(edited, skipped)
 
     def _classic_solve(self, model: nn.Module, tok, spec, req: EditRequest, z: torch.Tensor):
         """The solve of classic ROME for ``req``: the bare prompt's key and residual read at

@@ -218,11 +218,15 @@ def test_rank_one_update_denominator_positive_and_hits_target():
 
 def test_edit_state_round_trips():
     s = EditState(layers=(1, 2), projectors={1: torch.eye(3)}, reference_norm=4.5)
-    s = s.with_keys({1: torch.ones(3, 2), 2: torch.ones(3, 1)}, edited=3, skipped=1)
+    s = s.advanced(edited=3, skipped=1, inverses={2: torch.eye(3, dtype=torch.float64).T})
     back = EditState.from_state_dict(s.state_dict())
     assert back.layers == (1, 2) and back.edit_count == 3 and back.skipped_count == 1
     assert back.reference_norm == 4.5
-    assert torch.equal(back.key_cache[1], s.key_cache[1]) and torch.equal(back.projectors[1], torch.eye(3))
+    assert torch.equal(back.projectors[1], torch.eye(3)) and torch.equal(back.inverses[2], s.inverses[2])
+    assert "projector.1" not in s.state_dict(projectors=False)
+    # A state written before the key cache was dropped still loads; its S is not kept.
+    legacy = {**s.state_dict(), "key_cache.1": torch.ones(3, 3, dtype=torch.float64)}
+    assert not hasattr(EditState.from_state_dict(legacy), "key_cache")
     with pytest.raises(ValueError, match="unknown"):
         EditState.from_state_dict({**s.state_dict(), "bogus": torch.zeros(1)})
 
@@ -327,7 +331,7 @@ def test_factors_and_replay_rebuild_every_update_and_state_bit_for_bit(method, m
         edited = sum(not r.skipped for r in result.requests)
         replayed = editor.replay(replayed, result.keys, edited, len(result.requests) - edited)
         assert replayed.edit_count == result.state.edit_count
-        for attr in ("key_cache", "inverses", "projectors"):
+        for attr in ("inverses", "projectors"):
             mine, theirs = getattr(replayed, attr), getattr(result.state, attr)
             assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine), attr
     (update,) = first.factors.values()
