@@ -45,8 +45,9 @@ class CollapseSettings:
     slowed its growth. ``max_norm_ratio`` 1.45 therefore refuses a night 0.02 of norm ratio
     before that point: 60-80 edits at the measured growth rates, several nights of margin.
     AlphaEdit+NAS tolerates more norm: its perplexity crossed 2x at a norm ratio of 1.621
-    (1,500 edits; 1.45 at about 900, while it was healthy), so its bound is 1.60 (params.yaml
-    ``norm_ratio_by_method``), the same 0.02 margin.
+    (1,500 edits; 1.45 at about 900, while it was healthy), plain AlphaEdit at 1.713 (also
+    1,500 edits), so their bounds are 1.60 and 1.69 (params.yaml ``norm_ratio_by_method``),
+    the same 0.02 margin.
     It does not hold for MEMIT without its key cache (``memit-plain``, a baseline, not a night
     method): its later edits overwrite earlier ones, and perplexity doubled at a norm ratio of
     1.19 after 600 edits, so there the perplexity check, not the norm bound, catches it.
