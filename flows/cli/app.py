@@ -36,8 +36,25 @@ ProjectOpt = Annotated[Path | None, typer.Option(
                       "working one)")]
 
 
+def _print_version(value: bool) -> None:
+    """``nas --version``: the installed package's version and the code's git commit."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from flows.io import code_version
+        try:
+            installed = version("nas-edit")
+        except PackageNotFoundError:
+            installed = "not installed"
+        console.print(f"nas-edit {installed} (commit {code_version()})", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False, project: ProjectOpt = None) -> None:
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False, project: ProjectOpt = None,
+           _version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                  help="print the version and the git commit, then exit")] = False,
+           ) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if project is not None:  # the one place the project is chosen; flows and child processes inherit it
         os.environ[ENV_PROJECT] = str(project_root(project))

@@ -20,6 +20,13 @@ def test_help_lists_every_command():
         assert cmd in result.output
 
 
+def test_version_names_the_package_and_the_commit():
+    from flows.io import code_version
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.startswith("nas-edit 0.1.0 (commit ") and code_version() in result.output
+
+
 def test_read_requests_detects_each_layout(tmp_path, shared_data):
     rome = read_requests(shared_data / "counterfact" / "counterfact_500.json", limit=3)
     easy = read_requests(shared_data / "counterfact" / "counterfact-val.json", limit=3)
