@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -54,6 +55,8 @@ def _print_version(value: bool) -> None:
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False, project: ProjectOpt = None,
            _version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                   help="print the version and the git commit, then exit")] = False,
+           _debug: Annotated[bool, typer.Option("--debug", help="show the full traceback of an error (read by main)")]
+           = False,
            ) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if project is not None:  # the one place the project is chosen; flows and child processes inherit it
@@ -64,5 +67,21 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False, pr
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def main() -> None:
+    """The ``nas`` console script: an error prints one line naming it (its first line: every
+    message of the product says what was wrong and what to do) and exits 1; ``nas --debug ...``
+    shows the traceback instead."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001 - the edge of the program: report, never swallow
+        if debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        console.print(f"error: {type(exc).__name__}: {first}", highlight=False, markup=False, soft_wrap=True)
+        console.print("(run again as `nas --debug ...` for the traceback)", highlight=False, markup=False)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -60,3 +60,28 @@ def test_unknown_model_config_is_a_clear_error(args):
     result = runner.invoke(app, args)
     assert result.exit_code != 0
     assert "shipped configs" in result.output
+
+
+
+
+def test_an_error_is_one_line_and_the_traceback_needs_debug(monkeypatch, capsys):
+    import typer
+
+    from flows.cli import app as app_module
+    failing = typer.Typer()
+
+    @failing.command()
+    def night(debug: bool = typer.Option(False, "--debug")) -> None:
+        raise FileNotFoundError("data/inbox/x.jsonl is missing: put the batch back\nsecond line")
+
+    monkeypatch.setattr(app_module, "app", failing)
+    monkeypatch.setattr("sys.argv", ["nas"])
+    with pytest.raises(SystemExit) as stop:
+        app_module.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 1
+    assert "error: FileNotFoundError: data/inbox/x.jsonl is missing: put the batch back" in err
+    assert "second line" not in err and "Traceback" not in err and "--debug" in err
+    monkeypatch.setattr("sys.argv", ["nas", "--debug"])
+    with pytest.raises(FileNotFoundError, match="put the batch back"):
+        app_module.main()
