@@ -31,6 +31,7 @@ from flows.cli.common import (
     use_runtime,
 )
 from flows.engine import editing
+from flows.engine.checkpoint_format import verify_checkpoint
 from flows.engine.checkpoints import rebuild_verified, write_checkpoint
 from nas_core.requests import EditRequest
 
@@ -102,6 +103,10 @@ def export(
         return
     if fmt != "hf":
         raise typer.BadParameter(f"--format must be hf or peft, not {fmt!r}", param_hint="--format")
+    try:
+        verify_checkpoint(checkpoint)  # a wrong folder fails before the model is loaded
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     m, tok, name, h = fetch_and_load(model)
     try:
         got = rebuild_verified(m, h, checkpoint)

@@ -85,3 +85,15 @@ def test_an_error_is_one_line_and_the_traceback_needs_debug(monkeypatch, capsys)
     monkeypatch.setattr("sys.argv", ["nas", "--debug"])
     with pytest.raises(FileNotFoundError, match="put the batch back"):
         app_module.main()
+
+
+def test_export_refuses_a_folder_that_is_no_checkpoint_before_loading_the_model(tmp_path, monkeypatch):
+    from flows.cli import editing
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(editing, "fetch_and_load", no_model)
+    (tmp_path / "ck").mkdir()
+    result = runner.invoke(app, ["export", str(tmp_path / "ck"), "-o", str(tmp_path / "out")])
+    assert isinstance(result.exception, FileNotFoundError) and "manifest.json is missing" in str(result.exception)
