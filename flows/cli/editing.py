@@ -104,7 +104,8 @@ def export(
     if fmt != "hf":
         raise typer.BadParameter(f"--format must be hf or peft, not {fmt!r}", param_hint="--format")
     try:
-        verify_checkpoint(checkpoint)  # a wrong folder fails before the model is loaded
+        verify_checkpoint(checkpoint, chain=False)  # a wrong folder fails before the model is loaded;
+        # rebuild_verified below checks the whole chain
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     m, tok, name, h = fetch_and_load(model)

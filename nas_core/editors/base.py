@@ -230,7 +230,7 @@ def spread_over_layers(model: nn.Module, tok, spec: ModelSpec, requests: Sequenc
                        kept: Sequence[EditRequest], tg: Targets, settings, solve: Callable, clock: Stopwatch,
                        state: EditState, inverses: dict[int, torch.Tensor]) -> EditResult:
     """MEMIT's and AlphaEdit's shared tail: :func:`sweep_layers` over ``settings.layers`` with the
-    editor's ``solve``, then the state with the new keys and maintained inverses."""
+    editor's ``solve``, then the state with its counts moved on and the maintained inverses."""
     deltas, factors, keys, norms = sweep_layers(model, tok, spec, kept, tg.z, settings.layers,
                                                 settings.values.prefixes, solve, clock)
     new_state = state.advanced(edited=len(kept), skipped=len(requests) - len(kept), inverses=inverses)

@@ -62,8 +62,6 @@ def test_unknown_model_config_is_a_clear_error(args):
     assert "shipped configs" in result.output
 
 
-
-
 def test_an_error_is_one_line_and_the_traceback_needs_debug(monkeypatch, capsys):
     import typer
 
