@@ -50,8 +50,12 @@ def refresh(
     demo: Annotated[bool, typer.Option("--demo", help="run the shipped demo nights, one flow run each")] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcomes as JSON")] = False,
 ) -> None:
-    """Run the nightly refresh now (one Prefect flow run) over every batch in the inbox."""
+    """Run the nightly refresh now (one Prefect flow run) over every batch in the inbox.
+
+    Example: nas refresh --demo   (the shipped demo nights; then `nas status`)
+    """
     from flows.engine.checkpoints import CheckpointTampered
     from flows.ledger.records import LedgerDamaged
     from flows.refresh import operations
@@ -76,12 +80,56 @@ def refresh(
     except (CheckpointTampered, LedgerDamaged) as err:
         console.print(f"[red]refused: {err}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    table = Table("batch", "outcome", "details", title="nightly refresh")
-    for o in outcomes:
-        detail = o.version or ", ".join(o.failed_checks) or o.folder or ""
-        table.add_row(o.batch, o.outcome, detail)
+    rows = _outcome_rows(params, outcomes)
+    if as_json:
+        out.print_json(data={"batches": rows, "seconds": round(time.perf_counter() - t0, 1),
+                             "ledger": str(params.roots.ledger)}, default=str)
+        return
+    table = Table("batch", "outcome", "version", "details", title="nightly refresh")
+    for r in rows:
+        table.add_row(r["batch"], r["outcome"], r["version"] or "", r["details"])
     out.print(table)
     out.print(f"{len(outcomes)} batch(es) in {time.perf_counter() - t0:.0f} s; ledger {params.roots.ledger}")
+    _print_next_steps(params, rows, demo)
+
+
+def _outcome_rows(params, outcomes) -> list[dict]:
+    """One row per batch: outcome, version and the ledger's details (scores, or why not)."""
+    from flows.ledger.records import Ledger
+
+    entries = Ledger(params.roots.ledger).entries()
+    rows = []
+    for o in outcomes:
+        entry = next((e for e in reversed(entries) if e.get("batch_id") == o.batch), None)
+        details = _decision_details(entry) if entry is not None and o.outcome != "already_applied" else ""
+        rows.append({"batch": o.batch, "outcome": o.outcome, "version": o.version,
+                     "details": details or ", ".join(o.failed_checks), "folder": o.folder})
+    return rows
+
+
+def _print_next_steps(params, rows: list[dict], demo: bool) -> None:
+    """Where to look next; for the demo, also what its shortened settings are instead of."""
+    from flows.tracking.uris import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(params.tracking.uri, params.root)
+    out.print("next:", highlight=False)
+    out.print("  nas status                       the champion, its edits and norm ratio, the recent decisions",
+              highlight=False)
+    out.print(f"  mlflow ui --backend-store-uri {uri}   one run per batch, the registered model", highlight=False,
+              soft_wrap=True)
+    for r in rows:
+        if r["folder"]:
+            out.print(f"  {Path(r['folder']) / 'validation.html'}   why {r['batch']} was {r['outcome']}",
+                      highlight=False, soft_wrap=True)
+    if demo:
+        from flows.config.model import config_for
+
+        shipped = config_for(params.model, params.roots.configs)
+        shipped_pilots = shipped.method(params.edit.method, params.edit.nas).nas.pilots
+        pilots, tokens = params.method_settings().nas.pilots, params.model_config().stats.tokens
+        out.print(f"demo-sized settings (params.yaml edit.pilots, edit.stats_tokens): {pilots} NAS pilots and "
+                  f"covariance from {tokens:,} tokens; production uses the model config's {shipped_pilots} pilots "
+                  f"and {shipped.stats.tokens:,} tokens (set both to 0)", highlight=False)
 
 
 def _problems_line(problems: dict[str, int] | None) -> str:

@@ -144,8 +144,11 @@ def evaluate(
         edits: edits applied so far (for the norm growth per edit).
         health: also score canary perplexity and general tasks (the expensive part).
     """
+    t0 = time.perf_counter()
+    log.info("evaluating %d edits: efficacy, generalisation and specificity prompts", len(requests))
     metrics: dict[str, float | None] = dict(edit_metrics(model, tok, requests, settings.batch_size,
                                                                  settings.batch_tokens).as_dict())
+    log.info("edit metrics in %.0f s: editing score %.1f", time.perf_counter() - t0, metrics["editing_score"])
     if with_fluency:
         prompts = [p for r in requests for p in r.generation_prompts][: settings.fluency_prompts]
         metrics["fluency"] = fluency(model, tok, prompts, settings.fluency_new_tokens)
@@ -153,7 +156,11 @@ def evaluate(
     if health:
         canary, _ = canary_ids(tok, settings, roots)
         general = general_records(settings, roots.general_tasks)
+        t1 = time.perf_counter()
+        log.info("model health: canary perplexity over %d tokens, general tasks %s", len(canary),
+                 ", ".join(f"{t} ({len(r)})" for t, r in general.items()) or "none")
         h = health_metrics(model, tok, settings, canary, general)
+        log.info("model health in %.0f s: perplexity %.2f", time.perf_counter() - t1, h["perplexity"])
         metrics.update(h)
         b = base["metrics"]
         metrics["perplexity_ratio"] = h["perplexity"] / b["perplexity"]

@@ -49,13 +49,28 @@ def load_base(params) -> BaseModel:
     return fetch_base(params.model_config().model, params.roots.models, params.runtime.device, params.runtime.dtype)
 
 
+def logged_progress(logger: logging.Logger | logging.LoggerAdapter, label: str, steps: int = 10):
+    """A ``progress(done, total)`` callback that logs ``label`` at every tenth of the way, so
+    long work shows itself in a log file as well as on a terminal."""
+    shown = -1
+
+    def tick(done: int, total: int) -> None:
+        nonlocal shown
+        step = done * steps // max(total, 1)
+        if step > shown:
+            shown = step
+            logger.info("%s: %d/%d", label, done, total)
+
+    return tick
+
+
 def base_stats(base: BaseModel, params, logger: logging.Logger | logging.LoggerAdapter = log,
                require_cached: bool = False) -> dict[int, torch.Tensor]:
     """C of every layer the model config edits (one file serves every method); ``require_cached``
     refuses to measure (a replay uses the statistics the ``stats`` stage made)."""
     cfg = params.model_config()
     cov, path, cached = ensure_stats(base.model, base.tok, base.name, cfg.all_layers(), cfg.stats, base.base_hash,
-                                     params.roots)
+                                     params.roots, progress=logged_progress(logger, "covariance tokens"))
     if require_cached and not cached:
         raise RuntimeError(f"covariance statistics {path} were not made by the stats stage (dvc repro stats)")
     logger.info("covariance statistics %s%s", path, " (cached)" if cached else "")
@@ -68,7 +83,7 @@ def base_anchor(base: BaseModel, params, settings, logger: logging.Logger | logg
     if not settings.nas.enabled:
         return None
     rec, path, cached = ensure_anchor(base.model, base.tok, base.name, params.edit.method, settings, base.base_hash,
-                                      params.roots)
+                                      params.roots, progress=logged_progress(logger, "NAS anchor pilots"))
     if require_cached and not cached:
         raise RuntimeError(f"NAS anchor {path} was not made by the anchor stage (dvc repro anchor)")
     logger.info("NAS reference norm a = %.4f from %d pilots%s (%s)", rec["reference_norm"], rec["pilots"],

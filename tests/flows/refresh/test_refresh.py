@@ -70,6 +70,11 @@ def test_bad_batch_is_quarantined_untouched_and_champion_kept(night, tmp_path):
     ledger = Ledger(params.roots.ledger)
     assert [e["event"] for e in ledger.entries()] == ["promote", "quarantine"]
     assert ledger.champion()["version"] == "v0001"
+    from flows.cli.night import _outcome_rows
+
+    rows = _outcome_rows(params, outcomes)  # what `nas refresh` prints (and --json gives)
+    assert rows[0]["version"] == "v0001" and rows[0]["details"].startswith("editing score ")
+    assert "problems: " in rows[1]["details"] and "template_placeholder_count" in rows[1]["details"]
 
 
 def test_gate_rejects_a_collapsing_batch_and_keeps_the_champion_weights(night, tmp_path, tiny_folder):
