@@ -149,6 +149,29 @@ class CheckpointParams:
 
 
 @dataclass(frozen=True)
+class AuditParams:
+    """When a rebuild that is not bit-identical still counts as the promoted model (``nas audit``).
+
+    Attributes:
+        weights_rel_tol: the largest divergence of any layer's update fingerprint
+            (nas_core/fingerprint.py: ||D||_F and bilinear sketches, relative to the recorded
+            ||D||_F) at any version of the lineage, and of the night's inputs (NAS anchor, the
+            covariance's trace per layer).
+        score_abs_tol: the largest difference, in percentage points, of any retention success
+            rate or editing score of the rebuilt champion against the promotion's.
+        perplexity_ratio_rel_tol: the largest relative difference of the canary perplexity ratio.
+    """
+
+    weights_rel_tol: float = 1e-3
+    score_abs_tol: float = 2.0
+    perplexity_ratio_rel_tol: float = 0.01
+
+    def __post_init__(self) -> None:
+        if min(self.weights_rel_tol, self.score_abs_tol, self.perplexity_ratio_rel_tol) < 0:
+            raise ValueError("audit tolerances must be >= 0")
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params.yaml."""
 
@@ -162,6 +185,7 @@ class Params:
     tracking: TrackingParams = field(default_factory=TrackingParams)
     checkpoints: CheckpointParams = field(default_factory=CheckpointParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
+    audit: AuditParams = field(default_factory=AuditParams)
     #: The project directory the relative ``paths`` resolve against (not a params.yaml key).
     root: Path = field(default_factory=project_root, metadata={"yaml": False})
 

@@ -49,6 +49,13 @@ def load_base(params) -> BaseModel:
     return fetch_base(params.model_config().model, params.roots.models, params.runtime.device, params.runtime.dtype)
 
 
+def night_inputs(cov: dict[int, torch.Tensor], anchor: float | None) -> dict[str, Any]:
+    """What the edits were computed from, in a few numbers the ledger records and an audit compares:
+    the NAS anchor and the trace of every layer's covariance (another corpus changes them)."""
+    return {"anchor": anchor, "covariance_trace": {str(layer): float(torch.trace(c.to(torch.float64)))
+                                                   for layer, c in sorted(cov.items())}}
+
+
 def logged_progress(logger: logging.Logger | logging.LoggerAdapter, label: str, steps: int = 10):
     """A ``progress(done, total)`` callback that logs ``label`` at every tenth of the way, so
     long work shows itself in a log file as well as on a terminal."""

@@ -24,7 +24,7 @@ from flows.config.params import Params
 from flows.engine import evaluation
 from flows.engine.checkpoints import file_hashes, registry_files, write_checkpoint
 from flows.engine.editing import EditSession, SessionSnapshot, apply_in_batches, open_session
-from flows.engine.loading import base_anchor, base_stats, load_base
+from flows.engine.loading import base_anchor, base_stats, load_base, night_inputs
 from flows.facts.batch import BatchValidation
 from flows.facts.inbox import BatchSnapshot, InboxScan, release, scan_inbox, store
 from flows.facts.quarantine import quarantine
@@ -43,6 +43,7 @@ from flows.tracking.tracker import Tracker
 from nas_core.collapse import Check, norm_ratios
 from nas_core.deltas import frobenius_norms, weights_hash
 from nas_core.evaluate.counterfact import edit_metrics
+from nas_core.fingerprint import fingerprints
 from nas_core.requests import EditRequest
 
 
@@ -55,6 +56,8 @@ class Champion:
     base_ref: dict[str, Any]
     base_hash: str
     name: str
+    #: :func:`flows.engine.loading.night_inputs`: the anchor and covariance the edits used.
+    inputs: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -203,7 +206,7 @@ def load_champion(params: Params, ledger: Ledger) -> Champion:
     if champ is not None and weights_hash(base.model) != champ["weights_hash"]:
         raise RuntimeError(f"champion {champ.version} rebuilt to weights {weights_hash(base.model)[:12]}, but the "
                            f"ledger recorded {champ['weights_hash'][:12]}: the checkpoint folder was altered")
-    return Champion(session, base_ref, base.base_hash, base.name)
+    return Champion(session, base_ref, base.base_hash, base.name, night_inputs(cov, anchor))
 
 
 @task(cache_policy=NO_CACHE)
@@ -322,7 +325,8 @@ def promote(nb: NightBatch, result: GateResult, champion: Champion, parent: str 
                   weights_hash=manifest["weights_hash"], checkpoint=roots.relative(ckpt),
                   accepted_path=roots.relative(accepted), model_version=mv, edit_batch_size=params.edit.batch_size,
                   machine=machine_info(session.model), files=file_hashes(ckpt), compute_dtype=session.compute_dtype,
-                  attention=session.attention, tail_group_slack=session.tail_group_slack)
+                  attention=session.attention, tail_group_slack=session.tail_group_slack,
+                  inputs=champion.inputs, fingerprints=fingerprints(session.cumulative))
     store(nb.snap, accepted)  # the edited bytes, checked against the ledger's file_sha256
     release_stored(nb.snap)
     tracker.set_champion(model_name, mv)

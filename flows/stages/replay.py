@@ -32,7 +32,7 @@ from flows.audit.machine import machine_info
 from flows.audit.outputs import CHAMPION_DIR, REPLAY_JSON
 from flows.engine import precision
 from flows.engine.checkpoints import write_checkpoint
-from flows.engine.loading import base_anchor, base_stats, load_base
+from flows.engine.loading import base_anchor, base_stats, load_base, night_inputs
 from flows.io import write_json
 from flows.ledger.lineage import champion_of, lineage_batches
 from flows.stages.common import log, parser, recorded_settings, setup_logging, stage_params
@@ -52,12 +52,13 @@ def replay(params, out: Path, metrics: Path, require_cached: bool = True) -> dic
     ledger = Ledger(params.roots.ledger)
     version, expected = champion_of(ledger)
     batches = lineage_batches(ledger, version, params.roots, params.edit.batch_size, params.validation.schema_policy())
+    inputs = night_inputs(cov, anchor)
     log.info("replaying %s: %d accepted batch(es), %d requests, %s%s, batch size %s",
              version or "no champion (the base model)", len(batches), sum(len(b.requests) for b in batches),
              params.edit.method, "+NAS" if params.edit.nas else "", params.edit.batch_size)
     session = editing.open_session(base.model, base.tok, base.name, params.edit.method, settings, cov,
                                    base.base_hash, anchor, None)
-    versions = [_replay_batch(session, b) for b in batches]
+    versions = [_replay_batch(session, b, inputs) for b in batches]
     write_checkpoint(session, out, {"version": version, "replay": True, "ledger_weights_hash": expected})
     rebuilt = weights_hash(session.model)
     doc = {
@@ -74,6 +75,7 @@ def replay(params, out: Path, metrics: Path, require_cached: bool = True) -> dic
         "nas": params.edit.nas,
         "batch_size": params.edit.batch_size,
         "machine": machine_info(base.model),
+        "inputs": inputs,
         "versions": versions,
     }
     write_json(metrics, doc)
@@ -82,7 +84,7 @@ def replay(params, out: Path, metrics: Path, require_cached: bool = True) -> dic
     return doc
 
 
-def _replay_batch(session, b) -> dict[str, Any]:
+def _replay_batch(session, b, inputs: dict[str, Any]) -> dict[str, Any]:
     """One lineage batch through the night's own loop, on the precision path the night took
     (float32 for nights before the setting existed), never this machine's own choice."""
     from flows.engine import editing
@@ -98,13 +100,44 @@ def _replay_batch(session, b) -> dict[str, Any]:
            "weights_hash": rebuilt, "ledger_weights_hash": b.weights_hash, "match": rebuilt == b.weights_hash,
            "same_skips": applied == list(b.request_ids) and skipped == list(b.skipped_ids),
            "edits": session.state.edit_count, "ledger_edits": b.edits_so_far,
-           "seconds": round(time.perf_counter() - t1, 1)}
+           "seconds": round(time.perf_counter() - t1, 1), **_fingerprint_row(session, b.entry),
+           "inputs_divergence": _inputs_divergence(b.entry.get("inputs"), inputs)}
     log.info("%s (%s): %d requests, %d edits so far, weights %s %s the ledger's %s", b.version, b.batch_id,
              len(b.requests), session.state.edit_count, rebuilt[:12], "==" if row["match"] else "!=",
              b.weights_hash[:12])
     if not row["same_skips"]:
         log.warning("%s: NAS skipped %s on replay, the ledger recorded %s", b.version, skipped, list(b.skipped_ids))
     return row
+
+
+def _fingerprint_row(session, entry: dict[str, Any]) -> dict[str, Any]:
+    """This version's update fingerprints and, where the ledger recorded them, the divergence of
+    each layer (largest first) from the night's."""
+    from nas_core.fingerprint import divergences, fingerprints
+
+    mine = fingerprints(session.cumulative)
+    recorded = entry.get("fingerprints")
+    if not recorded:
+        return {"fingerprints": mine, "divergence": None}
+    return {"fingerprints": mine, "divergence": {d.name: d.relative for d in divergences(recorded, mine)}}
+
+
+def _inputs_divergence(recorded: dict[str, Any] | None, mine: dict[str, Any]) -> dict[str, float] | None:
+    """Relative difference of the anchor and of each layer's covariance trace from the ones the
+    night recorded (None: not recorded)."""
+    if not recorded:
+        return None
+
+    def rel(a: float | None, b: float | None) -> float:
+        if a is None or b is None:
+            return 0.0 if a is None and b is None else float("inf")
+        return abs(a - b) / abs(a) if a else (0.0 if a == b else float("inf"))
+
+    out = {"anchor": rel(recorded.get("anchor"), mine.get("anchor"))}
+    theirs, ours = recorded.get("covariance_trace", {}), mine.get("covariance_trace", {})
+    for layer in sorted(set(theirs) | set(ours), key=int):
+        out[f"covariance_trace.{layer}"] = rel(theirs.get(layer), ours.get(layer))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
