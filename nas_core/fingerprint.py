@@ -60,7 +60,8 @@ def divergences(recorded: Mapping[str, Mapping], rebuilt: Mapping[str, Mapping])
         if a is None or b is None or len(a["sketch"]) != len(b["sketch"]):
             out.append(Divergence(name, float("inf")))
             continue
-        diffs = [abs(a["delta_norm"] - b["delta_norm"])] + [abs(x - y) for x, y in zip(a["sketch"], b["sketch"])]
+        pairs = [(a["delta_norm"], b["delta_norm"]), *zip(a["sketch"], b["sketch"], strict=True)]
+        diffs = [abs(x - y) for x, y in pairs]
         scale = a["delta_norm"]
         worst = max(diffs)
         out.append(Divergence(name, 0.0 if worst == 0.0 else worst / scale if scale > 0 else float("inf")))

@@ -2,7 +2,7 @@
 
 DVC resolves targets against the working directory and keeps state in its process, so the
 night runs this in a child: ``python -m flows.audit.dvc_sync`` reads ``{"add": [...],
-"push": bool, "stages": [...]}`` on stdin and writes ``{"problems": [...]}`` as its last line.
+"push": bool, "stages": [...], "publish": [...]}`` on stdin and writes ``{"problems": [...]}`` as its last line.
 """
 
 from __future__ import annotations
@@ -15,9 +15,16 @@ from collections.abc import Sequence
 log = logging.getLogger(__name__)
 
 
-def sync(add: Sequence[str], push: bool, stages: Sequence[str]) -> list[str]:
+#: The remote that publishes the lineage's facts (ledger, accepted batches) to every clone: a
+#: folder inside the repository, committed to git (``.dvc/config``).
+LINEAGE_REMOTE = "lineage"
+
+
+def sync(add: Sequence[str], push: bool, stages: Sequence[str], publish: Sequence[str] = ()) -> list[str]:
     """In the repository's folder (DVC resolves targets against the working directory): dvc add
-    ``add``, dvc commit -f every stage, dvc push to the default remote. Returns the problems met."""
+    ``add``, dvc commit -f every stage, dvc push to the default remote, and ``publish`` (the
+    ledger and the accepted batches) also to the ``lineage`` remote where one is configured.
+    Returns the problems met."""
     from dvc.repo import Repo
 
     problems: list[str] = []
@@ -45,13 +52,18 @@ def sync(add: Sequence[str], push: bool, stages: Sequence[str]) -> list[str]:
                     dvc.push()
                 except Exception as err:
                     problems.append(f"dvc push to {remote}: {err}")
+            if publish and LINEAGE_REMOTE in dvc.config.get("remote", {}):
+                try:
+                    dvc.push(list(publish), remote=LINEAGE_REMOTE)
+                except Exception as err:
+                    problems.append(f"dvc push {' '.join(publish)} to {LINEAGE_REMOTE}: {err}")
     return problems
 
 
 def main() -> int:
     request = json.loads(sys.stdin.read())
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    problems = sync(request["add"], request["push"], request["stages"])
+    problems = sync(request["add"], request["push"], request["stages"], request.get("publish", ()))
     sys.stdout.write(json.dumps({"problems": problems}) + "\n")
     return 0
 

@@ -111,7 +111,9 @@ def _dvc_sync(params: Params, push: bool) -> list[str]:
             add.append(str(p.resolve().relative_to(repo.resolve())))
         else:
             problems.append(f"{p} is outside the repository: DVC cannot track it")
-    request = json.dumps({"add": add, "push": push, "stages": list(STAGES)})
+    facts = [str(p.resolve().relative_to(repo.resolve())) for p in (params.roots.ledger, params.roots.accepted)
+             if p.exists() and _inside(p, repo)]
+    request = json.dumps({"add": add, "push": push, "stages": list(STAGES), "publish": facts})
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     done = subprocess.run([sys.executable, "-m", "flows.audit.dvc_sync"], input=request, cwd=repo, env=env,
                           capture_output=True, text=True, timeout=3600)

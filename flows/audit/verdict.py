@@ -117,8 +117,8 @@ def audit(params: Params) -> AuditResult:
             SAME_MACHINE_NOTE + "." if diffs else "The ledger, the accepted batches, params.yaml, the model config, "
             "the statistics corpus or the code differ from what the nightly flow used."))
     tol = params.audit
-    worst = max(((v["version"], name, r) for v in replay["versions"] for name, r in (v.get("divergence") or {}).items()),
-                key=lambda t: t[2], default=None)
+    worst = max(((v["version"], name, r) for v in replay["versions"]
+                 for name, r in (v.get("divergence") or {}).items()), key=lambda t: t[2], default=None)
     checks = [f"weights: every version's per-layer update fingerprint within {tol.weights_rel_tol:g} of the "
               "ledger's" + (f" (largest {worst[2]:.1e}: {worst[0]} {worst[1]})" if worst else "")]
     compared = _metric_differences(read_json(repo / METRICS_JSON), ledger.promotion(version) or {}, version, tol)

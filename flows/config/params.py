@@ -96,10 +96,17 @@ class PromotionParams:
 @dataclass(frozen=True)
 class TrackingParams:
     """MLflow. ``uri``: tracking URI (the MLFLOW_TRACKING_URI variable wins; empty: sqlite
-    ``mlflow.db`` in the repository). ``experiment``: the nightly runs' experiment."""
+    ``mlflow.db`` in the repository). ``experiment``: the nightly runs' experiment.
+    ``answer_tokens``: greedy tokens of each fact's answer, before and after the edit, in the
+    run's per-fact table (0: no answers, only the probabilities)."""
 
     uri: str = ""
     experiment: str = "nightly-refresh"
+    answer_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        if self.answer_tokens < 0:
+            raise ValueError(f"tracking.answer_tokens must be >= 0, not {self.answer_tokens}")
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -162,7 +169,7 @@ class AuditParams:
         perplexity_ratio_rel_tol: the largest relative difference of the canary perplexity ratio.
     """
 
-    weights_rel_tol: float = 1e-3
+    weights_rel_tol: float = 0.01
     score_abs_tol: float = 2.0
     perplexity_ratio_rel_tol: float = 0.01
 

@@ -41,6 +41,7 @@ from flows.refresh import steps
 from flows.refresh.lock import refresh_lock
 from flows.refresh.steps import BatchOutcome, Champion, NightBatch
 from flows.refresh.versions import free_target, tidy_checkpoints
+from flows.tracking import review
 from flows.tracking.names import registered_model_name
 from flows.tracking.rebuild import PromotedCheckpoint
 from flows.tracking.tracker import Tracker
@@ -63,15 +64,17 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
     validation = steps.validate(quote(snap), quote(session.tok), facts, params, nb.report_dir)
     for f in ("validation.html", "validation.json"):
         tracker.log_artifact(nb.run_id, nb.report_dir / f, "validation")
+    tracker.log_batch_input(nb.run_id, nb.batch_id, snap.path, snap.sha256, review.batch_columns(validation.requests))
     if not validation.passed:
         return steps.quarantine_invalid(quote(nb), quote(validation), ledger, params, tracker)
     requests = list(validation.requests)
     saved = session.snapshot()
     logger.info("%s: %d valid requests; editing %s with %s%s", nb.batch_id, len(requests),
                 version or "the base model", params.edit.method, "+NAS" if params.edit.nas else "")
+    before = steps.answers(quote(session), requests, params)
     diagnostics = steps.edit(quote(session), requests, params.edit.batch_size)
     retention = retention_set(retained, requests, params.validation.fold_confusables)
-    candidate = steps.evaluate(quote(session), requests, retention, champion.base_ref, params)
+    candidate = steps.evaluate(quote(session), requests, retention, champion.base_ref, params, before)
     result = steps.judge(quote(nb), candidate, diagnostics, session.state.edit_count, ledger, version, params,
                          tracker)
     if result.failed:

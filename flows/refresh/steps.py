@@ -37,12 +37,14 @@ from flows.ledger.records import Ledger
 from flows.refresh.gate import flat_metrics, gate, verdict_of
 from flows.refresh.operations import open_tracker
 from flows.refresh.versions import free_target, next_version
+from flows.tracking import review
 from flows.tracking.names import registered_model_name
 from flows.tracking.plots import norm_plot
 from flows.tracking.tracker import Tracker
 from nas_core.collapse import Check, norm_ratios
 from nas_core.deltas import frobenius_norms, weights_hash
-from nas_core.evaluate.counterfact import edit_metrics
+from nas_core.evaluate.counterfact import FactScore, edit_metrics, fact_scores
+from nas_core.evaluate.fluency import greedy_generations
 from nas_core.fingerprint import fingerprints
 from nas_core.requests import EditRequest
 
@@ -81,6 +83,11 @@ class Candidate:
     retention: dict[str, Any]
     collapse_checks: tuple[Check, ...]
     norm_ratios: dict[str, float]
+    #: The new facts, their greedy answers before and after the edit and their scores after.
+    requests: tuple[EditRequest, ...] = ()
+    answers_before: tuple[str, ...] = ()
+    answers_after: tuple[str, ...] = ()
+    facts: tuple[FactScore, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,7 @@ class GateResult:
     metrics: dict[str, float]
     forecast: dict[str, float | None]
     record: dict[str, Any] = field(repr=False)
+    facts: tuple[FactScore, ...] = ()
 
     @property
     def failed(self) -> list[Check]:
@@ -223,9 +231,19 @@ def edit(session: EditSession, requests: list[EditRequest], batch_size: int) -> 
     return apply_in_batches(session, requests, batch_size, get_run_logger())
 
 
+@task(name="answers-before", cache_policy=NO_CACHE)
+def answers(session: EditSession, requests: list[EditRequest], params: Params) -> tuple[str, ...]:
+    """The model's greedy answer to each fact's prompt (``tracking.answer_tokens`` tokens), for the
+    reviewer's table: called before the edit and again after it."""
+    if not params.tracking.answer_tokens:
+        return ()
+    prompts = [r.filled_prompt for r in requests]
+    return tuple(greedy_generations(session.model, session.tok, prompts, params.tracking.answer_tokens))
+
+
 @task(cache_policy=NO_CACHE)
 def evaluate(session: EditSession, new: list[EditRequest], retained: list[EditRequest], base_ref: dict[str, Any],
-             params: Params) -> Candidate:
+             params: Params, before: tuple[str, ...] = ()) -> Candidate:
     """The edited model's metrics: the new batch alone, and retention
     (:func:`flows.ledger.lineage.retention_set`) + health over everything."""
     cfg = params.model_config()
@@ -233,7 +251,9 @@ def evaluate(session: EditSession, new: list[EditRequest], retained: list[EditRe
     batch = edit_metrics(session.model, session.tok, new, cfg.eval.batch_size, cfg.eval.batch_tokens).as_dict()
     retention, result = evaluation.evaluate(session.model, session.tok, retained, cfg.eval, base_ref, params.roots,
                                             ratios, session.state.edit_count, cfg.collapse)
-    return Candidate(batch, retention, result.checks, ratios)
+    facts = fact_scores(session.model, session.tok, new, cfg.eval.batch_size, cfg.eval.batch_tokens)
+    after = answers.fn(session, new, params)
+    return Candidate(batch, retention, result.checks, ratios, tuple(new), before, after, tuple(facts))
 
 
 @task(name="gate", cache_policy=NO_CACHE)
@@ -258,13 +278,17 @@ def judge(nb: NightBatch, candidate: Candidate, diagnostics: list[dict[str, Any]
         "batch_id": nb.batch_id, "batch_sha256": nb.snap.sha256, "edits_so_far": edits})
     tracker.log_artifact(nb.run_id, nb.report_dir / "metrics.json")
     failed = [c for c in checks if not c.passed]
+    c = candidate
+    tracker.log_table(nb.run_id, review.fact_table(c.requests, c.answers_before, c.answers_after, c.facts,
+                                                   [d["case_id"] for d in diagnostics if d["skipped"]],
+                                                   [f.name for f in failed]), review.FACTS_TABLE)
     logger.info("%s gate: %s", nb.batch_id, "pass" if not failed else "fail: " + "; ".join(c.message for c in failed))
     record = {"batch_id": nb.batch_id, "file_sha256": nb.snap.sha256,
               "request_ids": [d["case_id"] for d in diagnostics if not d["skipped"]],
               "skipped_ids": [d["case_id"] for d in diagnostics if d["skipped"]],
               "metrics": flat, "checks": [dataclasses.asdict(c) for c in checks], "mlflow_run_id": nb.run_id,
               "edits_so_far": edits, "norm_ratios": candidate.norm_ratios, "forecast": outlook}
-    return GateResult(checks, flat, outlook, record)
+    return GateResult(checks, flat, outlook, record, candidate.facts)
 
 
 def _warn_forecast(nb: NightBatch, outlook: dict[str, float | None], params: Params, tracker: Tracker) -> None:
@@ -288,6 +312,9 @@ def quarantine_invalid(nb: NightBatch, validation: BatchValidation, ledger: Ledg
     ledger.append("quarantine", batch_id=nb.batch_id, file_sha256=nb.snap.sha256, stage="validation",
                   problems=problems, quarantine=str(folder), mlflow_run_id=nb.run_id)
     _close_rejected(tracker, nb.run_id, [f"validation:{r}" for r in problems])
+    total = sum(problems.values())
+    tracker.describe_run(nb.run_id, review.quarantined_sentence(nb.batch_id, f"{total} problem{'s' * (total != 1)}: "
+                         + ", ".join(f"{n} {rule}" for rule, n in problems.items())))
     return BatchOutcome(nb.batch_id, "quarantined", stage="validation", folder=str(folder))
 
 
@@ -303,7 +330,13 @@ def reject(nb: NightBatch, validation: BatchValidation, result: GateResult, sess
     names = tuple(c.name for c in failed)
     ledger.append("reject", **result.record, failed_checks=list(names), quarantine=str(folder))
     _close_rejected(tracker, nb.run_id, list(names))
+    tracker.describe_run(nb.run_id, review.rejected_sentence(nb.batch_id, _champion_version(ledger), names))
     return BatchOutcome(nb.batch_id, "rejected", failed_checks=names, folder=str(folder))
+
+
+def _champion_version(ledger: Ledger) -> str | None:
+    champ = ledger.champion()
+    return champ.version if champ is not None else None
 
 
 @task(cache_policy=NO_CACHE)
@@ -331,6 +364,9 @@ def promote(nb: NightBatch, result: GateResult, champion: Champion, parent: str 
     release_stored(nb.snap)
     tracker.set_champion(model_name, mv)
     tracker.tag_run(nb.run_id, {"verdict": "promoted", "version": version})
+    retention = {k.removeprefix("retention."): v for k, v in result.metrics.items() if k.startswith("retention.")}
+    tracker.describe_run(nb.run_id, review.promoted_sentence(nb.batch_id, version, result.facts, retention,
+                                                             max(result.record["norm_ratios"].values())))
     tracker.finish_run(nb.run_id)
     logger.info("%s promoted: champion is now %s (MLflow %s v%s), %d edits in all", nb.batch_id, version, model_name,
                 mv, session.state.edit_count)

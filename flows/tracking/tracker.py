@@ -237,6 +237,29 @@ class Tracker:
         with self._guard(f"store artifact {artifact_file} for run {run_id}"):
             self.client.log_dict(run_id, plain, artifact_file)
 
+    def log_table(self, run_id: str, columns: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        """A table artifact (column -> values, all the same length) the run page shows as a table."""
+        with self._guard(f"store table {artifact_file} for run {run_id}"):
+            self.client.log_table(run_id, {k: list(v) for k, v in columns.items()}, artifact_file)
+
+    def log_batch_input(self, run_id: str, name: str, source: Path, sha256: str,
+                        columns: Mapping[str, Sequence[Any]]) -> None:
+        """The night's batch as the run's dataset input (the Datasets panel): its records, the file
+        as source and its sha256 as digest (cut to MLflow's 36 characters; params hold all 64)."""
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+
+        ds = mlflow.data.from_pandas(pd.DataFrame({k: list(v) for k, v in columns.items()}), source=str(source),
+                                     name=name, digest=sha256[:32])
+        tags = [InputTag("mlflow.data.context", "nightly-batch")]
+        with self._guard(f"log the dataset input {name} for run {run_id}"):
+            self.client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=tags)])
+
+    def describe_run(self, run_id: str, text: str) -> None:
+        """The run's description (the run page's first paragraph)."""
+        self.tag_run(run_id, {"mlflow.note.content": text})
+
     def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
         """Paths of the run's artifacts directly under ``path``."""
         with self._guard(f"list artifacts of run {run_id}"):

@@ -124,3 +124,27 @@ def edit_metrics(model: nn.Module, tok, requests: Sequence[EditRequest], batch_s
         generalisation_token_accuracy=_macro(accuracy["generalisation"]),
         specificity_token_accuracy=_macro(accuracy["specificity"]),
     )
+
+
+@dataclass(frozen=True)
+class FactScore:
+    """One request on its edit prompt: p(target_new), p(target_true) (mean token probability) and
+    whether the new target wins (efficacy for this fact)."""
+
+    p_new: float
+    p_true: float
+
+    @property
+    def passed(self) -> bool:
+        return self.p_new > self.p_true
+
+
+def fact_scores(model: nn.Module, tok, requests: Sequence[EditRequest], batch_size: int = 64,
+                batch_tokens: int = 4096) -> list[FactScore]:
+    """Each request's :class:`FactScore` on its filled edit prompt, in request order."""
+    if not requests:
+        return []
+    prompts = [r.filled_prompt for r in requests for _ in range(2)]
+    targets = [t for r in requests for t in (r.target_new, r.target_true)]
+    prob = torch.exp(-target_scores(model, tok, prompts, targets, batch_size, batch_tokens).nll.double())
+    return [FactScore(float(prob[2 * i]), float(prob[2 * i + 1])) for i in range(len(requests))]

@@ -50,6 +50,17 @@ def test_good_batches_are_promoted_in_order(night, tmp_path):
     run = tracker.client.get_run(promos[1]["mlflow_run_id"])
     assert run.data.tags["verdict"] == "promoted" and "retention.efficacy_success" in run.data.metrics
     assert run.data.params["batch_sha256"] == promos[1]["file_sha256"]
+    # The reviewer's view: the batch as dataset input, one table row per fact, a one-sentence verdict.
+    (ds,) = run.inputs.dataset_inputs
+    assert ds.dataset.name == "night-02" and ds.dataset.digest == promos[1]["file_sha256"][:32]
+    assert run.data.tags["mlflow.note.content"].startswith("night-02 was promoted as v0002: ")
+    table = json.loads(Path(tracker.client.download_artifacts(run.info.run_id, "facts.json",
+                                                              str(tmp_path))).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [r["case_id"] for r in rows] == [fact(*f)["case_id"] for f in FACTS[3:]]
+    assert all(set(r) >= {"prompt", "target_true", "target_new", "answer_before", "answer_after", "p_new_after",
+                          "p_true_after", "passed"} for r in rows)
+    assert all(r["passed"] == (r["p_new_after"] > r["p_true_after"] and not r["skipped_by_nas"]) for r in rows)
 
 
 def test_bad_batch_is_quarantined_untouched_and_champion_kept(night, tmp_path):
@@ -98,6 +109,12 @@ def test_gate_rejects_a_collapsing_batch_and_keeps_the_champion_weights(night, t
     assert entry["event"] == "reject"
     run = tracker.client.get_run(entry["mlflow_run_id"])
     assert run.data.tags["verdict"] == "rejected" and "norm_growth_per_edit" in run.data.tags["failed_checks"]
+    assert "was rejected by the gate" in run.data.tags["mlflow.note.content"]
+    assert "the champion stays v0001" in run.data.tags["mlflow.note.content"]
+    table = json.loads(Path(tracker.client.download_artifacts(run.info.run_id, "facts.json",
+                                                              str(tmp_path))).read_text())
+    failed_col = table["columns"].index("night_failed_checks")
+    assert all("norm_growth_per_edit" in row[failed_col] for row in table["data"])
     # The next night edits the unchanged champion: the rejected edits left no trace.
     write_batch(tmp_path / "inbox" / "night-03.jsonl", [fact(*FACTS[3])])
     outcomes, params = night()
