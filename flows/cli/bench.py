@@ -196,7 +196,10 @@ def bench_layer_sweep(
     cases: int = 20,
     out_file: Annotated[Path, typer.Option("--out")] = Path("bench/layer_sweep.json"),
 ) -> None:
-    """r-ROME (NAS off) at each layer alone: where do edits stick and generalise?"""
+    """r-ROME (NAS off) at each layer alone: where do edits stick and generalise?
+
+    Example: nas bench layer-sweep --limit 20
+    """
     from flows.studies import bench
 
     cfg = model_config(model, None)
@@ -222,7 +225,10 @@ def bench_trace(
     band: Annotated[int | None, typer.Option(help="width of the band to choose [default: the config's]")] = None,
     out_file: Annotated[Path | None, typer.Option("--out", help="[default: bench/trace-MODEL.json]")] = None,
 ) -> None:
-    """Causal tracing (ROME): the indirect effect of each layer's MLP at the subject's last token."""
+    """Causal tracing (ROME): the indirect effect of each layer's MLP at the subject's last token.
+
+    Example: nas bench trace --limit 10
+    """
     from flows.studies import bench, causal_trace
 
     try:

@@ -66,7 +66,10 @@ def edit(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
-    """Apply requests in sequential batches and write a checkpoint (its increment and manifest)."""
+    """Apply requests in sequential batches and write a checkpoint (its increment and manifest).
+
+    Example: nas edit -r data/demo/batches/night-01.jsonl -o runs/night-01 --method alphaedit --nas
+    """
     use_runtime(device, dtype)
     cfg = model_config(model, config)
     s = method_settings(cfg, method, nas, pilots)
@@ -97,7 +100,10 @@ def export(
                                                       "edits")] = "hf",
     max_rank: Annotated[int | None, typer.Option(help="peft: truncate each module to this rank (SVD)")] = None,
 ) -> None:
-    """Write a checkpoint as a full Hugging Face model folder (base + deltas) or a PEFT LoRA adapter."""
+    """Write a checkpoint as a full Hugging Face model folder (base + deltas) or a PEFT LoRA adapter.
+
+    Example: nas export data/checkpoints/v0003 -o exported/v0003 --format peft
+    """
     if fmt == "peft":
         _export_peft(checkpoint, out_dir, model, max_rank)
         return
@@ -153,7 +159,10 @@ def eval_cmd(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
-    """Edit metrics, model health and the collapse verdict of a checkpoint (or the base model)."""
+    """Edit metrics, model health and the collapse verdict of a checkpoint (or the base model).
+
+    Example: nas eval -r data/demo/batches/night-01.jsonl --checkpoint data/checkpoints/v0001
+    """
     from flows.engine import evaluation
 
     use_runtime(device, dtype)
@@ -189,6 +198,8 @@ def demo(
 
     To be quick on a CPU the demo measures C on 100k tokens and calibrates NAS on 20 pilots;
     `nas stats` / `nas anchor` compute the full-size versions.
+
+    Example: nas demo
     """
     from flows.studies import demo as study
 

@@ -33,7 +33,10 @@ def fetch_model_cmd(
     name: Annotated[str, typer.Argument(help="smollm2-135m, gemma3-270m, hf:ORG/NAME[@REV], a folder or .gguf")],
     force: Annotated[bool, typer.Option(help="fetch again even when present")] = False,
 ) -> None:
-    """Fetch a model and save it as an fp32 safetensors folder under data/models/."""
+    """Fetch a model and save it as an fp32 safetensors folder under data/models/.
+
+    Example: nas fetch-model smollm2-135m
+    """
     from flows.assets.fetch import fetch_model
 
     result = fetch_model(name, roots().models, force=force)
@@ -48,7 +51,10 @@ def stats(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
-    """Covariance statistics C for every layer the model's config edits (cached)."""
+    """Covariance statistics C for every layer the model's config edits (cached).
+
+    Example: nas stats --model smollm2-135m
+    """
     use_runtime(device, dtype)
     cfg = model_config(model, config)
     m, tok, name, h = fetch_and_load(model)
@@ -64,7 +70,10 @@ def anchor(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
-    """Calibrate the NAS reference norm on the unedited model (cached, never on an edited one)."""
+    """Calibrate the NAS reference norm on the unedited model (cached, never on an edited one).
+
+    Example: nas anchor --method alphaedit
+    """
     use_runtime(device, dtype)
     cfg = model_config(model, config)
     s = method_settings(cfg, method, True, pilots)

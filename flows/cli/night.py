@@ -263,7 +263,10 @@ def rollback(
     reason: Annotated[str, typer.Option(help="why (recorded in the ledger)")] = "manual rollback",
     params_file: ParamsOpt = None,
 ) -> None:
-    """Move the champion back to an earlier promoted checkpoint."""
+    """Move the champion back to an earlier promoted checkpoint.
+
+    Example: nas rollback v0002
+    """
     _move_champion(params_file, version, "rollback", reason)
 
 
@@ -273,7 +276,10 @@ def promote(
     reason: Annotated[str, typer.Option(help="why (recorded in the ledger)")] = "manual promotion",
     params_file: ParamsOpt = None,
 ) -> None:
-    """Manual override: make a promoted checkpoint champion (e.g. roll forward after a rollback)."""
+    """Manual override: make a promoted checkpoint champion (e.g. roll forward after a rollback).
+
+    Example: nas promote v0003
+    """
     _move_champion(params_file, version, "manual_promote", reason)
 
 
@@ -284,7 +290,11 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON")] = False,
     params_file: ParamsOpt = None,
 ) -> None:
-    """Does the replayed champion (dvc repro) have the weights hash the ledger promoted? Exit 0 only if so."""
+    """Is the champion `dvc repro` rebuilt the one the ledger promoted: bit for bit, within the
+    params.yaml `audit` tolerances, or not (naming the first version and layer)? Exit 0 for the first two.
+
+    Example: dvc repro && nas audit   (or: nas audit --repro)
+    """
     import subprocess
 
     from flows.audit import verdict as auditing
@@ -331,6 +341,8 @@ def serve(
     """Register the nightly refresh as a scheduled deployment on a running Prefect server and serve it.
 
     Needs `prefect server start` and PREFECT_API_URL (README: "Scheduling"). No two runs overlap.
+
+    Example: nas serve --cron "0 2 * * *" --timezone Europe/Berlin
     """
     from flows.refresh.serve import ServeError
     from flows.refresh.serve import serve as serve_flow

@@ -20,6 +20,23 @@ def test_help_lists_every_command():
         assert cmd in result.output
 
 
+def _leaf_commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        if getattr(cmd, "commands", None):
+            yield from _leaf_commands(cmd, (*prefix, name))
+        else:
+            yield (*prefix, name)
+
+
+def test_every_command_s_help_has_an_example():
+    import typer
+
+    commands = list(_leaf_commands(typer.main.get_command(app)))
+    assert len(commands) >= 15 and ("bench", "horizon") in commands
+    missing = [" ".join(c) for c in commands if "Example:" not in runner.invoke(app, [*c, "--help"]).output]
+    assert not missing, f"no Example: in the --help of {missing}"
+
+
 def test_version_names_the_package_and_the_commit():
     from flows.io import code_version
     result = runner.invoke(app, ["--version"])
