@@ -111,6 +111,12 @@ class Roots:
         return self.demo / "pilot_facts.jsonl"
 
     @property
+    def fallback_corpus(self) -> Path:
+        """Covariance text shipped with the project (scripts/make_fallback_corpus.py), for machines
+        without WikiText-2: the same bytes everywhere, so C rebuilds on any machine."""
+        return self.demo / "corpus.txt"
+
+    @property
     def canary_text(self) -> Path:
         """The product's own canary, where WikiText-2 is absent."""
         return self.demo / "canary.txt"

@@ -99,6 +99,19 @@ def corpus_token_ids(tok, text: str, limit: int, chunk_chars: int = 20_000) -> l
     return ids[:limit]
 
 
+def _without_wikitext(settings: StatsSettings, roots: Roots) -> tuple[StatsSettings, str]:
+    """The corpus where WikiText-2 is absent: the project's shipped text (the same bytes on every
+    machine), else text the model samples itself. Returns the settings and the cache key's label."""
+    if roots.fallback_corpus.is_file():
+        log.warning("no WikiText-2 at %s: C is measured on the project's shipped text %s (text SmolLM2 "
+                    "sampled itself; put the benchmark data there for better statistics)", roots.wikitext,
+                    roots.fallback_corpus)
+        return dataclasses.replace(settings, corpus=str(roots.fallback_corpus)), "fallback:corpus.txt"
+    log.warning("no corpus: %s is absent, so C is measured data-free on text the model samples "
+                "itself (set stats.corpus to a real text file for better statistics)", roots.wikitext)
+    return dataclasses.replace(settings, corpus="self"), "self"
+
+
 def ensure_stats(
     model: nn.Module,
     tok,
@@ -117,13 +130,12 @@ def ensure_stats(
     """
     layers = sorted(set(layers))
     wikitext = roots.wikitext
+    corpus_label = settings.corpus
     if settings.corpus == "wikitext" and not wikitext.is_file():
-        log.warning("no corpus: %s is absent, so C is measured data-free on text the model samples "
-                    "itself (set stats.corpus to a real text file for better statistics)", wikitext)
-        settings = dataclasses.replace(settings, corpus="self")
+        settings, corpus_label = _without_wikitext(settings, roots)
     text, corpus_desc = corpus_text(settings, model, tok, wikitext) if settings.corpus != "self" else ("", "self")
     corpus_hash = hashlib.sha256(text.encode()).hexdigest()[:16] if text else f"self-{settings.seed}"
-    key = {"weights": base_hash, "layers": layers, "corpus": settings.corpus, "corpus_hash": corpus_hash,
+    key = {"weights": base_hash, "layers": layers, "corpus": corpus_label, "corpus_hash": corpus_hash,
            "tokens": settings.tokens, "seq_len": settings.seq_len, "seed": settings.seed}
     path = roots.stats / model_name / f"cov-{digest(key)}.safetensors"
     if path.is_file() and not force:

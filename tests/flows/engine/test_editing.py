@@ -130,6 +130,25 @@ def test_data_free_stats_corpus(tok, tmp_path):
     assert cov[0].shape == (64, 64) and torch.isfinite(cov[0]).all()
 
 
+def test_without_wikitext_the_shipped_corpus_is_used_else_the_model_samples(tok, tmp_path, caplog):
+    """Where WikiText-2 is absent, C comes from data/demo/corpus.txt (the same bytes on every
+    machine, so an auditor elsewhere rebuilds it), and only without that from sampling."""
+    from nas_core.settings import StatsSettings
+
+    model = tiny_model("llama")
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40, encoding="utf-8")
+    s = StatsSettings(corpus="wikitext", tokens=64, seq_len=16, batch_size=2)
+    roots = Paths(stats=str(tmp_path / "stats"), shared_data=str(tmp_path / "none"), demo=str(demo)).under(REPO)
+    with caplog.at_level("WARNING"):
+        _, shipped, _ = ensure_stats(model, tok, "tiny", [0], s, weights_hash(model), roots)
+    assert "shipped text" in caplog.text
+    (demo / "corpus.txt").unlink()
+    _, sampled, _ = ensure_stats(model, tok, "tiny", [0], s, weights_hash(model), roots)
+    assert "samples itself" in caplog.text and sampled != shipped
+
+
 def test_anchor_refuses_an_edited_model(tok, tmp_path):
     model = tiny_model("llama")
     h = weights_hash(model)
