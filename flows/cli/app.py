@@ -51,6 +51,11 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: Telemetry of the tools underneath is off unless the user turned it on (setdefault).
+TELEMETRY_OFF = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                 "GX_ANALYTICS_ENABLED": "false", "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1"}
+
+
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False, project: ProjectOpt = None,
            _version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
@@ -59,6 +64,8 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False, pr
            = False,
            ) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
     if project is not None:  # the one place the project is chosen; flows and child processes inherit it
         os.environ[ENV_PROJECT] = str(project_root(project))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
