@@ -113,8 +113,7 @@ def _print_next_steps(params, rows: list[dict], demo: bool) -> None:
 
     uri = resolve_tracking_uri(params.tracking.uri, params.root)
     out.print("next:", highlight=False)
-    out.print("  nas status                       the champion, its edits and norm ratio, the recent decisions",
-              highlight=False)
+    out.print("  nas status   the champion, its edits and norm ratio, the recent decisions", highlight=False)
     out.print(f"  mlflow ui --backend-store-uri {uri}   one run per batch, the registered model", highlight=False,
               soft_wrap=True)
     for r in rows:
@@ -122,14 +121,25 @@ def _print_next_steps(params, rows: list[dict], demo: bool) -> None:
             out.print(f"  {Path(r['folder']) / 'validation.html'}   why {r['batch']} was {r['outcome']}",
                       highlight=False, soft_wrap=True)
     if demo:
-        from flows.config.model import config_for
+        out.print(_demo_settings_line(params), highlight=False)
 
-        shipped = config_for(params.model, params.roots.configs)
-        shipped_pilots = shipped.method(params.edit.method, params.edit.nas).nas.pilots
-        pilots, tokens = params.method_settings().nas.pilots, params.model_config().stats.tokens
-        out.print(f"demo-sized settings (params.yaml edit.pilots, edit.stats_tokens): {pilots} NAS pilots and "
-                  f"covariance from {tokens:,} tokens; production uses the model config's {shipped_pilots} pilots "
-                  f"and {shipped.stats.tokens:,} tokens (set both to 0)", highlight=False)
+
+def _demo_settings_line(params) -> str:
+    """What the demo's shortened settings are, what this machine used, and what production uses."""
+    from flows.config.model import config_for
+
+    shipped = config_for(params.model, params.roots.configs)
+    shipped_pilots = shipped.method(params.edit.method, params.edit.nas).nas.pilots
+    pilots, tokens = params.method_settings().nas.pilots, params.model_config().stats.tokens
+    roots = params.roots
+    here = ""
+    if not roots.pilot_source.is_file() and roots.fallback_pilots.is_file():
+        facts = sum(1 for line in roots.fallback_pilots.read_text(encoding="utf-8").splitlines() if line.strip())
+        here = f" ({min(pilots, facts)} here: the shipped pilot facts)"
+    corpus = "" if roots.wikitext.is_file() else " of data/demo/corpus.txt (no WikiText-2 here)"
+    return (f"demo-sized settings (params.yaml edit.pilots, edit.stats_tokens): {pilots} NAS pilots{here}, "
+            f"covariance from {tokens:,} tokens{corpus}; production uses the model config's "
+            f"{shipped_pilots} pilots and {shipped.stats.tokens:,} tokens (set both to 0)")
 
 
 def _problems_line(problems: dict[str, int] | None) -> str:
