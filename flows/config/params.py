@@ -156,6 +156,31 @@ class CheckpointParams:
 
 
 @dataclass(frozen=True)
+class SourceParams:
+    """Where a night pulls new fact batches from (flows/facts/pull.py), before it reads the inbox.
+
+    Attributes:
+        name: the source's name in the ledger's ``pull`` lines.
+        url: an fsspec URL prefix: ``file:///srv/facts``, ``s3://bucket/facts``, ``ssh://host/path``...
+        pattern: which file names under it are batches (a glob on the name).
+        retries: further attempts at a listing or a read that failed, before the night stops.
+        retry_delay_s: seconds between attempts.
+    """
+
+    name: str
+    url: str
+    pattern: str = "*.jsonl"
+    retries: int = 3
+    retry_delay_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.url:
+            raise ValueError("a source needs a name and a url")
+        if self.retries < 0 or self.retry_delay_s < 0:
+            raise ValueError(f"source {self.name}: retries and retry_delay_s must be >= 0")
+
+
+@dataclass(frozen=True)
 class AuditParams:
     """When a rebuild that is not bit-identical still counts as the promoted model (``nas audit``).
 
@@ -193,6 +218,7 @@ class Params:
     checkpoints: CheckpointParams = field(default_factory=CheckpointParams)
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
     audit: AuditParams = field(default_factory=AuditParams)
+    sources: tuple[SourceParams, ...] = ()
     #: The project directory the relative ``paths`` resolve against (not a params.yaml key).
     root: Path = field(default_factory=project_root, metadata={"yaml": False})
 

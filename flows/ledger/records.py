@@ -31,7 +31,7 @@ from flows.io import now
 log = logging.getLogger(__name__)
 
 CHAMPION_EVENTS = ("promote", "rollback", "manual_promote")
-EVENTS = (*CHAMPION_EVENTS, "reject", "quarantine")
+EVENTS = (*CHAMPION_EVENTS, "reject", "quarantine", "pull")
 
 
 class LedgerDamaged(ValueError):
@@ -54,6 +54,7 @@ _SCHEMA: dict[str, dict[str, tuple]] = {
     "quarantine": {"batch_id": _STR, "file_sha256": _SHA},
     "rollback": {"version": _VER},
     "manual_promote": {"version": _VER},
+    "pull": {"source": _STR, "path": _STR, "revision": _STR, "file_sha256": _SHA, "inbox_name": _STR},
 }
 _OPTIONAL: dict[str, tuple] = {
     "parent": (lambda v: v is None or _VER[0](v), "null or a version"),

@@ -161,6 +161,8 @@ def nightly_refresh(params_file: str | None = None, project: str | None = None) 
     roots = params.roots
     ledger = Ledger(roots.ledger)
     with refresh_lock(roots.ledger.with_name(".refresh.lock")):
+        if params.sources:
+            steps.pull_batches(params, ledger)
         batches = list(steps.inbox_batches(roots.inbox).batches)
         if not batches:
             logger.info("inbox %s is empty: nothing to do tonight", roots.inbox)

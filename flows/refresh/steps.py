@@ -27,6 +27,7 @@ from flows.engine.editing import EditSession, SessionSnapshot, apply_in_batches,
 from flows.engine.loading import base_anchor, base_stats, load_base, night_inputs
 from flows.facts.batch import BatchValidation
 from flows.facts.inbox import BatchSnapshot, InboxScan, release, scan_inbox, store
+from flows.facts.pull import Pulled, pull_source
 from flows.facts.quarantine import quarantine
 from flows.facts.report import write_report
 from flows.facts.validate import validate_batch
@@ -177,6 +178,19 @@ def connect_tracking(params: Params) -> Tracker:
     tracker = open_tracker(params)
     tracker.healthcheck()
     return tracker
+
+
+@task(name="pull", cache_policy=NO_CACHE)
+def pull_batches(params: Params, ledger: Ledger) -> list[Pulled]:
+    """New batches of every configured source into the inbox, each with a ``pull`` line in the ledger."""
+    logger = get_run_logger()
+    pulled = []
+    for source in params.sources:
+        got = pull_source(source, params.roots.inbox, ledger, params.validation.max_file_bytes)
+        logger.info("source %r: %d new batch(es)%s", source.name, len(got),
+                    ": " + ", ".join(f"{p.path} -> {p.inbox_name}" for p in got) if got else "")
+        pulled += got
+    return pulled
 
 
 @task(retries=2, retry_delay_seconds=1)
