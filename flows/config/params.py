@@ -161,21 +161,30 @@ class SourceParams:
 
     Attributes:
         name: the source's name in the ledger's ``pull`` lines.
-        url: an fsspec URL prefix: ``file:///srv/facts``, ``s3://bucket/facts``, ``ssh://host/path``...
-        pattern: which file names under it are batches (a glob on the name).
+        kind: ``files``: ``url`` is an fsspec URL prefix (``file:///srv/facts``, ``s3://bucket/facts``,
+            ``ssh://host/path``...) whose files matching ``pattern`` are batches; ``datasets``: ``url``
+            is what ``datasets.load_dataset`` takes (a local folder or data file; a hub id only when
+            you write one), its ``split`` one batch of fact records.
+        url: see ``kind``.
+        pattern: which file names under a ``files`` source are batches (a glob on the name).
+        split: the split of a ``datasets`` source.
         retries: further attempts at a listing or a read that failed, before the night stops.
         retry_delay_s: seconds between attempts.
     """
 
     name: str
     url: str
+    kind: str = "files"
     pattern: str = "*.jsonl"
+    split: str = "train"
     retries: int = 3
     retry_delay_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.name or not self.url:
             raise ValueError("a source needs a name and a url")
+        if self.kind not in ("files", "datasets"):
+            raise ValueError(f"source {self.name}: kind must be files or datasets, not {self.kind!r}")
         if self.retries < 0 or self.retry_delay_s < 0:
             raise ValueError(f"source {self.name}: retries and retry_delay_s must be >= 0")
 

@@ -1,11 +1,13 @@
 """Pull the night's fact batches from configured sources into the inbox (params.yaml ``sources``).
 
-A source is an fsspec URL prefix (``file://``, ``s3://``, ``ssh://``, ``https://``...) and a
-glob pattern. Each file found is read once, written into the inbox under its own name (a free
-one if the inbox holds another file by that name) and recorded in the ledger as a ``pull`` line
-with its provenance: source, path, revision (the store's ETag, else its mtime and size), sha256
-and time. A file whose (source, path, revision) or whose bytes were pulled before is never pulled
-again. A source that cannot be listed or read is retried, then the night stops with
+A ``files`` source is an fsspec URL prefix (``file://``, ``s3://``, ``ssh://``, ``https://``...)
+and a glob pattern; a ``datasets`` source is a split ``datasets.load_dataset`` reads (a local
+folder or file; a hub id only when the user writes one), pulled as one batch. Each batch is read
+once, written into the inbox under its own name (a free one if the inbox holds another file by
+that name) and recorded in the ledger as a ``pull`` line with its provenance: source, path,
+revision (the store's ETag, else its mtime and size; a dataset's fingerprint), sha256 and time.
+A batch whose (source, path, revision) or whose bytes were pulled before is never pulled again.
+A source that cannot be listed or read is retried, then the night stops with
 :class:`SourceUnavailable` before it edits anything.
 """
 
@@ -73,14 +75,54 @@ def _free_name(inbox: Path, name: str) -> Path:
 
 
 def pull_source(source: SourceParams, inbox: Path, ledger: Ledger, max_file_bytes: int) -> list[Pulled]:
-    """Every new file of ``source`` into ``inbox``, each recorded in ``ledger`` (a ``pull`` line)."""
+    """Every new batch of ``source`` into ``inbox``, each recorded in ``ledger`` (a ``pull`` line)."""
+    if source.kind == "datasets":
+        return _pull_dataset(source, inbox, ledger)
+    return _pull_files(source, inbox, ledger, max_file_bytes)
+
+
+def _seen(ledger: Ledger) -> tuple[set[tuple], set[str]]:
+    """(source, path, revision) of every pull so far, and the sha256 of every batch the ledger has."""
+    entries = ledger.entries()
+    return ({(e.get("source"), e.get("path"), e.get("revision")) for e in entries if e["event"] == "pull"},
+            {e.get("file_sha256") for e in entries})
+
+
+def _store(source: SourceParams, inbox: Path, ledger: Ledger, name: str, rel: str, rev: str, data: bytes) -> Pulled:
+    inbox.mkdir(parents=True, exist_ok=True)
+    target = _free_name(inbox, name)
+    atomic_write_bytes(target, data)
+    digest = hashlib.sha256(data).hexdigest()
+    ledger.append("pull", source=source.name, url=source.url, path=rel, revision=rev, file_sha256=digest,
+                  inbox_name=target.name, bytes=len(data))
+    return Pulled(source.name, rel, target.name, digest)
+
+
+def _pull_dataset(source: SourceParams, inbox: Path, ledger: Ledger) -> list[Pulled]:
+    """A ``datasets`` split as one batch of fact records, named after the source and its fingerprint."""
+    import json
+
+    import datasets
+
+    ds = _retrying(source, "loading the dataset", lambda: datasets.load_dataset(source.url, split=source.split))
+    rev = f"fingerprint:{ds._fingerprint}"
+    seen_revisions, seen_bytes = _seen(ledger)
+    if (source.name, source.split, rev) in seen_revisions:
+        return []
+    rows = [{k: v for k, v in row.items() if v is not None} for row in ds]
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    if hashlib.sha256(data).hexdigest() in seen_bytes:
+        return []
+    return [_store(source, inbox, ledger, f"{source.name}-{ds._fingerprint[:12]}.jsonl", source.split, rev, data)]
+
+
+def _pull_files(source: SourceParams, inbox: Path, ledger: Ledger, max_file_bytes: int) -> list[Pulled]:
+    """Every new file under an fsspec URL prefix that matches the source's pattern."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(source.url)
     entries = _retrying(source, "listing", lambda: fs.find(root, detail=True))
-    seen_revisions = {(e.get("source"), e.get("path"), e.get("revision")) for e in ledger.entries()
-                      if e["event"] == "pull"}
-    seen_bytes = {e.get("file_sha256") for e in ledger.entries()}
+    seen_revisions, seen_bytes = _seen(ledger)
     pulled = []
     for path, info in sorted(entries.items()):
         name = path.rstrip("/").rsplit("/", 1)[-1]
@@ -99,11 +141,6 @@ def pull_source(source: SourceParams, inbox: Path, ledger: Ledger, max_file_byte
         if digest in seen_bytes:
             log.info("source %r: %s has the bytes of a batch the ledger already has: not pulled", source.name, rel)
             continue
-        inbox.mkdir(parents=True, exist_ok=True)
-        target = _free_name(inbox, name)
-        atomic_write_bytes(target, data)
-        ledger.append("pull", source=source.name, url=source.url, path=rel, revision=rev, file_sha256=digest,
-                      inbox_name=target.name, bytes=len(data))
         seen_bytes.add(digest)
-        pulled.append(Pulled(source.name, rel, target.name, digest))
+        pulled.append(_store(source, inbox, ledger, name, rel, rev, data))
     return pulled

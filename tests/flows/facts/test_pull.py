@@ -62,12 +62,28 @@ def test_a_source_that_stays_down_stops_the_night_after_its_retries(tmp_path, mo
     assert len(calls) == 3 and not (tmp_path / "inbox").exists()
 
 
-def test_a_night_pulls_its_batch_from_the_source_and_promotes_it(night, tmp_path):
-    remote = tmp_path / "remote"
+def test_a_night_pulls_its_batches_from_a_folder_and_a_datasets_source_and_promotes_them(night, tmp_path):
+    remote, folder = tmp_path / "remote", tmp_path / "facts-ds"
     write_batch(remote / "night-01.jsonl", [fact(*f) for f in FACTS[:2]])
-    outcomes, params = night(sources=[{"name": "team", "url": f"file://{remote}"}])
-    assert [(o.batch, o.outcome) for o in outcomes] == [("night-01", "promoted")]
+    write_batch(folder / "train.jsonl", [fact(*f) for f in FACTS[2:4]])
+    sources = [{"name": "team", "url": f"file://{remote}"}, {"name": "ds", "url": str(folder), "kind": "datasets"}]
+    outcomes, params = night(sources=sources)
+    assert [o.outcome for o in outcomes] == ["promoted", "promoted"]
+    assert sorted(o.batch[:3] for o in outcomes) == ["ds-", "nig"]  # inbox name order
     events = [e["event"] for e in Ledger(params.roots.ledger).entries()]
-    assert events == ["pull", "promote"]
-    outcomes, _ = night(sources=[{"name": "team", "url": f"file://{remote}"}])
-    assert outcomes == []  # nothing new at the source, nothing in the inbox
+    assert events == ["pull", "pull", "promote", "promote"]
+    outcomes, _ = night(sources=sources)
+    assert outcomes == []  # nothing new at either source, nothing in the inbox
+
+
+def test_a_datasets_folder_is_pulled_as_one_batch_of_fact_records(tmp_path):
+    folder, inbox, ledger = tmp_path / "facts-ds", tmp_path / "inbox", Ledger(tmp_path / "ledger.jsonl")
+    write_batch(folder / "train.jsonl", [fact(*f) for f in FACTS[:3]])
+    src = SourceParams(name="ds", url=str(folder), kind="datasets", retry_delay_s=0.0)
+    (got,) = pull.pull_source(src, inbox, ledger, 1 << 20)
+    assert got.inbox_name.startswith("ds-") and got.path == "train"
+    rows = [json.loads(line) for line in (inbox / got.inbox_name).read_text().splitlines()]
+    assert [r["case_id"] for r in rows] == [fact(*f)["case_id"] for f in FACTS[:3]]
+    (line,) = [e for e in ledger.entries() if e["event"] == "pull"]
+    assert line["revision"].startswith("fingerprint:") and line["source"] == "ds"
+    assert pull.pull_source(src, inbox, ledger, 1 << 20) == []  # the same dataset is never pulled twice
