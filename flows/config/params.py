@@ -156,6 +156,27 @@ class CheckpointParams:
 
 
 @dataclass(frozen=True)
+class LockParams:
+    """Who may edit a model at once (flows/refresh/lock.py). The project's file lock always holds.
+
+    Attributes:
+        prefect_slot: also hold the model's Prefect global concurrency slot for the night, so
+            workers on other machines sharing the Prefect server never edit it at the same time.
+        lease_s: the slot's lease; Prefect renews it while the night runs. A night that was
+            killed keeps the slot until its lease lapses, so the next night may start after that.
+        wait_s: how long a night waits for the slot before it reports another night and stops.
+    """
+
+    prefect_slot: bool = False
+    lease_s: float = 120.0
+    wait_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.lease_s <= 0 or self.wait_s < 0:
+            raise ValueError("lock.lease_s must be > 0 and lock.wait_s >= 0")
+
+
+@dataclass(frozen=True)
 class SourceParams:
     """Where a night pulls new fact batches from (flows/facts/pull.py), before it reads the inbox.
 
@@ -228,6 +249,7 @@ class Params:
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
     audit: AuditParams = field(default_factory=AuditParams)
     sources: tuple[SourceParams, ...] = ()
+    lock: LockParams = field(default_factory=LockParams)
     #: The project directory the relative ``paths`` resolve against (not a params.yaml key).
     root: Path = field(default_factory=project_root, metadata={"yaml": False})
 

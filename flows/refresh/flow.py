@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -38,7 +39,7 @@ from flows.io import code_version, sha256_file
 from flows.ledger.lineage import retention_set
 from flows.ledger.records import Ledger
 from flows.refresh import steps
-from flows.refresh.lock import refresh_lock
+from flows.refresh.lock import model_slot, refresh_lock
 from flows.refresh.steps import BatchOutcome, Champion, NightBatch
 from flows.refresh.versions import free_target, tidy_checkpoints
 from flows.tracking import review
@@ -160,7 +161,9 @@ def nightly_refresh(params_file: str | None = None, project: str | None = None) 
     params = load_params(Path(params_file) if params_file else None, Path(project) if project else None)
     roots = params.roots
     ledger = Ledger(roots.ledger)
-    with refresh_lock(roots.ledger.with_name(".refresh.lock")):
+    lock = params.lock
+    slot = model_slot(params.model, lock.wait_s, lock.lease_s) if lock.prefect_slot else nullcontext()
+    with refresh_lock(roots.ledger.with_name(".refresh.lock")), slot:
         if params.sources:
             steps.pull_batches(params, ledger)
         batches = list(steps.inbox_batches(roots.inbox).batches)

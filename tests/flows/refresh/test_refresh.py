@@ -169,3 +169,36 @@ def test_a_second_refresh_does_not_run_while_one_holds_the_lock(night, tmp_path)
             night()
     assert (tmp_path / "inbox" / "night-01.jsonl").exists()
     assert not (tmp_path / "ledger.jsonl").exists()
+
+
+def test_a_worker_on_another_machine_is_kept_out_by_the_model_s_prefect_slot(night, tmp_path, tiny_folder):
+    """The file lock cannot see another machine; the Prefect server's global concurrency slot of the
+    model can: while another worker holds it (here a thread talking to the same server), a night of
+    that model refuses to edit, a night of another model is not held up, and it runs once freed."""
+    import threading
+
+    from flows.refresh.lock import RefreshLocked, model_slot, slot_name
+
+    write_batch(tmp_path / "inbox" / "night-01.jsonl", [fact(*FACTS[0])])
+    model = str(tiny_folder / "tiny.yaml")  # the night's params.yaml model
+    held, release = threading.Event(), threading.Event()
+
+    def other_worker():
+        with model_slot(model):
+            held.set()
+            release.wait(60)
+
+    worker = threading.Thread(target=other_worker)
+    worker.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(RefreshLocked, match="holds the Prefect concurrency slot"):
+            night(lock={"prefect_slot": True})
+        assert (tmp_path / "inbox" / "night-01.jsonl").exists() and not (tmp_path / "ledger.jsonl").exists()
+        with model_slot(model + "-other") as other:  # another model's slot is free
+            assert other != slot_name(model)
+    finally:
+        release.set()
+        worker.join(60)
+    outcomes, _ = night(lock={"prefect_slot": True})
+    assert [o.outcome for o in outcomes] == ["promoted"]
