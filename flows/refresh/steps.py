@@ -325,7 +325,7 @@ def quarantine_invalid(nb: NightBatch, validation: BatchValidation, ledger: Ledg
     warn_if_rewritten(nb.snap)
     ledger.append("quarantine", batch_id=nb.batch_id, file_sha256=nb.snap.sha256, stage="validation",
                   problems=problems, quarantine=str(folder), mlflow_run_id=nb.run_id)
-    _close_rejected(tracker, nb.run_id, [f"validation:{r}" for r in problems])
+    _close_rejected(tracker, nb.run_id, [f"validation:{r}" for r in problems], verdict="quarantined")
     total = sum(problems.values())
     tracker.describe_run(nb.run_id, review.quarantined_sentence(nb.batch_id, f"{total} problem{'s' * (total != 1)}: "
                          + ", ".join(f"{n} {rule}" for rule, n in problems.items())))
@@ -387,8 +387,12 @@ def promote(nb: NightBatch, result: GateResult, champion: Champion, parent: str 
     return BatchOutcome(nb.batch_id, "promoted", version=version, weights_hash=manifest["weights_hash"])
 
 
-def _close_rejected(tracker: Tracker, run_id: str, reasons: list[str]) -> None:
+def _close_rejected(tracker: Tracker, run_id: str, reasons: list[str], verdict: str = "rejected") -> None:
+    """Tag the run with what failed and its verdict (``rejected`` by the gate, ``quarantined`` at
+    validation), then close it."""
     tracker.mark_rejected(run_id, reasons)
+    if verdict != "rejected":
+        tracker.tag_run(run_id, {"verdict": verdict})
     tracker.finish_run(run_id)
 
 

@@ -83,6 +83,9 @@ def test_bad_batch_is_quarantined_untouched_and_champion_kept(night, tmp_path):
     assert ledger.champion()["version"] == "v0001"
     from flows.cli.night import _outcome_rows
 
+    run = mlflow_champion(params)[0].client.get_run(ledger.entries()[-1]["mlflow_run_id"])
+    assert run.data.tags["verdict"] == "quarantined" and "failed.validation_malformed_json" in run.data.tags
+    assert run.data.tags["mlflow.note.content"].startswith("b-bad was quarantined at validation (")
     rows = _outcome_rows(params, outcomes)  # what `nas refresh` prints (and --json gives)
     assert rows[0]["version"] == "v0001" and rows[0]["details"].startswith("editing score ")
     assert "problems: " in rows[1]["details"] and "template_placeholder_count" in rows[1]["details"]
