@@ -109,3 +109,12 @@ def code_version(repo: Path | None = None) -> str:
 
 __all__ = ["CHUNK", "atomic_write_bytes", "atomic_write_chunks", "atomic_write_text",
            "code_version", "digest", "now", "read_json", "sha256_file", "write_csv", "write_json"]
+
+
+def free_target(path: Path, folder: Path) -> Path:
+    """Where ``path`` would go in ``folder`` without overwriting anything (``name-2.jsonl`` etc.)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target, n = folder / path.name, 2
+    while target.exists():
+        target, n = folder / f"{path.stem}-{n}{path.suffix}", n + 1
+    return target

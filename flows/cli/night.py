@@ -142,22 +142,16 @@ def _demo_settings_line(params) -> str:
             f"{shipped_pilots} pilots and {shipped.stats.tokens:,} tokens (set both to 0)")
 
 
-def _problems_line(problems: dict[str, int] | None) -> str:
-    """``12 problems: 8 gx:prompt_length, 2 ...`` from a rule -> count mapping."""
-    if not problems:
-        return ""
-    total = sum(problems.values())
-    return f"{total} problem{'s' if total != 1 else ''}: " + ", ".join(f"{n} {rule}" for rule, n in problems.items())
-
-
 def _decision_details(e: dict) -> str:
     """The details column of ``nas status``'s recent decisions: scores for a promotion, else why."""
+    from flows.facts.batch import problems_line
+
     metrics = e.get("metrics") or {}
     if e.get("event") == "promote" and metrics:
         ratio = max((e.get("norm_ratios") or {"": 1.0}).values())
         return (f"editing score {metrics.get('retention.editing_score', float('nan')):.1f}, ppl ratio "
                 f"{metrics.get('retention.perplexity_ratio', float('nan')):.3f}, norm ratio {ratio:.4f}")
-    details = ", ".join(e.get("failed_checks") or []) or _problems_line(e.get("problems")) or e.get("reason") or ""
+    details = ", ".join(e.get("failed_checks") or []) or problems_line(e.get("problems")) or e.get("reason") or ""
     return f"from {e['from_version']}: {details}" if e.get("from_version") else details
 
 

@@ -194,3 +194,11 @@ __all__ = [
     "batch_id_for",
     "fallback_batch_id",
 ]
+
+
+def problems_line(problems: dict[str, int] | None) -> str:
+    """``12 problems: 8 gx:prompt_length, 2 ...`` from a rule -> count mapping ("" for none)."""
+    if not problems:
+        return ""
+    total = sum(problems.values())
+    return f"{total} problem{'s' if total != 1 else ''}: " + ", ".join(f"{n} {rule}" for rule, n in problems.items())

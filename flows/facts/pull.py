@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.config.params import SourceParams
-from flows.io import atomic_write_bytes
+from flows.io import atomic_write_bytes, free_target
 from flows.ledger.records import Ledger
 
 log = logging.getLogger(__name__)
@@ -66,14 +66,6 @@ def _retrying(source: SourceParams, what: str, action: Callable[[], Any]) -> Any
     raise AssertionError("unreachable")
 
 
-def _free_name(inbox: Path, name: str) -> Path:
-    target, n = inbox / name, 2
-    stem, dot, suffix = name.rpartition(".")
-    while target.exists():
-        target, n = inbox / (f"{stem}-{n}.{suffix}" if dot else f"{name}-{n}"), n + 1
-    return target
-
-
 def pull_source(source: SourceParams, inbox: Path, ledger: Ledger, max_file_bytes: int) -> list[Pulled]:
     """Every new batch of ``source`` into ``inbox``, each recorded in ``ledger`` (a ``pull`` line)."""
     if source.kind == "datasets":
@@ -89,8 +81,7 @@ def _seen(ledger: Ledger) -> tuple[set[tuple], set[str]]:
 
 
 def _store(source: SourceParams, inbox: Path, ledger: Ledger, name: str, rel: str, rev: str, data: bytes) -> Pulled:
-    inbox.mkdir(parents=True, exist_ok=True)
-    target = _free_name(inbox, name)
+    target = free_target(Path(name), inbox)
     atomic_write_bytes(target, data)
     digest = hashlib.sha256(data).hexdigest()
     ledger.append("pull", source=source.name, url=source.url, path=rel, revision=rev, file_sha256=digest,

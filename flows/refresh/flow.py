@@ -35,13 +35,13 @@ from flows.audit.record import record_promotion
 from flows.config.params import Params, load_params
 from flows.facts.batch import batch_id_for
 from flows.facts.inbox import NotARegularFile, store, take_snapshot
-from flows.io import code_version, sha256_file
+from flows.io import code_version, free_target, sha256_file
 from flows.ledger.lineage import retention_set
 from flows.ledger.records import Ledger
 from flows.refresh import steps
 from flows.refresh.lock import model_slot, refresh_lock
 from flows.refresh.steps import BatchOutcome, Champion, NightBatch
-from flows.refresh.versions import free_target, tidy_checkpoints
+from flows.refresh.versions import tidy_checkpoints
 from flows.tracking import review
 from flows.tracking.names import registered_model_name
 from flows.tracking.rebuild import PromotedCheckpoint

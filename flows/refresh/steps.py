@@ -25,26 +25,27 @@ from flows.engine import evaluation
 from flows.engine.checkpoints import file_hashes, registry_files, write_checkpoint
 from flows.engine.editing import EditSession, SessionSnapshot, apply_in_batches, open_session
 from flows.engine.loading import base_anchor, base_stats, load_base, night_inputs
-from flows.facts.batch import BatchValidation
+from flows.facts.batch import BatchValidation, problems_line
 from flows.facts.inbox import BatchSnapshot, InboxScan, release, scan_inbox, store
 from flows.facts.pull import Pulled, pull_source
 from flows.facts.quarantine import quarantine
 from flows.facts.report import write_report
 from flows.facts.validate import validate_batch
+from flows.io import free_target
 from flows.ledger.facts import LedgerFact
-from flows.ledger.lineage import held_facts, lineage_batches
+from flows.ledger.lineage import champion_of, held_facts, lineage_batches
 from flows.ledger.norms import lineage_forecast, norm_history
 from flows.ledger.records import Ledger
 from flows.refresh.gate import flat_metrics, gate, verdict_of
 from flows.refresh.operations import open_tracker
-from flows.refresh.versions import free_target, next_version
+from flows.refresh.versions import next_version
 from flows.tracking import review
 from flows.tracking.names import registered_model_name
 from flows.tracking.plots import norm_plot
 from flows.tracking.tracker import Tracker
 from nas_core.collapse import Check, norm_ratios
 from nas_core.deltas import frobenius_norms, weights_hash
-from nas_core.evaluate.counterfact import FactScore, edit_metrics, fact_scores
+from nas_core.evaluate.counterfact import FactScore, edit_metrics_and_facts
 from nas_core.evaluate.fluency import greedy_generations
 from nas_core.fingerprint import fingerprints
 from nas_core.requests import EditRequest
@@ -99,7 +100,6 @@ class GateResult:
     metrics: dict[str, float]
     forecast: dict[str, float | None]
     record: dict[str, Any] = field(repr=False)
-    facts: tuple[FactScore, ...] = ()
 
     @property
     def failed(self) -> list[Check]:
@@ -262,10 +262,11 @@ def evaluate(session: EditSession, new: list[EditRequest], retained: list[EditRe
     (:func:`flows.ledger.lineage.retention_set`) + health over everything."""
     cfg = params.model_config()
     ratios = norm_ratios(frobenius_norms(session.model, list(session.base)), session.original_norms)
-    batch = edit_metrics(session.model, session.tok, new, cfg.eval.batch_size, cfg.eval.batch_tokens).as_dict()
+    scored, facts = edit_metrics_and_facts(session.model, session.tok, new, cfg.eval.batch_size,
+                                           cfg.eval.batch_tokens)
+    batch = scored.as_dict()
     retention, result = evaluation.evaluate(session.model, session.tok, retained, cfg.eval, base_ref, params.roots,
                                             ratios, session.state.edit_count, cfg.collapse)
-    facts = fact_scores(session.model, session.tok, new, cfg.eval.batch_size, cfg.eval.batch_tokens)
     after = answers.fn(session, new, params)
     return Candidate(batch, retention, result.checks, ratios, tuple(new), before, after, tuple(facts))
 
@@ -302,7 +303,7 @@ def judge(nb: NightBatch, candidate: Candidate, diagnostics: list[dict[str, Any]
               "skipped_ids": [d["case_id"] for d in diagnostics if d["skipped"]],
               "metrics": flat, "checks": [dataclasses.asdict(c) for c in checks], "mlflow_run_id": nb.run_id,
               "edits_so_far": edits, "norm_ratios": candidate.norm_ratios, "forecast": outlook}
-    return GateResult(checks, flat, outlook, record, candidate.facts)
+    return GateResult(checks, flat, outlook, record)
 
 
 def _warn_forecast(nb: NightBatch, outlook: dict[str, float | None], params: Params, tracker: Tracker) -> None:
@@ -326,9 +327,7 @@ def quarantine_invalid(nb: NightBatch, validation: BatchValidation, ledger: Ledg
     ledger.append("quarantine", batch_id=nb.batch_id, file_sha256=nb.snap.sha256, stage="validation",
                   problems=problems, quarantine=str(folder), mlflow_run_id=nb.run_id)
     _close_rejected(tracker, nb.run_id, [f"validation:{r}" for r in problems], verdict="quarantined")
-    total = sum(problems.values())
-    tracker.describe_run(nb.run_id, review.quarantined_sentence(nb.batch_id, f"{total} problem{'s' * (total != 1)}: "
-                         + ", ".join(f"{n} {rule}" for rule, n in problems.items())))
+    tracker.describe_run(nb.run_id, review.quarantined_sentence(nb.batch_id, problems_line(problems)))
     return BatchOutcome(nb.batch_id, "quarantined", stage="validation", folder=str(folder))
 
 
@@ -344,13 +343,8 @@ def reject(nb: NightBatch, validation: BatchValidation, result: GateResult, sess
     names = tuple(c.name for c in failed)
     ledger.append("reject", **result.record, failed_checks=list(names), quarantine=str(folder))
     _close_rejected(tracker, nb.run_id, list(names))
-    tracker.describe_run(nb.run_id, review.rejected_sentence(nb.batch_id, _champion_version(ledger), names))
+    tracker.describe_run(nb.run_id, review.rejected_sentence(nb.batch_id, champion_of(ledger)[0], names))
     return BatchOutcome(nb.batch_id, "rejected", failed_checks=names, folder=str(folder))
-
-
-def _champion_version(ledger: Ledger) -> str | None:
-    champ = ledger.champion()
-    return champ.version if champ is not None else None
 
 
 @task(cache_policy=NO_CACHE)
@@ -378,8 +372,7 @@ def promote(nb: NightBatch, result: GateResult, champion: Champion, parent: str 
     release_stored(nb.snap)
     tracker.set_champion(model_name, mv)
     tracker.tag_run(nb.run_id, {"verdict": "promoted", "version": version})
-    retention = {k.removeprefix("retention."): v for k, v in result.metrics.items() if k.startswith("retention.")}
-    tracker.describe_run(nb.run_id, review.promoted_sentence(nb.batch_id, version, result.facts, retention,
+    tracker.describe_run(nb.run_id, review.promoted_sentence(nb.batch_id, version, result.metrics,
                                                              max(result.record["norm_ratios"].values())))
     tracker.finish_run(nb.run_id)
     logger.info("%s promoted: champion is now %s (MLflow %s v%s), %d edits in all", nb.batch_id, version, model_name,

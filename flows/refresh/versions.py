@@ -32,12 +32,3 @@ def tidy_checkpoints(checkpoints: Path, ledger: Ledger) -> tuple[list[str], list
     promoted = {e["version"] for e in ledger.promotions()}
     orphans = sorted(p.name for p in checkpoints.glob("v[0-9][0-9][0-9][0-9]") if p.is_dir() and p.name not in promoted)
     return removed, orphans
-
-
-def free_target(path: Path, folder: Path) -> Path:
-    """Where ``path`` would go in ``folder`` without overwriting anything (``name-2.jsonl`` etc.)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target, n = folder / path.name, 2
-    while target.exists():
-        target, n = folder / f"{path.stem}-{n}{path.suffix}", n + 1
-    return target

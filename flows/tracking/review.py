@@ -38,13 +38,14 @@ def fact_table(requests: Sequence[EditRequest], before: Sequence[str], after: Se
             "night_failed_checks": [failed] * n}
 
 
-def promoted_sentence(batch_id: str, version: str, scores: Sequence[FactScore], retention: dict[str, Any],
-                      norm_ratio: float) -> str:
-    passed = sum(s.passed for s in scores)
-    return (f"{batch_id} was promoted as {version}: {passed} of {len(scores)} new facts win on their prompt; over "
-            f"every edit the champion holds the editing score is {retention.get('editing_score', float('nan')):.1f}, "
-            f"canary perplexity x{retention.get('perplexity_ratio', float('nan')):.3f} of the base model, largest "
-            f"norm ratio {norm_ratio:.4f}.")
+def promoted_sentence(batch_id: str, version: str, metrics: dict[str, Any], norm_ratio: float) -> str:
+    """From the gate's flat metrics: the new batch's efficacy and the retention over every edit."""
+    n = int(metrics.get("batch.n_requests") or 0)
+    won = round((metrics.get("batch.efficacy_success") or 0.0) * n / 100)
+    return (f"{batch_id} was promoted as {version}: {won} of {n} new facts win on their prompt; over every edit "
+            f"the champion holds the editing score is {metrics.get('retention.editing_score', float('nan')):.1f}, "
+            f"canary perplexity x{metrics.get('retention.perplexity_ratio', float('nan')):.3f} of the base model, "
+            f"largest norm ratio {norm_ratio:.4f}.")
 
 
 def rejected_sentence(batch_id: str, champion: str | None, failed: Sequence[str]) -> str:

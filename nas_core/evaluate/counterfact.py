@@ -61,6 +61,19 @@ class EditMetrics:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class FactScore:
+    """One request on its edit prompt: p(target_new), p(target_true) (mean token probability) and
+    whether the new target wins (efficacy for this fact)."""
+
+    p_new: float
+    p_true: float
+
+    @property
+    def passed(self) -> bool:
+        return self.p_new > self.p_true
+
+
 def harmonic_mean(values: Sequence[float | None]) -> float | None:
     """Harmonic mean of the values that are not None; 0 if any is 0; None if none given."""
     present = [v for v in values if v is not None]
@@ -81,6 +94,12 @@ def _macro(per_request: list[list[float]]) -> float | None:
 def edit_metrics(model: nn.Module, tok, requests: Sequence[EditRequest], batch_size: int = 64,
                  batch_tokens: int = 4096) -> EditMetrics:
     """CounterFact metrics of ``model`` on ``requests`` (see the module docstring)."""
+    return edit_metrics_and_facts(model, tok, requests, batch_size, batch_tokens)[0]
+
+
+def edit_metrics_and_facts(model: nn.Module, tok, requests: Sequence[EditRequest], batch_size: int = 64,
+                           batch_tokens: int = 4096) -> tuple[EditMetrics, list[FactScore]]:
+    """:func:`edit_metrics` and each request's :class:`FactScore` on its edit prompt, from one scoring pass."""
     prompts: list[str] = []
     targets: list[str] = []
     # (request index, kind, index of the "good" row, index of the "bad" row)
@@ -98,7 +117,7 @@ def edit_metrics(model: nn.Module, tok, requests: Sequence[EditRequest], batch_s
         for nb in r.neighbourhood_prompts:
             pairs.append((i, "specificity", *add(nb.prompt, nb.target, r.target_new)))
     if not prompts:
-        return EditMetrics(0, *([None] * 10))
+        return EditMetrics(0, *([None] * 10)), []
     scores = target_scores(model, tok, prompts, targets, batch_size, batch_tokens)
     prob = torch.exp(-scores.nll.double())
 
@@ -111,6 +130,7 @@ def edit_metrics(model: nn.Module, tok, requests: Sequence[EditRequest], batch_s
         magnitude[kind][i].append(float(prob[good] - prob[bad]))
         accuracy[kind][i].append(float(scores.token_accuracy[good]))
     s = {k: _macro(success[k]) for k in kinds}
+    facts = [FactScore(float(prob[good]), float(prob[bad])) for _, kind, good, bad in pairs if kind == "efficacy"]
     return EditMetrics(
         n_requests=len(requests),
         efficacy_success=s["efficacy"],
@@ -123,28 +143,5 @@ def edit_metrics(model: nn.Module, tok, requests: Sequence[EditRequest], batch_s
         efficacy_token_accuracy=_macro(accuracy["efficacy"]),
         generalisation_token_accuracy=_macro(accuracy["generalisation"]),
         specificity_token_accuracy=_macro(accuracy["specificity"]),
-    )
+    ), facts
 
-
-@dataclass(frozen=True)
-class FactScore:
-    """One request on its edit prompt: p(target_new), p(target_true) (mean token probability) and
-    whether the new target wins (efficacy for this fact)."""
-
-    p_new: float
-    p_true: float
-
-    @property
-    def passed(self) -> bool:
-        return self.p_new > self.p_true
-
-
-def fact_scores(model: nn.Module, tok, requests: Sequence[EditRequest], batch_size: int = 64,
-                batch_tokens: int = 4096) -> list[FactScore]:
-    """Each request's :class:`FactScore` on its filled edit prompt, in request order."""
-    if not requests:
-        return []
-    prompts = [r.filled_prompt for r in requests for _ in range(2)]
-    targets = [t for r in requests for t in (r.target_new, r.target_true)]
-    prob = torch.exp(-target_scores(model, tok, prompts, targets, batch_size, batch_tokens).nll.double())
-    return [FactScore(float(prob[2 * i]), float(prob[2 * i + 1])) for i in range(len(requests))]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nas_core.collapse import CollapseSettings, HealthSnapshot, norm_growth_per_edit, norm_ratios, verdict
-from nas_core.evaluate.counterfact import edit_metrics, harmonic_mean
+from nas_core.evaluate.counterfact import edit_metrics, edit_metrics_and_facts, harmonic_mean
 from nas_core.evaluate.fluency import fluency, greedy_generations, ngram_entropy
 from nas_core.evaluate.health import OptionItem, option_accuracy, option_items, perplexity
 from nas_core.evaluate.scoring import length_batches, target_scores
@@ -174,6 +174,11 @@ def test_edit_metrics_macro_average_over_requests(wtok, bigram):
     assert m.generalisation_success == pytest.approx(75.0)
     assert m.specificity_success is None  # no neighbourhood prompts at all
     assert m.editing_score == pytest.approx(harmonic_mean([m.efficacy_success, 75.0]))
+    # The per-fact scores come from the same pass: their wins are the efficacy success.
+    same, facts = edit_metrics_and_facts(bigram, tok, [a, b])
+    assert same == m and len(facts) == 2
+    assert 100.0 * sum(f.passed for f in facts) / 2 == pytest.approx(m.efficacy_success)
+    assert all(0.0 <= f.p_new <= 1.0 and 0.0 <= f.p_true <= 1.0 for f in facts)
 
 
 def test_harmonic_mean():
