@@ -26,7 +26,7 @@ app = typer.Typer(help="Continual knowledge editing with Norm-Anchor Scaling.", 
                   pretty_exceptions_show_locals=False)
 app.add_typer(models.commands)  # fetch-model, stats, anchor
 app.add_typer(editing.commands)  # edit, export, eval, demo
-app.add_typer(night.commands)  # refresh, status, validate, rollback, promote, audit, serve
+app.add_typer(night.commands)  # refresh, status, validate, rollback, promote, audit, serve, deploy
 bench_app = typer.Typer(help="Benchmarks that print numbers.", no_args_is_help=True)
 bench_app.add_typer(bench.commands)  # efficacy, fall-of-rome, speed, stats, layer-sweep, trace
 bench_app.add_typer(horizon.commands)  # horizon

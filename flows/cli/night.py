@@ -358,3 +358,32 @@ def serve(
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None
 
+
+
+@commands.command()
+def deploy(
+    pool: Annotated[str, typer.Option(help="the Prefect work pool its runs go to (workers: prefect worker start "
+                                           "--pool POOL)")] = "nas",
+    name: Annotated[str, typer.Option(help="deployment name, one per model")] = "nightly",
+    cron: Annotated[str, typer.Option(help="when to run, a 5-field cron expression")] = "0 2 * * *",
+    timezone: Annotated[str, typer.Option(help="IANA timezone of the cron schedule")] = "UTC",
+    create_pool: Annotated[bool, typer.Option(help="create the pool (type process) when it is missing")] = True,
+    params_file: ParamsOpt = None,
+) -> None:
+    """Register the nightly refresh as a scheduled deployment in a Prefect work pool, for workers on any machine.
+
+    One deployment per model (params file); no two runs of one deployment overlap. docs/deploy.md has the topology.
+
+    Example: nas deploy --pool gpu --name smollm2 --params params-smollm2.yaml --cron "0 2 * * *"
+    """
+    from flows.refresh.deploy import deploy as deploy_flow
+    from flows.refresh.serve import ServeError, deployment_name
+
+    try:
+        deployment_id = deploy_flow(params_file, pool, name, cron=cron, timezone=timezone, create_pool=create_pool)
+    except ServeError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(2) from None
+    console.print(f"deployed {deployment_name(name)} ({deployment_id}) to work pool {pool!r}, schedule {cron!r} "
+                  f"{timezone}\nworkers: prefect worker start --pool {pool}\nrun now: prefect deployment run "
+                  f"{deployment_name(name)}", markup=False, highlight=False)

@@ -132,6 +132,27 @@ def check_server(url: str | None = None, timeout: float = HEALTH_TIMEOUT_S) -> s
     return url
 
 
+def checked_deployment(params_file: Path | None, name: str, project: Path | None = None) -> tuple[Path, Path]:
+    """``(project, params_path)`` once the deployment name and the params file are good: a typo
+    in params.yaml fails when the deployment is made, not at 2 am. :class:`ServeError` otherwise."""
+    import yaml
+
+    from flows.config.params import load_params
+    from flows.paths import project_root
+
+    if not name or any(c in name for c in "/%&<>"):
+        raise ServeError(f"invalid deployment name {name!r}: it must be non-empty without any of / % & < >")
+    project = project_root(project)
+    params_path = Path(params_file).expanduser().resolve() if params_file else project / "params.yaml"
+    if not params_path.is_file():
+        raise ServeError(f"params file {params_path} does not exist")
+    try:
+        load_params(params_path, project)
+    except (ValueError, yaml.YAMLError) as err:  # flows.config.model.ConfigError, the sections' own checks, bad YAML
+        raise ServeError(f"params file {params_path}: {err}") from err
+    return project, params_path
+
+
 def serve(params_file: Path | None, cron: str = "0 2 * * *", timezone: str = "UTC", name: str = DEFAULT_DEPLOYMENT,
           retries: int = 2, retry_delay_seconds: int = 600) -> None:
     """Register the nightly refresh as deployment ``nightly-refresh/NAME`` and serve it (blocks).
@@ -150,25 +171,10 @@ def serve(params_file: Path | None, cron: str = "0 2 * * *", timezone: str = "UT
         ServeError: PREFECT_API_URL unset or no server answering there, missing or invalid params file,
             bad deployment name or negative retries.
     """
-    import yaml
-
-    from flows.config.params import load_params
-
     schedule = nightly_schedule(cron, timezone)
-    if not name or any(c in name for c in "/%&<>"):
-        raise ServeError(f"invalid deployment name {name!r}: it must be non-empty without any of / % & < >")
     if retries < 0 or retry_delay_seconds < 0:
         raise ServeError(f"retries ({retries}) and retry_delay_seconds ({retry_delay_seconds}) must be >= 0")
-    from flows.paths import project_root
-
-    project = project_root()
-    params_path = Path(params_file).expanduser().resolve() if params_file else project / "params.yaml"
-    if not params_path.is_file():
-        raise ServeError(f"params file {params_path} does not exist")
-    try:
-        load_params(params_path, project)  # a broken params.yaml fails now, not at 2 am
-    except (ValueError, yaml.YAMLError) as err:  # flows.config.model.ConfigError, the sections' own checks, bad YAML
-        raise ServeError(f"params file {params_path}: {err}") from err
+    project, params_path = checked_deployment(params_file, name)
     check_server()
 
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy

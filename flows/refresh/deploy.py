@@ -1,0 +1,90 @@
+"""Deploy the nightly refresh to a Prefect work pool: the production form of :mod:`flows.refresh.serve`.
+
+``nas serve`` runs the nights in the process that serves them. ``nas deploy`` registers a
+deployment on the Prefect server instead, in a **work pool**, and any number of workers on any
+machines (``prefect worker start --pool POOL``) pick its runs up: one deployment per model
+(per params file), each with its own schedule, and never two runs of a deployment at once (a
+deployment concurrency limit of 1, ``CANCEL_NEW``: a run that would overlap is cancelled by the
+server). Two deployments of the *same* model are kept apart by the night's own per-model slot
+(params.yaml ``lock.prefect_slot``). docs/deploy.md has the topology and every start command.
+
+The deployment's code is the folder this package was installed from (``flow.from_source``, the
+entrypoint ``flows/refresh/flow.py:nightly_refresh``); its data is the model's project (params
+file, ledger, DVC repository). A worker on another machine needs both at the same paths, or a
+work pool whose job template brings them (an image, a git clone, a shared volume).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flows.refresh.serve import ServeError, check_server, checked_deployment, nightly_schedule
+
+ENTRYPOINT = "flows/refresh/flow.py:nightly_refresh"
+
+#: The folder holding the ``flows`` package: the code a worker runs.
+CODE_DIR = Path(__file__).resolve().parents[2]
+
+#: The work pool type ``nas deploy`` creates when the pool does not exist yet (a subprocess per
+#: run on the worker's machine). A pool of another type (kubernetes, ecs...) is made by its operator.
+DEFAULT_POOL_TYPE = "process"
+
+
+def ensure_pool(pool: str, create: bool) -> str:
+    """The type of work pool ``pool``, created as a process pool when missing and ``create``."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_work_pool(pool).type
+        except ObjectNotFound:
+            if not create:
+                raise ServeError(f"no work pool {pool!r} on the Prefect server: create it with `prefect work-pool "
+                                 f"create {pool} --type process` or pass --create-pool") from None
+            return client.create_work_pool(WorkPoolCreate(name=pool, type=DEFAULT_POOL_TYPE)).type
+
+
+def deploy(params_file: Path | None, pool: str, name: str, cron: str = "0 2 * * *", timezone: str = "UTC",
+           create_pool: bool = True, project: Path | None = None, job_variables: dict[str, Any] | None = None) -> str:
+    """Register ``nightly-refresh/NAME`` in work pool ``pool`` with its schedule; returns its id.
+
+    ``project`` (default: :func:`flows.paths.project_root`) is the model's project: its params
+    file and data (ledger, DVC repository) are what the nights use; the code is :data:`CODE_DIR`.
+
+    Raises:
+        ScheduleError: bad cron expression or timezone.
+        ServeError: no reachable Prefect server, missing or invalid params file, bad name,
+            no such pool (and ``create_pool`` False).
+    """
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    from flows.config.params import load_params
+    from flows.refresh.flow import nightly_refresh
+
+    schedule = nightly_schedule(cron, timezone)
+    project, params_path = checked_deployment(params_file, name, project)
+    if not pool or any(c in pool for c in "/%&<>"):
+        raise ServeError(f"invalid work pool name {pool!r}: it must be non-empty without any of / % & < >")
+    check_server()
+    ensure_pool(pool, create_pool)
+    model = load_params(params_path, project).model
+    source = nightly_refresh.from_source(source=str(CODE_DIR), entrypoint=ENTRYPOINT)
+    deployment_id = source.deploy(
+        name=name,
+        work_pool_name=pool,
+        schedule=schedule,
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+        parameters={"params_file": str(params_path), "project": str(project)},
+        description=f"The nightly knowledge-editing refresh of {model} with {params_path}",
+        tags=["nas", "nightly", f"model:{Path(model).stem}"],
+        job_variables=job_variables or {},
+        build=False,
+        push=False,
+        print_next_steps=False,
+        ignore_warnings=True,
+    )
+    return str(deployment_id)
+
