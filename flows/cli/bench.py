@@ -15,16 +15,21 @@ import typer
 from rich.table import Table
 
 from flows.cli.common import (
+    AddressOpt,
     ComputeOpt,
     ConfigOpt,
     ModelOpt,
+    RunnerOpt,
+    ThreadsOpt,
+    WorkersOpt,
     base_session,
-    covariance_stats,
+    claim_prefect_night,
     fetch_and_load,
     model_config,
     out,
     progress_bar,
     roots,
+    runner_settings,
 )
 from flows.cli.horizon import stream_speed
 from nas_core.editors import METHODS
@@ -195,19 +200,28 @@ def bench_layer_sweep(
     layers: Annotated[str, typer.Option(help="comma-separated layers")] = "1,2,3,4,5,6,7,8,9,10,12,14",
     cases: int = 20,
     out_file: Annotated[Path, typer.Option("--out")] = Path("bench/layer_sweep.json"),
+    runner: RunnerOpt = "sequential",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
-    """r-ROME (NAS off) at each layer alone: where do edits stick and generalise?
+    """r-ROME (NAS off) at each layer alone: where do edits stick and generalise? (A Prefect flow, a task
+    per layer.)
 
-    Example: nas bench layer-sweep --limit 20
+    Example: nas bench layer-sweep --layers 2,4,6,8 --cases 20 --runner dask --workers 2 --threads 1
     """
     from flows.studies import bench
+    from flows.studies.runner import on_runner
+    from flows.studies.sweep import layer_sweep_study
 
-    cfg = model_config(model, None)
-    ls = [int(x) for x in layers.split(",")]
-    m, tok, name, h = fetch_and_load(model)
-    cov = covariance_stats(m, tok, name, cfg, h, bench.sweep_layers(ls, cfg))
+    try:
+        ls = [int(x) for x in layers.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--layers must be comma-separated integers, got {layers!r}") from None
+    units = runner_settings(runner, address, workers, threads)
+    claim_prefect_night()  # stops the temporary Prefect servers of killed runs; records this one
     results = {}
-    for row in bench.layer_sweep(m, tok, name, cfg, h, cov, ls, bench.counterfact_cases(roots(), cases)):
+    for row in on_runner(layer_sweep_study, units)(model, ls, cases, runner=units):
         results[row.layer] = row.record
         ns = "-" if row.neighbourhood_kept_pct is None else f"{row.neighbourhood_kept_pct:.0f}%"
         out.print(f"layer {row.layer:2d}: efficacy {row.efficacy}/{cases}  paraphrase {row.paraphrase}/{cases}"

@@ -35,6 +35,28 @@ DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="weights dtype: au
 ComputeOpt = Annotated[str | None, typer.Option("--compute-dtype", help="v* compute path: auto, float32 or "
                                                 "bfloat16 (default: the model config's)")]
 
+#: The help of a study's runner options (``nas bench horizon``, ``nas bench layer-sweep``).
+RUNNER_HELP = {
+    "runner": "sequential, or dask: the study's units (methods, layers) as Prefect tasks on a DaskTaskRunner",
+    "address": "an existing Dask scheduler (tcp://HOST:8786); needs --runner dask [default: a local cluster]",
+    "workers": "processes of the local Dask cluster; needs --runner dask [default: one per core]",
+    "threads": "torch threads per unit; the same value gives the same bits on every runner [default: the process's]",
+}
+RunnerOpt = Annotated[str, typer.Option("--runner", help=RUNNER_HELP["runner"])]
+AddressOpt = Annotated[str | None, typer.Option("--address", help=RUNNER_HELP["address"])]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help=RUNNER_HELP["workers"])]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help=RUNNER_HELP["threads"])]
+
+
+def runner_settings(runner: str, address: str | None, workers: int | None, threads: int | None):
+    """The ``--runner/--address/--workers/--threads`` options as RunnerSettings; a bad mix is a usage error."""
+    from flows.studies.runner import RunnerSettings
+
+    try:
+        return RunnerSettings(runner, address, workers, threads)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
 
 def claim_prefect_night() -> None:
     """Stop the temporary Prefect servers of killed nights, record this process as a night and put

@@ -11,7 +11,20 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.cli.common import ComputeOpt, DeviceOpt, DtypeOpt, ModelOpt, claim_prefect_night, out, use_runtime
+from flows.cli.common import (
+    AddressOpt,
+    ComputeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    RunnerOpt,
+    ThreadsOpt,
+    WorkersOpt,
+    claim_prefect_night,
+    out,
+    runner_settings,
+    use_runtime,
+)
 
 commands = typer.Typer()
 
@@ -64,17 +77,24 @@ def bench_horizon(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: sqlite mlflow.db)")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    runner: RunnerOpt = "sequential",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """The editing-horizon study (a Prefect flow): every method on the same edit stream, until collapse.
 
     Resumable: run the same command again to continue; a method added to --methods joins the study.
     Example: nas bench horizon --methods memit,memit+nas --stream-length 3000 --batch-size 10
     --eval-every 250 --eval-every-dense 100 --dense-until 1000 --compute-dtype auto
+    Example: nas bench horizon --methods memit,memit+nas --runner dask --workers 2 --threads 1
     """
     from flows.engine import precision
     from flows.studies.horizon import horizon_study
+    from flows.studies.runner import on_runner
 
     use_runtime(device, dtype)
+    units = runner_settings(runner, address, workers, threads)
     settings = _settings(methods, {
         "stream_length": stream_length, "batch_size": batch_size, "eval_every": eval_every,
         "general_items": general_items, "canary_tokens": canary_tokens, "pilots": pilots,
@@ -82,10 +102,11 @@ def bench_horizon(
         "retention_sample": retention_sample, "compute_dtype": compute_dtype})
     claim_prefect_night()  # stops the temporary Prefect servers of killed runs; records this one
     t0 = time.perf_counter()
-    res = horizon_study(model, settings, source, out_root, tracking_uri)
+    res = on_runner(horizon_study, units)(model, settings, source, out_root, tracking_uri, runner=units)
     out.print(_results_table(res, settings, stream_length))
     out.print(precision.describe_machine(), highlight=False)
-    out.print(f"wrote {res['results_path']} and {res['plot_path']} in {time.perf_counter() - t0:.0f} s")
+    out.print(f"wrote {res['results_path']} and {res['plot_path']} in {time.perf_counter() - t0:.0f} s "
+              f"({units.kind} runner, {units.threads or 'default'} torch threads per method)")
 
 
 def _settings(methods: str | None, given: dict):

@@ -239,13 +239,19 @@ def sweep_layers(layers: Sequence[int], cfg) -> list[int]:
     return sorted(set(layers) | set(cfg.all_layers()))
 
 
+def sweep_one(m, tok, name: str, cfg, base_hash: str, cov: dict[int, torch.Tensor], layer: int,
+              reqs: list[EditRequest]) -> SweepRow:
+    """r-ROME with NAS off at ``layer`` alone, every request edited alone from the base model."""
+    s = dataclasses.replace(cfg.rome, layers=(layer,), nas=dataclasses.replace(cfg.rome.nas, enabled=False))
+    session = editing.open_session(m, tok, name, "rome", s, cov, base_hash, None)
+    r = edit_each_alone(session, reqs)
+    specs = [x for x in r["specificity"] if x is not None]
+    kept = 100 * sum(specs) / len(specs) if specs else None
+    return SweepRow(layer, sum(r["efficacy"]), sum(r["paraphrase"]), kept, statistics.median(r["seconds"]), r)
+
+
 def layer_sweep(m, tok, name: str, cfg, base_hash: str, cov: dict[int, torch.Tensor], layers: Sequence[int],
                 reqs: list[EditRequest]) -> Iterator[SweepRow]:
-    """r-ROME with NAS off at each layer alone, every request edited alone from the base model."""
+    """:func:`sweep_one` at each layer in turn, in this process."""
     for layer in layers:
-        s = dataclasses.replace(cfg.rome, layers=(layer,), nas=dataclasses.replace(cfg.rome.nas, enabled=False))
-        session = editing.open_session(m, tok, name, "rome", s, cov, base_hash, None)
-        r = edit_each_alone(session, reqs)
-        specs = [x for x in r["specificity"] if x is not None]
-        kept = 100 * sum(specs) / len(specs) if specs else None
-        yield SweepRow(layer, sum(r["efficacy"]), sum(r["paraphrase"]), kept, statistics.median(r["seconds"]), r)
+        yield sweep_one(m, tok, name, cfg, base_hash, cov, layer, reqs)

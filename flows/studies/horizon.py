@@ -15,24 +15,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.utilities.annotations import quote
 
 from flows.config.model import ModelConfig
 from flows.engine import editing, evaluation, precision
 from flows.engine.caches import ensure_anchor, ensure_stats
 from flows.engine.checkpoints import write_checkpoint
-from flows.engine.loading import fetch_base
+from flows.engine.loading import BaseModel
 from flows.io import atomic_write_text, code_version, digest, now
 from flows.paths import Roots
 from flows.studies.horizon_points import amortised_line, collapse_point, past_collapse, plot, verdict_point
+from flows.studies.runner import BaseIdent, RunnerSettings, driver_base, task_runner, unit_base, unit_threads
 from nas_core.collapse import norm_ratios
 from nas_core.deltas import edited_weights, frobenius_norms, materialise
 from nas_core.editors import METHODS as METHODS_BASE
@@ -168,26 +171,27 @@ def retention_sample(done: int, last_batch: int, size: int, seed: int) -> list[i
 
 
 @task(cache_policy=NO_CACHE)
-def run_method(
-    label: str,
-    model,
-    tok,
-    model_name: str,
-    cfg: ModelConfig,
-    settings: HorizonSettings,
-    stream: list[EditRequest],
-    cov: dict,
-    base_hash: str,
-    base_weights: dict,
-    base_ref: dict[str, Any],
-    roots: Roots,
-    out: Path,
-) -> list[dict[str, Any]]:
-    """Edit ``stream`` with one method from the base model; returns its measured points."""
+def run_method(label: str, ident: BaseIdent, cfg: ModelConfig, settings: HorizonSettings, stream: list[EditRequest],
+               base_ref: dict[str, Any], roots: Roots, out: Path, threads: int | None = None) -> list[dict[str, Any]]:
+    """Edit ``stream`` with one method from the base model (loaded by this process, :func:`unit_base`)
+    with ``threads`` torch threads; returns its measured points."""
     logger = get_run_logger()
-    materialise(model, base_weights, {})  # every method starts from the exact base weights
-    session, points = _method_session(label, model, tok, model_name, cfg, settings, cov, base_hash, roots,
-                                      out / label / "checkpoint")
+    with unit_threads(threads):
+        base = unit_base(ident, logger)
+        model, tok = base.model, base.tok
+        cov, _, _ = ensure_stats(model, tok, base.name, cfg.all_layers(), cfg.stats, ident.base_hash, roots)
+        base_weights = edited_weights(model, [spec_for(model).weight_name(layer) for layer in cfg.all_layers()])
+        try:
+            return _edit_stream(label, base, cfg, settings, stream, cov, base_ref, roots, out, logger)
+        finally:
+            materialise(model, base_weights, {})  # the process's model is the base again for its next unit
+
+
+def _edit_stream(label: str, base: BaseModel, cfg: ModelConfig, settings: HorizonSettings, stream: list[EditRequest],
+                 cov: dict, base_ref: dict[str, Any], roots: Roots, out: Path, logger) -> list[dict[str, Any]]:
+    """The method's stream from its last checkpoint (or the base model) to the end or past collapse."""
+    session, points = _method_session(label, base.model, base.tok, base.name, cfg, settings, cov, base.base_hash,
+                                      roots, out / label / "checkpoint")
     done = points[-1]["edits"] if points else 0
     if points:
         logger.info("%s: resuming after %d edits (%d points)", label, done, len(points))
@@ -210,7 +214,6 @@ def run_method(
                     label, done, _fmt(m.get("editing_score")), m.get("perplexity_ratio", float("nan")),
                     m.get("norm_ratio_max", float("nan")), point["seconds_per_edit"], point["seconds_per_edit_all"],
                     f", COLLAPSE ({', '.join(point['failed_checks'])})" if point["collapsed"] else "")
-    materialise(model, base_weights, {})
     return points
 
 
@@ -261,7 +264,9 @@ def _measure(session: editing.EditSession, stream: list[EditRequest], done: int,
             "seconds_per_edit_all": round((clock.edit_seconds + clock.measure_seconds) / done, 3),
             "retention_sample": {"seed": settings.retention_seed, "size": settings.retention_sample,
                                  "indices": sample}, "v_norm_before_mean": _v_norm_mean(session, log_mark),
-            "machine": precision.cpu_facts()["cpu"], "code_version": code_version(), "measured_at": now()}
+            "threads": torch.get_num_threads(), "process": f"{socket.gethostname()}:{os.getpid()}",
+            "machine": precision.cpu_facts()["cpu"],
+            "code_version": code_version(), "measured_at": now()}
 
 
 def _method_session(label: str, model, tok, model_name: str, cfg: ModelConfig, settings: HorizonSettings,
@@ -314,7 +319,7 @@ def cfg_eval(cfg: ModelConfig, settings: HorizonSettings):
                                canary_tokens=settings.canary_tokens)
 
 
-@flow(name="horizon-study", log_prints=False)
+@flow(name="horizon-study", log_prints=False, task_runner=task_runner(RunnerSettings()))
 def horizon_study(
     model_name: str = "smollm2-135m",
     settings: HorizonSettings = HorizonSettings(),
@@ -322,9 +327,11 @@ def horizon_study(
     out_root: Path = Path("bench/horizon"),
     tracking_uri: str | None = None,
     project: Path | None = None,
+    runner: RunnerSettings = RunnerSettings(),
 ) -> dict[str, Any]:
     """Run every method over the same stream (default: CounterFact's edit split) of the project's
-    shared data; write results.json, horizon.png and MLflow runs."""
+    shared data, each method a task on the flow's task runner (``runner``, applied by
+    :func:`flows.studies.runner.on_runner`); write results.json, horizon.png and MLflow runs."""
     from flows.config.model import config_for
     from flows.config.params import load_params
 
@@ -333,33 +340,31 @@ def horizon_study(
     roots = params.roots
     source = Path(source) if source is not None else roots.horizon_stream
     cfg = config_for(model_name, roots.configs)
-    base = fetch_base(cfg.model, roots.models, params.runtime.device, params.runtime.dtype)
-    model, tok, name, base_hash = base.model, base.tok, base.name, base.base_hash
+    ident, base = driver_base(cfg.model, params)
     stream = stream_requests(source, settings.stream_length)
-    weights_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    label = name if weights_dtype == "float32" else f"{name}-{weights_dtype}"
+    weights_dtype = str(next(base.model.parameters()).dtype).removeprefix("torch.")
+    label = base.name if weights_dtype == "float32" else f"{base.name}-{weights_dtype}"
     out = study_dir(Path(out_root), label, settings, source, cfg)  # float32 keeps the keys studies had
     out.mkdir(parents=True, exist_ok=True)
-    logger.info("horizon study in %s: %d requests from %s, methods %s", out, len(stream), source.name,
-                ", ".join(settings.methods))
-    cov, cov_path, cached = ensure_stats(model, tok, name, cfg.all_layers(), cfg.stats, base_hash, roots)
+    logger.info("horizon study in %s: %d requests from %s, methods %s, %s runner", out, len(stream), source.name,
+                ", ".join(settings.methods), runner.kind)
+    _, cov_path, cached = ensure_stats(base.model, base.tok, base.name, cfg.all_layers(), cfg.stats,
+                                       base.base_hash, roots)  # measured here once, before the units read it
     logger.info("statistics %s%s", cov_path, " (cached)" if cached else "")
-    spec = spec_for(model)
-    base_weights = edited_weights(model, [spec.weight_name(layer) for layer in cfg.all_layers()])
-    eval_settings = cfg_eval(cfg, settings)
-    base_ref = evaluation.base_reference(model, tok, name, base_hash, eval_settings, roots)
-    base_point = {"editing_score": None, "perplexity_ratio": 1.0, "norm_ratio_max": 1.0,
-                  **base_ref["metrics"]}
-    results: dict[str, Any] = {"model": name, "base_weights_hash": base_hash, "source": str(source),
-                               "settings": dataclasses.asdict(settings), "collapse": dataclasses.asdict(cfg.collapse),
-                               "base_point": base_point, "methods": {}}
-    for label in settings.methods:
-        points = run_method(label, quote(model), quote(tok), name, cfg, settings, stream, quote(cov), base_hash,
-                            quote(base_weights), base_ref, roots, out)
-        final = points[-1] if points else {"metrics": {}}
+    base_ref = evaluation.base_reference(base.model, base.tok, base.name, base.base_hash, cfg_eval(cfg, settings),
+                                         roots)
+    results: dict[str, Any] = {"model": base.name, "base_weights_hash": base.base_hash, "source": str(source),
+                               "settings": dataclasses.asdict(settings), "runner": runner.record(),
+                               "collapse": dataclasses.asdict(cfg.collapse), "methods": {},
+                               "base_point": {"editing_score": None, "perplexity_ratio": 1.0, "norm_ratio_max": 1.0,
+                                              **base_ref["metrics"]}}
+    units = {m: run_method.submit(m, ident, cfg, settings, stream, base_ref, roots, out, runner.threads)
+             for m in settings.methods}
+    for label, unit in units.items():
+        points = unit.result()
         results["methods"][label] = {"points": points, "collapse_point": collapse_point(points),
                                      "verdict_point": verdict_point(points),
-                                     "final": final}
+                                     "final": points[-1] if points else {"metrics": {}}}
         results["methods"] = {**_other_methods(out), **results["methods"]}  # a second process's methods stay
         atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=True))
     png = plot(results, out / "horizon.png")
