@@ -211,7 +211,7 @@ def bench_layer_sweep(
     Example: nas bench layer-sweep --layers 2,4,6,8 --cases 20 --runner dask --workers 2 --threads 1
     """
     from flows.studies import bench
-    from flows.studies.runner import on_runner
+    from flows.studies.runner import run_study
     from flows.studies.sweep import layer_sweep_study
 
     try:
@@ -221,7 +221,7 @@ def bench_layer_sweep(
     units = runner_settings(runner, address, workers, threads)
     claim_prefect_night()  # stops the temporary Prefect servers of killed runs; records this one
     results = {}
-    for row in on_runner(layer_sweep_study, units)(model, ls, cases, runner=units):
+    for row in run_study(layer_sweep_study, units, model, ls, cases):
         results[row.layer] = row.record
         ns = "-" if row.neighbourhood_kept_pct is None else f"{row.neighbourhood_kept_pct:.0f}%"
         out.print(f"layer {row.layer:2d}: efficacy {row.efficacy}/{cases}  paraphrase {row.paraphrase}/{cases}"

@@ -91,7 +91,7 @@ def bench_horizon(
     """
     from flows.engine import precision
     from flows.studies.horizon import horizon_study
-    from flows.studies.runner import on_runner
+    from flows.studies.runner import run_study
 
     use_runtime(device, dtype)
     units = runner_settings(runner, address, workers, threads)
@@ -102,7 +102,7 @@ def bench_horizon(
         "retention_sample": retention_sample, "compute_dtype": compute_dtype})
     claim_prefect_night()  # stops the temporary Prefect servers of killed runs; records this one
     t0 = time.perf_counter()
-    res = on_runner(horizon_study, units)(model, settings, source, out_root, tracking_uri, runner=units)
+    res = run_study(horizon_study, units, model, settings, source, out_root, tracking_uri)
     out.print(_results_table(res, settings, stream_length))
     out.print(precision.describe_machine(), highlight=False)
     out.print(f"wrote {res['results_path']} and {res['plot_path']} in {time.perf_counter() - t0:.0f} s "

@@ -331,7 +331,7 @@ def horizon_study(
 ) -> dict[str, Any]:
     """Run every method over the same stream (default: CounterFact's edit split) of the project's
     shared data, each method a task on the flow's task runner (``runner``, applied by
-    :func:`flows.studies.runner.on_runner`); write results.json, horizon.png and MLflow runs."""
+    :func:`flows.studies.runner.run_study`); write results.json, horizon.png and MLflow runs."""
     from flows.config.model import config_for
     from flows.config.params import load_params
 

@@ -72,9 +72,28 @@ def task_runner(runner: RunnerSettings):
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
 
 
-def on_runner(study_flow, runner: RunnerSettings):
-    """``study_flow`` with ``runner``'s task runner; call it with ``runner=runner`` so the results record it."""
-    return study_flow.with_options(task_runner=task_runner(runner))
+def run_study(study_flow, runner: RunnerSettings, *args, **kwargs):
+    """Run ``study_flow`` on ``runner``'s task runner (its results record ``runner``)."""
+    with _workers_report_here(runner):
+        return study_flow.with_options(task_runner=task_runner(runner))(*args, runner=runner, **kwargs)
+
+
+@contextlib.contextmanager
+def _workers_report_here(runner: RunnerSettings) -> Iterator[None]:
+    """Without PREFECT_API_URL, start Prefect's temporary server now and name it in the settings the
+    Dask workers receive: each worker would otherwise start a server of its own and record its
+    task runs there. (Workers at ``--address`` need a PREFECT_API_URL they can reach.)"""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    if runner.kind != "dask" or PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one Prefect's own client would start (stopped at exit)
+    server.start()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield
 
 
 @dataclass(frozen=True)

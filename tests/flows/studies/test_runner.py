@@ -14,7 +14,7 @@ import torch
 import yaml
 from test_horizon_flow import REPO, easyedit_stream
 
-from flows.studies.runner import BaseIdent, RunnerSettings, on_runner, task_runner, unit_base, unit_threads
+from flows.studies.runner import BaseIdent, RunnerSettings, run_study, task_runner, unit_base, unit_threads
 
 
 def test_runner_settings_refuse_what_does_not_go_together():
@@ -125,8 +125,8 @@ def test_the_dask_horizon_computes_what_the_sequential_one_does(prefect, tiny_fo
     runs = {}
     for kind, runner in (("sequential", RunnerSettings(threads=1)),
                          ("dask", RunnerSettings("dask", workers=2, threads=1))):
-        runs[kind] = on_runner(horizon_study, runner)(str(tiny_folder / "tiny.yaml"), settings, source,
-                                                      tmp_path / kind, uri, tmp_path, runner=runner)
+        runs[kind] = run_study(horizon_study, runner, str(tiny_folder / "tiny.yaml"), settings, source,
+                               tmp_path / kind, uri, tmp_path)
     seq, dask = runs["sequential"], runs["dask"]
     assert dask["runner"] == {"kind": "dask", "address": None, "workers": 2, "threads": 1}
     assert _checkpoints(seq) == _checkpoints(dask)
@@ -157,11 +157,34 @@ def test_the_dask_layer_sweep_matches_the_sequential_one(prefect, tiny_folder, t
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster:
         for kind, runner in (("sequential", RunnerSettings(threads=1)),
                              ("dask", RunnerSettings("dask", address=cluster.scheduler_address, threads=1))):
-            rows[kind] = on_runner(layer_sweep_study, runner)(str(tiny_folder / "tiny.yaml"), [0, 1], 2,
-                                                              runner=runner, project=tmp_path)
+            rows[kind] = run_study(layer_sweep_study, runner, str(tiny_folder / "tiny.yaml"), [0, 1], 2,
+                                   project=tmp_path)
     assert [r.layer for r in rows["dask"]] == [0, 1]
     for seq, dask in zip(rows["sequential"], rows["dask"], strict=True):
         assert (seq.efficacy, seq.paraphrase, seq.neighbourhood_kept_pct) == (
             dask.efficacy, dask.paraphrase, dask.neighbourhood_kept_pct)
         assert {k: v for k, v in seq.record.items() if k != "seconds"} == {
             k: v for k, v in dask.record.items() if k != "seconds"}
+
+
+def test_dask_workers_are_told_the_drivers_temporary_prefect_server(monkeypatch):
+    from prefect.server.api import server as prefect_server
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.studies.runner import _workers_report_here
+
+    started = []
+
+    class Server:
+        api_url = "http://127.0.0.1:4321/api"
+
+        def start(self):
+            started.append(self.api_url)
+
+    monkeypatch.setattr(prefect_server, "SubprocessASGIServer", Server)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no API: Prefect would start a temporary server
+        with _workers_report_here(RunnerSettings()):
+            assert PREFECT_API_URL.value() is None and not started  # sequential: Prefect's own way
+        with _workers_report_here(RunnerSettings("dask", workers=2)):
+            assert PREFECT_API_URL.value() == Server.api_url and started == [Server.api_url]
+        assert PREFECT_API_URL.value() is None
