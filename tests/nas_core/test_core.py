@@ -494,3 +494,20 @@ def test_read_with_replayed_blocks_is_bit_identical(tok):
     assert all(not m.__dict__.get("forward") for m in model.modules())  # the replay is undone
     with pytest.raises(ValueError, match="replayed block"):
         read_at_subject(model, tok, spec, [REQ], [1], prefixes, readout_layer=3, replay=full.block_outputs[:2])
+
+
+def test_alphaedit_lets_go_of_c_once_p_is_built_and_hands_out_the_same_p(llama):
+    """C is only needed to build P; the editor drops it (d_in^2 float64 per layer) and a later
+    init_state (a reloaded checkpoint) gets exactly the same projector."""
+    from nas_core.linalg import nullspace_projector
+
+    torch.manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))
+    c = basis @ torch.diag(torch.linspace(0.0, 1.0, 64, dtype=torch.float64)) @ basis.T
+    editor = AlphaEditEditor(AlphaEditSettings(layers=(0,), nullspace_threshold=0.3, values=VALUES), {0: c, 1: c})
+    first = editor.init_state(llama)
+    assert editor.cov is None
+    again = editor.init_state(llama)
+    assert torch.equal(first.projectors[0], again.projectors[0])
+    assert first.projectors is not again.projectors  # each state its own dict
+    assert torch.equal(first.projectors[0], nullspace_projector(c, 0.3, None).float())
