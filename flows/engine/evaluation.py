@@ -18,6 +18,7 @@ from torch import nn
 
 from flows.engine.caches import corpus_token_ids
 from flows.engine.checkpoints import load_checkpoint_into
+from flows.engine.memory import return_freed_memory
 from flows.io import atomic_write_text, digest, now
 from flows.paths import Roots
 from nas_core.collapse import CollapseSettings, HealthSnapshot, Verdict, norm_growth_per_edit, norm_ratios, verdict
@@ -154,6 +155,7 @@ def evaluate(
         metrics["fluency"] = fluency(model, tok, prompts, settings.fluency_new_tokens)
     snapshot_kw: dict[str, Any] = {"editing_score": metrics["editing_score"]}
     if health:
+        return_freed_memory()  # what the edit metrics and fluency freed, before the largest phase
         canary, _ = canary_ids(tok, settings, roots)
         general = general_records(settings, roots.general_tasks)
         t1 = time.perf_counter()

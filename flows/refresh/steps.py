@@ -25,6 +25,7 @@ from flows.engine import evaluation
 from flows.engine.checkpoints import file_hashes, registry_files, write_checkpoint
 from flows.engine.editing import EditSession, SessionSnapshot, apply_in_batches, open_session
 from flows.engine.loading import base_anchor, base_stats, load_base, night_inputs
+from flows.engine.memory import return_freed_memory
 from flows.facts.batch import BatchValidation, problems_line
 from flows.facts.inbox import BatchSnapshot, InboxScan, release, scan_inbox, store
 from flows.facts.pull import Pulled, pull_source
@@ -242,7 +243,9 @@ def validate(snap: BatchSnapshot, tok, facts: list[LedgerFact], params: Params, 
 @task(cache_policy=NO_CACHE)
 def edit(session: EditSession, requests: list[EditRequest], batch_size: int) -> list[dict[str, Any]]:
     """Apply the batch in sequential sub-batches; returns the per-request diagnostics."""
-    return apply_in_batches(session, requests, batch_size, get_run_logger())
+    diagnostics = apply_in_batches(session, requests, batch_size, get_run_logger())
+    return_freed_memory()  # the v* step's bf16 copies and autograd buffers, before the evaluation
+    return diagnostics
 
 
 @task(name="answers-before", cache_policy=NO_CACHE)
@@ -265,6 +268,7 @@ def evaluate(session: EditSession, new: list[EditRequest], retained: list[EditRe
     scored, facts = edit_metrics_and_facts(session.model, session.tok, new, cfg.eval.batch_size,
                                            cfg.eval.batch_tokens)
     batch = scored.as_dict()
+    return_freed_memory()
     retention, result = evaluation.evaluate(session.model, session.tok, retained, cfg.eval, base_ref, params.roots,
                                             ratios, session.state.edit_count, cfg.collapse)
     after = answers.fn(session, new, params)
