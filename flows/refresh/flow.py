@@ -23,6 +23,7 @@ from editing at once.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,7 +42,7 @@ from flows.ledger.records import Ledger
 from flows.refresh import steps
 from flows.refresh.lock import model_slot, refresh_lock
 from flows.refresh.steps import BatchOutcome, Champion, NightBatch
-from flows.refresh.versions import tidy_checkpoints
+from flows.refresh.versions import ROLLBACK_PREFIX, tidy_checkpoints
 from flows.tracking import review
 from flows.tracking.names import registered_model_name
 from flows.tracking.rebuild import PromotedCheckpoint
@@ -68,10 +69,20 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
     tracker.log_batch_input(nb.run_id, nb.batch_id, snap.path, snap.sha256, review.batch_columns(validation.requests))
     if not validation.passed:
         return steps.quarantine_invalid(quote(nb), quote(validation), ledger, params, tracker)
+    # The champion's editor state as it was, for a rejection: on disk beside the checkpoints, not in memory.
+    params.roots.checkpoints.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=ROLLBACK_PREFIX, dir=params.roots.checkpoints) as rollback:
+        saved = session.snapshot(spill=Path(rollback) / "inverses.safetensors")
+        return _edit_and_decide(nb, validation, saved, retained, version, params, ledger, tracker, champion)
+
+
+def _edit_and_decide(nb: NightBatch, validation, saved, retained: list, version: str | None, params: Params,
+                     ledger: Ledger, tracker: Tracker, champion: Champion) -> BatchOutcome:
+    """Edit a valid batch, evaluate it, gate it, then promote it or roll the session back to ``saved``."""
+    session = champion.session
     requests = list(validation.requests)
-    saved = session.snapshot()
-    logger.info("%s: %d valid requests; editing %s with %s%s", nb.batch_id, len(requests),
-                version or "the base model", params.edit.method, "+NAS" if params.edit.nas else "")
+    get_run_logger().info("%s: %d valid requests; editing %s with %s%s", nb.batch_id, len(requests),
+                          version or "the base model", params.edit.method, "+NAS" if params.edit.nas else "")
     before = steps.answers(quote(session), requests, params)
     diagnostics = steps.edit(quote(session), requests, params.edit.batch_size)
     retention = retention_set(retained, requests, params.validation.fold_confusables)

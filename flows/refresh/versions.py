@@ -14,9 +14,14 @@ def next_version(checkpoints: Path) -> str:
     return f"v{max(numbers, default=0) + 1:04d}"
 
 
+#: The folder a batch's rollback state is spilled to while it is edited (flows/refresh/flow.py).
+ROLLBACK_PREFIX = ".rollback-"
+
+
 def tidy_checkpoints(checkpoints: Path, ledger: Ledger) -> tuple[list[str], list[str]]:
     """Remove the half-written folders a killed checkpoint write leaves (``.vNNNN.tmp-*``,
-    ``.vNNNN.old-*``) and list orphans (complete ``vNNNN`` folders the ledger never promoted).
+    ``.vNNNN.old-*``) and a killed night's rollback spill (``.rollback-*``), and list orphans
+    (complete ``vNNNN`` folders the ledger never promoted).
 
     Call it under the refresh lock only (no write can be in flight then). Orphans stay where
     they are: their numbers are never reused (:func:`next_version` counts them) and an
@@ -25,8 +30,8 @@ def tidy_checkpoints(checkpoints: Path, ledger: Ledger) -> tuple[list[str], list
     if not checkpoints.is_dir():
         return [], []
     removed = []
-    for p in sorted(checkpoints.glob(".v[0-9]*")):
-        if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name):
+    for p in sorted([*checkpoints.glob(".v[0-9]*"), *checkpoints.glob(f"{ROLLBACK_PREFIX}*")]):
+        if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name or p.name.startswith(ROLLBACK_PREFIX)):
             shutil.rmtree(p)
             removed.append(p.name)
     promoted = {e["version"] for e in ledger.promotions()}

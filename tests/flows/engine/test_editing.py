@@ -158,3 +158,26 @@ def test_anchor_refuses_an_edited_model(tok, tmp_path):
     with pytest.raises(RuntimeError, match="edited model"):
         ensure_anchor(model, tok, "tiny", "memit", s, h, Paths(anchors=str(tmp_path)).under(REPO))
     assert not any(Path(tmp_path).rglob("*.json"))
+
+
+def test_a_spilled_snapshot_holds_no_inverses_and_restores_them_bit_for_bit(tok, tmp_path):
+    model = tiny_model("llama")
+    session = _session(model, tok)
+    session.apply(REQS[:1])
+    inverses = {k: v.clone() for k, v in session.state.inverses.items()}
+    before = weights_hash(model)
+    snap = session.snapshot(spill=tmp_path / "inverses.safetensors")
+    assert snap.state.inverses == {} and snap.spilled is not None and inverses
+    session.apply(REQS[1:])
+    assert weights_hash(model) != before
+    session.restore(snap)
+    assert weights_hash(model) == before and session.state.edit_count == 1
+    assert inverses.keys() == session.state.inverses.keys()
+    for k, v in inverses.items():
+        assert session.state.inverses[k].dtype == torch.float64 and torch.equal(session.state.inverses[k], v)
+    # The session goes on from the restored state exactly as from one that was never spilled.
+    again = _session(tiny_model("llama"), tok)
+    again.apply(REQS[:1])
+    again.apply(REQS[1:])
+    session.apply(REQS[1:])
+    assert weights_hash(session.model) == weights_hash(again.model)
