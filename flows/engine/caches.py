@@ -99,17 +99,18 @@ def corpus_token_ids(tok, text: str, limit: int, chunk_chars: int = 20_000) -> l
     return ids[:limit]
 
 
-def _without_wikitext(settings: StatsSettings, roots: Roots) -> tuple[StatsSettings, str]:
+def _without_wikitext(settings: StatsSettings, roots: Roots) -> tuple[StatsSettings, str, str]:
     """The corpus where WikiText-2 is absent: the project's shipped text (the same bytes on every
-    machine), else text the model samples itself. Returns the settings and the cache key's label."""
+    machine), else text the model samples itself. Returns the settings, the cache key's label and
+    what to tell the user when C is measured (a cached C was told about when it was measured)."""
     if roots.fallback_corpus.is_file():
-        log.warning("no WikiText-2 at %s: C is measured on the project's shipped text %s (text SmolLM2 "
-                    "sampled itself; put the benchmark data there for better statistics)", roots.wikitext,
-                    roots.fallback_corpus)
-        return dataclasses.replace(settings, corpus=str(roots.fallback_corpus)), "fallback:corpus.txt"
-    log.warning("no corpus: %s is absent, so C is measured data-free on text the model samples "
-                "itself (set stats.corpus to a real text file for better statistics)", roots.wikitext)
-    return dataclasses.replace(settings, corpus="self"), "self"
+        return (dataclasses.replace(settings, corpus=str(roots.fallback_corpus)), "fallback:corpus.txt",
+                f"no WikiText-2 at {roots.wikitext}: C is measured on the project's shipped text "
+                f"{roots.fallback_corpus} (text SmolLM2 sampled itself; put the benchmark data there for "
+                "better statistics)")
+    return (dataclasses.replace(settings, corpus="self"), "self",
+            f"no corpus: {roots.wikitext} is absent, so C is measured data-free on text the model samples "
+            "itself (set stats.corpus to a real text file for better statistics)")
 
 
 def ensure_stats(
@@ -130,9 +131,9 @@ def ensure_stats(
     """
     layers = sorted(set(layers))
     wikitext = roots.wikitext
-    corpus_label = settings.corpus
+    corpus_label, fallback = settings.corpus, None
     if settings.corpus == "wikitext" and not wikitext.is_file():
-        settings, corpus_label = _without_wikitext(settings, roots)
+        settings, corpus_label, fallback = _without_wikitext(settings, roots)
     text, corpus_desc = corpus_text(settings, model, tok, wikitext) if settings.corpus != "self" else ("", "self")
     corpus_hash = hashlib.sha256(text.encode()).hexdigest()[:16] if text else f"self-{settings.seed}"
     key = {"weights": base_hash, "layers": layers, "corpus": corpus_label, "corpus_hash": corpus_hash,
@@ -140,7 +141,11 @@ def ensure_stats(
     path = roots.stats / model_name / f"cov-{digest(key)}.safetensors"
     if path.is_file() and not force:
         tensors = load_file(path)
+        if fallback is not None:
+            log.info("C from the cache, measured on %s (no WikiText-2 at %s)", corpus_label, wikitext)
         return {int(k.split(".")[1]): v for k, v in tensors.items()}, path, True
+    if fallback is not None:
+        log.warning("%s", fallback)
     if settings.corpus == "self":
         text, corpus_desc = corpus_text(settings, model, tok, wikitext)
     ids = corpus_token_ids(tok, text, settings.tokens)

@@ -144,6 +144,10 @@ def test_without_wikitext_the_shipped_corpus_is_used_else_the_model_samples(tok,
     with caplog.at_level("WARNING"):
         _, shipped, _ = ensure_stats(model, tok, "tiny", [0], s, weights_hash(model), roots)
     assert "shipped text" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the next night finds C in the cache: said once, when it was measured
+        _, cached, hit = ensure_stats(model, tok, "tiny", [0], s, weights_hash(model), roots)
+    assert hit and cached == shipped and "WikiText" not in caplog.text
     (demo / "corpus.txt").unlink()
     _, sampled, _ = ensure_stats(model, tok, "tiny", [0], s, weights_hash(model), roots)
     assert "samples itself" in caplog.text and sampled != shipped
