@@ -241,7 +241,7 @@ def bench_trace(
 ) -> None:
     """Causal tracing (ROME): the indirect effect of each layer's MLP at the subject's last token.
 
-    Example: nas bench trace --limit 10
+    Example: nas bench trace --cases 10
     """
     from flows.studies import bench, causal_trace
 

@@ -112,3 +112,29 @@ def test_export_refuses_a_folder_that_is_no_checkpoint_before_loading_the_model(
     (tmp_path / "ck").mkdir()
     result = runner.invoke(app, ["export", str(tmp_path / "ck"), "-o", str(tmp_path / "out")])
     assert isinstance(result.exception, FileNotFoundError) and "manifest.json is missing" in str(result.exception)
+
+
+def test_every_example_parses_with_its_command_s_own_options():
+    """The Example: line of each --help is a command line its command accepts (no stale option)."""
+    import re
+    import shlex
+
+    import typer
+
+    root = typer.main.get_command(app)
+    wrong = []
+    for path in _leaf_commands(root):
+        cmd = root
+        for name in path:
+            cmd = cmd.commands[name]
+        example = next(line for line in cmd.help.splitlines() if "Example:" in line)
+        line = re.sub(r"\s+\(.*\)\s*$", "", example.split("Example:", 1)[1])  # a remark in parentheses
+        segments = [shlex.split(part) for part in line.split("&&")]
+        args = next((a for a in segments if a[:1] == ["nas"]), segments[0])  # "dvc repro && nas audit"
+        assert args[: len(path) + 1] == ["nas", *path], f"{path}: the example runs {args[:3]}"
+        try:
+            cmd.make_context(" ".join(path), args[len(path) + 1:], resilient_parsing=False)
+        except Exception as err:  # click's (typer vendors it): NoSuchOption, MissingParameter, BadParameter...
+            if not (type(err).__name__ == "BadParameter" and "does not exist" in str(err)):  # an example's file
+                wrong.append(f"{' '.join(path)}: {type(err).__name__}: {err}")
+    assert not wrong, wrong
