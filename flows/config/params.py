@@ -222,11 +222,16 @@ class AuditParams:
         score_abs_tol: the largest difference, in percentage points, of any retention success
             rate or editing score of the rebuilt champion against the promotion's.
         perplexity_ratio_rel_tol: the largest relative difference of the canary perplexity ratio.
+        commit_pointers: after each promotion (and rollback / promote) also commit DVC's pointer
+            files (``data/*.dvc``, ``dvc.lock``) and the audit outputs to git, so that a clone of
+            the project's git remote can ``dvc pull`` and ``dvc repro`` the champion; nothing is
+            pushed (a scheduled ``git push`` publishes them). Off: the operator commits them.
     """
 
     weights_rel_tol: float = 0.01
     score_abs_tol: float = 2.0
     perplexity_ratio_rel_tol: float = 0.01
+    commit_pointers: bool = False
 
     def __post_init__(self) -> None:
         if min(self.weights_rel_tol, self.score_abs_tol, self.perplexity_ratio_rel_tol) < 0:

@@ -218,7 +218,7 @@ def record_audit(params: Params) -> None:
     outside the repository (a scratch or test run) is not recorded."""
     logger = get_run_logger()
     t0 = time.perf_counter()
-    problems = record_promotion(params)
+    problems = record_promotion(params, git_commit=params.audit.commit_pointers)
     for problem in problems:
         logger.warning("DVC audit: %s", problem)
     logger.info("DVC audit record: %s in %.1f s", "done" if not problems else f"{len(problems)} problem(s)",

@@ -136,7 +136,7 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
         entry = ledger.append(event, version=version, from_version=champ["version"] if champ else None,
                               weights_hash=promo["weights_hash"], reason=reason)
         # The DVC record follows the ledger (data/replay/champion, dvc.lock), so `dvc status` stays clean.
-        entry["audit_problems"] = record_promotion(params)
+        entry["audit_problems"] = record_promotion(params, git_commit=params.audit.commit_pointers)
     if tracker is not None:
         from flows.tracking.names import registered_model_name
 

@@ -80,7 +80,7 @@ def model_project(root: Path, name: str, model_config: Path, tiny_folder: Path, 
     _git(proj, "add", ".")
     _git(proj, "commit", "-q", "-m", "project")
     params = make_params(tiny_folder, proj / "data", topo["MLFLOW_TRACKING_URI"], sources=sources,
-                         lock={"prefect_slot": True, "wait_s": 5.0},
+                         lock={"prefect_slot": True, "wait_s": 5.0}, audit={"commit_pointers": True},
                          tracking={"experiment": f"refresh-{name}"})
     doc = yaml.safe_load(params.read_text(encoding="utf-8"))
     doc["model"] = str(model_config)
@@ -196,11 +196,12 @@ def test_two_models_on_two_workers_with_postgres_s3_and_http_mlflow(topology, ti
     assert pulls["model-a"][0]["revision"].startswith("etag:")
     assert pulls["model-b"][0]["revision"].startswith("fingerprint:")
 
-    # DVC: the night pushed to the S3 remote; once the operator commits the pointers (the night
-    # never commits to git), a fresh clone pulls the same ledger from it.
+    # DVC: the night pushed to the S3 remote and committed its pointers (audit.commit_pointers);
+    # a fresh clone pulls the same ledger from it.
     assert s3.list_objects_v2(Bucket="nas", Prefix="dvc/model-a/")["KeyCount"] > 0
-    _git(params_a.parents[1], "add", "data/ledger.jsonl.dvc", "data/accepted.dvc", "data/checkpoints.dvc")
-    _git(params_a.parents[1], "commit", "-q", "-m", "the night's DVC pointers")
+    head = subprocess.run(["git", "log", "-1", "--format=%s"], cwd=params_a.parents[1], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert head == "DVC audit: champion v0001"
     clone = tmp_path / "clone-a"
     _git(tmp_path, "clone", "-q", str(params_a.parents[1]), str(clone))
     _dvc(clone, env, "remote", "modify", "--local", "store", "endpointurl", topology["NAS_S3_ENDPOINT"])
