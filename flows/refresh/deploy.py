@@ -17,9 +17,8 @@ work pool whose job template brings them (an image, a git clone, a shared volume
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from flows.refresh.serve import ServeError, check_server, checked_deployment, nightly_schedule
+from flows.refresh.serve import ServeError, check_name, check_server, checked_deployment, nightly_schedule
 
 ENTRYPOINT = "flows/refresh/flow.py:nightly_refresh"
 
@@ -48,7 +47,7 @@ def ensure_pool(pool: str, create: bool) -> str:
 
 
 def deploy(params_file: Path | None, pool: str, name: str, cron: str = "0 2 * * *", timezone: str = "UTC",
-           create_pool: bool = True, project: Path | None = None, job_variables: dict[str, Any] | None = None) -> str:
+           create_pool: bool = True, project: Path | None = None) -> str:
     """Register ``nightly-refresh/NAME`` in work pool ``pool`` with its schedule; returns its id.
 
     ``project`` (default: :func:`flows.paths.project_root`) is the model's project: its params
@@ -61,16 +60,14 @@ def deploy(params_file: Path | None, pool: str, name: str, cron: str = "0 2 * * 
     """
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-    from flows.config.params import load_params
     from flows.refresh.flow import nightly_refresh
 
     schedule = nightly_schedule(cron, timezone)
-    project, params_path = checked_deployment(params_file, name, project)
-    if not pool or any(c in pool for c in "/%&<>"):
-        raise ServeError(f"invalid work pool name {pool!r}: it must be non-empty without any of / % & < >")
+    project, params_path, params = checked_deployment(params_file, name, project)
+    check_name("work pool", pool)
     check_server()
     ensure_pool(pool, create_pool)
-    model = load_params(params_path, project).model
+    model = params.model
     source = nightly_refresh.from_source(source=str(CODE_DIR), entrypoint=ENTRYPOINT)
     deployment_id = source.deploy(
         name=name,
@@ -80,7 +77,6 @@ def deploy(params_file: Path | None, pool: str, name: str, cron: str = "0 2 * * 
         parameters={"params_file": str(params_path), "project": str(project)},
         description=f"The nightly knowledge-editing refresh of {model} with {params_path}",
         tags=["nas", "nightly", f"model:{Path(model).stem}"],
-        job_variables=job_variables or {},
         build=False,
         push=False,
         print_next_steps=False,

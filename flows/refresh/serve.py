@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from prefect.schedules import Schedule
 
+    from flows.config.params import Params
+
 FLOW_NAME = "nightly-refresh"
 DEFAULT_DEPLOYMENT = "nightly"
 HEALTH_TIMEOUT_S = 5.0
@@ -132,25 +134,31 @@ def check_server(url: str | None = None, timeout: float = HEALTH_TIMEOUT_S) -> s
     return url
 
 
-def checked_deployment(params_file: Path | None, name: str, project: Path | None = None) -> tuple[Path, Path]:
-    """``(project, params_path)`` once the deployment name and the params file are good: a typo
-    in params.yaml fails when the deployment is made, not at 2 am. :class:`ServeError` otherwise."""
+def check_name(what: str, value: str) -> str:
+    """``value`` if Prefect takes it as a deployment or work pool name, else :class:`ServeError`."""
+    if not value or any(c in value for c in "/%&<>"):
+        raise ServeError(f"invalid {what} name {value!r}: it must be non-empty without any of / % & < >")
+    return value
+
+
+def checked_deployment(params_file: Path | None, name: str, project: Path | None = None) -> tuple[Path, Path, Params]:
+    """``(project, params_path, params)`` once the deployment name and the params file are good: a
+    typo in params.yaml fails when the deployment is made, not at 2 am. :class:`ServeError` otherwise."""
     import yaml
 
     from flows.config.params import load_params
     from flows.paths import project_root
 
-    if not name or any(c in name for c in "/%&<>"):
-        raise ServeError(f"invalid deployment name {name!r}: it must be non-empty without any of / % & < >")
+    check_name("deployment", name)
     project = project_root(project)
     params_path = Path(params_file).expanduser().resolve() if params_file else project / "params.yaml"
     if not params_path.is_file():
         raise ServeError(f"params file {params_path} does not exist")
     try:
-        load_params(params_path, project)
+        params = load_params(params_path, project)
     except (ValueError, yaml.YAMLError) as err:  # flows.config.model.ConfigError, the sections' own checks, bad YAML
         raise ServeError(f"params file {params_path}: {err}") from err
-    return project, params_path
+    return project, params_path, params
 
 
 def serve(params_file: Path | None, cron: str = "0 2 * * *", timezone: str = "UTC", name: str = DEFAULT_DEPLOYMENT,
@@ -174,7 +182,7 @@ def serve(params_file: Path | None, cron: str = "0 2 * * *", timezone: str = "UT
     schedule = nightly_schedule(cron, timezone)
     if retries < 0 or retry_delay_seconds < 0:
         raise ServeError(f"retries ({retries}) and retry_delay_seconds ({retry_delay_seconds}) must be >= 0")
-    project, params_path = checked_deployment(params_file, name)
+    project, params_path, _ = checked_deployment(params_file, name)
     check_server()
 
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
