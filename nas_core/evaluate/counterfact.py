@@ -12,18 +12,19 @@ in MEMIT's evaluation code. *Success* is the share of prompts won, *magnitude* t
 probability difference (winner's side minus loser's side, so both grow when the edit is
 good). Both are averaged over a request's prompts first, then over requests (MEMIT's
 macro average), and reported in percent. The editing score is the harmonic mean of the
-three successes. All prompts of all requests are scored in one batched pass.
+three successes. All prompts of all requests are scored in one batched plan
+(``scoring.plan_scores``), here or, by a ``scorer``, in shards elsewhere with the same numbers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from nas_core.evaluate.scoring import target_scores
+from nas_core.evaluate.scoring import ScoringPlan, TargetScores, merge_scores, plan_scores, score_batches
 from nas_core.requests import EditRequest
 
 
@@ -90,16 +91,26 @@ def _macro(per_request: list[list[float]]) -> float | None:
     return 100.0 * sum(means) / len(means) if means else None
 
 
+#: Scores every batch of a plan on a model: :func:`score_here`, or shards on other processes.
+Scorer = Callable[[nn.Module, ScoringPlan], TargetScores]
+
+
+def score_here(model: nn.Module, plan: ScoringPlan) -> TargetScores:
+    """Every batch of ``plan`` on ``model``, in this process."""
+    return merge_scores(plan, [score_batches(model, plan.pad_id, plan.batches)])
+
+
 @torch.no_grad()
 def edit_metrics(model: nn.Module, tok, requests: Sequence[EditRequest], batch_size: int = 64,
-                 batch_tokens: int = 4096) -> EditMetrics:
+                 batch_tokens: int = 4096, scorer: Scorer = score_here) -> EditMetrics:
     """CounterFact metrics of ``model`` on ``requests`` (see the module docstring)."""
-    return edit_metrics_and_facts(model, tok, requests, batch_size, batch_tokens)[0]
+    return edit_metrics_and_facts(model, tok, requests, batch_size, batch_tokens, scorer)[0]
 
 
 def edit_metrics_and_facts(model: nn.Module, tok, requests: Sequence[EditRequest], batch_size: int = 64,
-                           batch_tokens: int = 4096) -> tuple[EditMetrics, list[FactScore]]:
-    """:func:`edit_metrics` and each request's :class:`FactScore` on its edit prompt, from one scoring pass."""
+                           batch_tokens: int = 4096,
+                           scorer: Scorer = score_here) -> tuple[EditMetrics, list[FactScore]]:
+    """:func:`edit_metrics` and each request's :class:`FactScore` on its edit prompt, from one scoring plan."""
     prompts: list[str] = []
     targets: list[str] = []
     # (request index, kind, index of the "good" row, index of the "bad" row)
@@ -118,7 +129,7 @@ def edit_metrics_and_facts(model: nn.Module, tok, requests: Sequence[EditRequest
             pairs.append((i, "specificity", *add(nb.prompt, nb.target, r.target_new)))
     if not prompts:
         return EditMetrics(0, *([None] * 10)), []
-    scores = target_scores(model, tok, prompts, targets, batch_size, batch_tokens)
+    scores = scorer(model, plan_scores(tok, prompts, targets, batch_size, batch_tokens))
     prob = torch.exp(-scores.nll.double())
 
     kinds = ("efficacy", "generalisation", "specificity")

@@ -291,3 +291,63 @@ def test_option_accuracy_with_multi_token_options_scores_whole_options(wtok, big
     assert option_accuracy(bigram, tok, [item]) == 100.0  # log p(italy) + log p(germany|italy) > log p(germany)
     bigram.set(last(tok, "italy"), target_ids(tok, "germany")[0], -20.0)
     assert option_accuracy(bigram, tok, [item]) == 0.0
+
+
+def _pairs(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    import random
+
+    from tiny import CORPUS
+
+    rng, words = random.Random(seed), " ".join(CORPUS).split()
+    prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 9))) for _ in range(n)]
+    targets = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 3))) for _ in range(n)]
+    return prompts + prompts[:10], targets + [rng.choice(words) for _ in range(10)]  # shared forward rows too
+
+
+def test_scores_of_any_split_into_shards_are_the_unsharded_scores_bit_for_bit(llama, tok):
+    from nas_core.evaluate.scoring import merge_scores, plan_scores, score_batches
+
+    prompts, targets = _pairs(120)
+    whole = target_scores(llama, tok, prompts, targets, batch_size=8, batch_tokens=120)
+    plan = plan_scores(tok, prompts, targets, batch_size=8, batch_tokens=120)
+    assert plan.n_pairs == 130 and len(plan.batches) > 10
+    for n in (1, 2, 3, 7, 10_000):
+        shards = plan.shards(n)
+        assert len(shards) == min(n, len(plan.batches)) and all(shards)
+        assert sorted(id(b) for s in shards for b in s) == sorted(id(b) for b in plan.batches)  # each batch once
+        loads = [sum(b.padded_tokens for b in s) for s in shards]
+        assert max(loads) - min(loads) <= max(b.padded_tokens for b in plan.batches)  # about equal work
+        got = merge_scores(plan, [score_batches(llama, plan.pad_id, s) for s in reversed(shards)])
+        for field in ("nll", "token_accuracy", "total_nll"):
+            assert torch.equal(getattr(got, field), getattr(whole, field)), (n, field)
+
+
+def test_merging_refuses_a_missing_or_a_repeated_shard(llama, tok):
+    from nas_core.evaluate.scoring import merge_scores, plan_scores, score_batches
+
+    plan = plan_scores(tok, *_pairs(30), batch_size=4, batch_tokens=60)
+    first, second = (score_batches(llama, plan.pad_id, s) for s in plan.shards(2))
+    with pytest.raises(ValueError, match=r"missing"):
+        merge_scores(plan, [first])
+    with pytest.raises(ValueError, match=r"more than once"):
+        merge_scores(plan, [first, second, second])
+    with pytest.raises(ValueError, match="shards must be >= 1"):
+        plan.shards(0)
+
+
+def test_edit_metrics_scored_by_another_scorer_are_the_same(llama, tok):
+    from nas_core.evaluate.scoring import merge_scores, score_batches
+
+    prompts, targets = _pairs(12, seed=1)
+    reqs = [EditRequest(case_id=str(i), prompt=p + " {}", subject="x", target_new=t, target_true=targets[(i + 1) % 12],
+                        paraphrase_prompts=(prompts[(i + 2) % 12],),
+                        neighbourhood_prompts=(NeighbourhoodPrompt(prompts[(i + 3) % 12], targets[i]),))
+            for i, (p, t) in enumerate(zip(prompts[:12], targets[:12], strict=True))]
+    seen = []
+
+    def in_three(model, plan):
+        seen.append(plan.n_pairs)
+        return merge_scores(plan, [score_batches(model, plan.pad_id, s) for s in plan.shards(3)])
+
+    assert edit_metrics(llama, tok, reqs, 4, 64, scorer=in_three) == edit_metrics(llama, tok, reqs, 4, 64)
+    assert seen == [2 * 12 * 3]
