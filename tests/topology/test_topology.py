@@ -10,9 +10,11 @@ failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -109,6 +111,22 @@ def start_worker(name: str, pool: str, env: dict, log: Path) -> subprocess.Popen
                             start_new_session=True)
 
 
+def stop_workers(workers: list[subprocess.Popen], grace_s: float = 20.0) -> None:
+    """SIGTERM each worker's process group, SIGKILL what is left after ``grace_s`` (a worker whose
+    shutdown hangs must not outlive the test; its shutdown is not what the test checks)."""
+    for w in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(w.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for w in workers:
+        try:
+            w.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(w.pid, signal.SIGKILL)
+            w.wait(timeout=10)
+
+
 def wait_final(client, run_id, timeout: float = RUN_TIMEOUT_S):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -170,10 +188,7 @@ def test_two_models_on_two_workers_with_postgres_s3_and_http_mlflow(topology, ti
                 done_a, done_b, done_o = (wait_final(client, r.id) for r in (run_a, run_b, overlap))
                 deployments = {d.name: d for d in client.read_deployments()}
         finally:
-            for w in workers:
-                w.terminate()
-            for w in workers:
-                w.wait(timeout=60)
+            stop_workers(workers)
     logs = "".join((tmp_path / f"worker-{i}.log").read_text() for i in (1, 2))
     assert done_a.state.is_completed(), (done_a.state, logs[-3000:])
     assert done_b.state.is_completed(), (done_b.state, logs[-3000:])
