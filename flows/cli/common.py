@@ -50,7 +50,7 @@ ThreadsOpt = Annotated[int | None, typer.Option("--threads", help=RUNNER_HELP["t
 
 def runner_settings(runner: str, address: str | None, workers: int | None, threads: int | None):
     """The ``--runner/--address/--workers/--threads`` options as RunnerSettings; a bad mix is a usage error."""
-    from flows.studies.runner import RunnerSettings
+    from flows.config.runner import RunnerSettings
 
     try:
         return RunnerSettings(runner, address, workers, threads)

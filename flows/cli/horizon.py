@@ -81,6 +81,8 @@ def bench_horizon(
     address: AddressOpt = None,
     workers: WorkersOpt = None,
     threads: ThreadsOpt = None,
+    retention_shards: Annotated[int, typer.Option(min=1, help="each measurement's retention scored in this many "
+                                                  "shards on the runner (the same numbers)")] = 1,
 ) -> None:
     """The editing-horizon study (a Prefect flow): every method on the same edit stream, until collapse.
 
@@ -88,6 +90,7 @@ def bench_horizon(
     Example: nas bench horizon --methods memit,memit+nas --stream-length 3000 --batch-size 10
     --eval-every 250 --eval-every-dense 100 --dense-until 1000 --compute-dtype auto
     Example: nas bench horizon --methods memit,memit+nas --runner dask --workers 2 --threads 1
+    Example: nas bench horizon --methods alphaedit+nas --runner dask --workers 4 --threads 1 --retention-shards 3
     """
     from flows.engine import precision
     from flows.studies.horizon import horizon_study
@@ -102,7 +105,8 @@ def bench_horizon(
         "retention_sample": retention_sample, "compute_dtype": compute_dtype})
     claim_prefect_night()  # stops the temporary Prefect servers of killed runs; records this one
     t0 = time.perf_counter()
-    res = run_study(horizon_study, units, model, settings, source, out_root, tracking_uri)
+    res = run_study(horizon_study, units, model, settings, source, out_root, tracking_uri,
+                    retention_shards=retention_shards)
     out.print(_results_table(res, settings, stream_length))
     out.print(precision.describe_machine(), highlight=False)
     out.print(f"wrote {res['results_path']} and {res['plot_path']} in {time.perf_counter() - t0:.0f} s "

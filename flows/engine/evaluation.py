@@ -23,7 +23,7 @@ from flows.io import atomic_write_text, digest, now
 from flows.paths import Roots
 from nas_core.collapse import CollapseSettings, HealthSnapshot, Verdict, norm_growth_per_edit, norm_ratios, verdict
 from nas_core.deltas import frobenius_norms
-from nas_core.evaluate.counterfact import edit_metrics
+from nas_core.evaluate.counterfact import Scorer, edit_metrics, score_here
 from nas_core.evaluate.fluency import fluency
 from nas_core.evaluate.health import SCORING_VERSION, option_accuracy, option_items, perplexity
 from nas_core.requests import EditRequest
@@ -134,6 +134,7 @@ def evaluate(
     collapse: CollapseSettings = CollapseSettings(),
     health: bool = True,
     with_fluency: bool = True,
+    scorer: Scorer = score_here,
 ) -> tuple[dict[str, float | None], Verdict]:
     """Every metric of ``model`` (flat name -> value) and the collapse verdict.
 
@@ -144,11 +145,12 @@ def evaluate(
         norm_ratios: ||W_t||/||W_0|| per edited weight (None: the model is unedited).
         edits: edits applied so far (for the norm growth per edit).
         health: also score canary perplexity and general tasks (the expensive part).
+        scorer: where the edit metrics' scoring batches run (:mod:`flows.engine.shards`).
     """
     t0 = time.perf_counter()
     log.info("evaluating %d edits: efficacy, generalisation and specificity prompts", len(requests))
     metrics: dict[str, float | None] = dict(edit_metrics(model, tok, requests, settings.batch_size,
-                                                                 settings.batch_tokens).as_dict())
+                                                         settings.batch_tokens, scorer).as_dict())
     log.info("edit metrics in %.0f s: editing score %.1f", time.perf_counter() - t0, metrics["editing_score"])
     if with_fluency:
         prompts = [p for r in requests for p in r.generation_prompts][: settings.fluency_prompts]

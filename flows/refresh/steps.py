@@ -26,6 +26,8 @@ from flows.engine.checkpoints import file_hashes, registry_files, write_checkpoi
 from flows.engine.editing import EditSession, SessionSnapshot, apply_in_batches, open_session
 from flows.engine.loading import base_anchor, base_stats, load_base, night_inputs
 from flows.engine.memory import return_freed_memory
+from flows.engine.shards import scorer_for
+from flows.engine.workers import ident_for
 from flows.facts.batch import BatchValidation, problems_line
 from flows.facts.inbox import BatchSnapshot, InboxScan, release, scan_inbox, store
 from flows.facts.pull import Pulled, pull_source
@@ -269,8 +271,9 @@ def evaluate(session: EditSession, new: list[EditRequest], retained: list[EditRe
                                            cfg.eval.batch_tokens)
     batch = scored.as_dict()
     return_freed_memory()
+    scorer = scorer_for(params.scoring, ident_for(cfg.model, params, session.base_hash), list(session.base))
     retention, result = evaluation.evaluate(session.model, session.tok, retained, cfg.eval, base_ref, params.roots,
-                                            ratios, session.state.edit_count, cfg.collapse)
+                                            ratios, session.state.edit_count, cfg.collapse, scorer=scorer)
     after = answers.fn(session, new, params)
     return Candidate(batch, retention, result.checks, ratios, tuple(new), before, after, tuple(facts))
 

@@ -6,7 +6,8 @@ Loads the base model, puts the replayed checkpoint on top and runs
 :func:`flows.engine.evaluation.evaluate` with the nightly flow's arguments at promotion time: the
 retention set the flow scored (the parent's facts not superseded by the last batch, then the
 whole last batch), the weight-norm ratios against the base model, the edit count, params.yaml's
-``eval`` and ``collapse`` settings. On bit-identical weights the numbers equal the ledger's
+``eval`` and ``collapse`` settings; the edit metrics in params.yaml's ``scoring`` shards (on a Dask
+cluster when it says so: the same numbers). On bit-identical weights the numbers equal the ledger's
 ``retention.*`` metrics of the champion, so ``dvc metrics diff`` against the promotion's
 record shows no change.
 
@@ -33,7 +34,8 @@ from flows.audit.outputs import (
     retention_rows,
 )
 from flows.engine.checkpoints import load_checkpoint_into
-from flows.engine.loading import load_base
+from flows.engine.shards import scorer_for
+from flows.engine.workers import driver_base
 from flows.io import write_csv, write_json
 from flows.ledger.lineage import lineage_batches, retention_requests
 from flows.stages.common import log, parser, recorded_settings, setup_logging, stage_params
@@ -47,8 +49,8 @@ def evaluate(params, champion: Path, out_dir: Path) -> dict:
     from nas_core.spec import spec_for
 
     t0 = time.perf_counter()
-    base = load_base(params)
     cfg = params.model_config()
+    ident, base = driver_base(cfg.model, params)
     names = [spec_for(base.model).weight_name(layer) for layer in recorded_settings(params).layers]
     original = frobenius_norms(base.model, names)
     base_ref = evaluation.base_reference(base.model, base.tok, base.name, base.base_hash, cfg.eval, params.roots)
@@ -67,7 +69,8 @@ def evaluate(params, champion: Path, out_dir: Path) -> dict:
     current = None
     if requests:
         metrics, verdict = evaluation.evaluate(base.model, base.tok, requests, cfg.eval, base_ref, params.roots,
-                                               ratios, edits, cfg.collapse)
+                                               ratios, edits, cfg.collapse,
+                                               scorer=scorer_for(params.scoring, ident, names))
         current = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and v is not None}
         doc.update(current)
         doc["verdict"] = verdict.summary()

@@ -28,18 +28,22 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config.model import ModelConfig
+from flows.config.runner import RunnerSettings
 from flows.engine import editing, evaluation, precision
 from flows.engine.caches import ensure_anchor, ensure_stats
 from flows.engine.checkpoints import write_checkpoint
 from flows.engine.loading import BaseModel
+from flows.engine.shards import ShardedScorer
+from flows.engine.workers import BaseIdent, driver_base, unit_base, unit_threads
 from flows.io import atomic_write_text, code_version, digest, now
 from flows.paths import Roots
 from flows.studies.horizon_points import amortised_line, collapse_point, past_collapse, plot, verdict_point
-from flows.studies.runner import BaseIdent, RunnerSettings, driver_base, task_runner, unit_base, unit_threads
+from flows.studies.runner import task_runner
 from nas_core.collapse import norm_ratios
 from nas_core.deltas import edited_weights, frobenius_norms, materialise
 from nas_core.editors import METHODS as METHODS_BASE
 from nas_core.editors import VARIANTS
+from nas_core.evaluate.counterfact import Scorer, score_here
 from nas_core.formats import from_counterfact_easyedit
 from nas_core.requests import EditRequest
 from nas_core.spec import spec_for
@@ -172,23 +176,28 @@ def retention_sample(done: int, last_batch: int, size: int, seed: int) -> list[i
 
 @task(cache_policy=NO_CACHE)
 def run_method(label: str, ident: BaseIdent, cfg: ModelConfig, settings: HorizonSettings, stream: list[EditRequest],
-               base_ref: dict[str, Any], roots: Roots, out: Path, threads: int | None = None) -> list[dict[str, Any]]:
+               base_ref: dict[str, Any], roots: Roots, out: Path, runner: RunnerSettings = RunnerSettings(),
+               retention_shards: int = 1) -> list[dict[str, Any]]:
     """Edit ``stream`` with one method from the base model (loaded by this process, :func:`unit_base`)
-    with ``threads`` torch threads; returns its measured points."""
+    with ``runner.threads`` torch threads, each point's retention scored in ``retention_shards``
+    shards on ``runner`` (on a Dask worker: the same cluster); returns its measured points."""
     logger = get_run_logger()
-    with unit_threads(threads):
+    with unit_threads(runner.threads):
         base = unit_base(ident, logger)
         model, tok = base.model, base.tok
         cov, _, _ = ensure_stats(model, tok, base.name, cfg.all_layers(), cfg.stats, ident.base_hash, roots)
-        base_weights = edited_weights(model, [spec_for(model).weight_name(layer) for layer in cfg.all_layers()])
+        names = [spec_for(model).weight_name(layer) for layer in cfg.all_layers()]
+        base_weights = edited_weights(model, names)
+        scorer = ShardedScorer(retention_shards, runner, ident, tuple(names)) if retention_shards > 1 else score_here
         try:
-            return _edit_stream(label, base, cfg, settings, stream, cov, base_ref, roots, out, logger)
+            return _edit_stream(label, base, cfg, settings, stream, cov, base_ref, roots, out, logger, scorer)
         finally:
             materialise(model, base_weights, {})  # the process's model is the base again for its next unit
 
 
 def _edit_stream(label: str, base: BaseModel, cfg: ModelConfig, settings: HorizonSettings, stream: list[EditRequest],
-                 cov: dict, base_ref: dict[str, Any], roots: Roots, out: Path, logger) -> list[dict[str, Any]]:
+                 cov: dict, base_ref: dict[str, Any], roots: Roots, out: Path, logger,
+                 scorer: Scorer = score_here) -> list[dict[str, Any]]:
     """The method's stream from its last checkpoint (or the base model) to the end or past collapse."""
     session, points = _method_session(label, base.model, base.tok, base.name, cfg, settings, cov, base.base_hash,
                                       roots, out / label / "checkpoint")
@@ -205,7 +214,7 @@ def _edit_stream(label: str, base: BaseModel, cfg: ModelConfig, settings: Horizo
         if done < next_eval and done < len(stream):
             continue
         next_eval = next_measurement(done, settings)
-        point = _measure(session, stream, done, len(batch), cfg, settings, base_ref, roots, clock, log_mark)
+        point = _measure(session, stream, done, len(batch), cfg, settings, base_ref, roots, clock, log_mark, scorer)
         points.append(point)
         log_mark = len(session.request_log)
         _save_points(session, label, out, points)
@@ -241,7 +250,7 @@ class StreamClock:
 
 def _measure(session: editing.EditSession, stream: list[EditRequest], done: int, last_batch: int, cfg: ModelConfig,
              settings: HorizonSettings, base_ref: dict[str, Any], roots: Roots, clock: StreamClock,
-             log_mark: int) -> dict[str, Any]:
+             log_mark: int, scorer: Scorer = score_here) -> dict[str, Any]:
     """One point after ``done`` edits: retention on a seeded sample, health, norms, and the time so far."""
     original = session.original_norms
     ratios = norm_ratios(frobenius_norms(session.model, list(original)), original)
@@ -249,7 +258,7 @@ def _measure(session: editing.EditSession, stream: list[EditRequest], done: int,
     sample = retention_sample(done, last_batch, settings.retention_sample, settings.retention_seed)
     metrics, verdict = evaluation.evaluate(session.model, session.tok, [stream[i] for i in sample],
                                            cfg_eval(cfg, settings), base_ref, roots, ratios, done, cfg.collapse,
-                                           with_fluency=False)
+                                           with_fluency=False, scorer=scorer)
     eval_seconds = time.perf_counter() - t1
     clock.measure_seconds += eval_seconds
     return {"edits": done, "metrics": metrics, "collapsed": verdict.collapsed,
@@ -328,10 +337,12 @@ def horizon_study(
     tracking_uri: str | None = None,
     project: Path | None = None,
     runner: RunnerSettings = RunnerSettings(),
+    retention_shards: int = 1,
 ) -> dict[str, Any]:
     """Run every method over the same stream (default: CounterFact's edit split) of the project's
     shared data, each method a task on the flow's task runner (``runner``, applied by
-    :func:`flows.studies.runner.run_study`); write results.json, horizon.png and MLflow runs."""
+    :func:`flows.studies.runner.run_study`), each point's retention in ``retention_shards`` shards
+    on the same runner (the same numbers); write results.json, horizon.png and MLflow runs."""
     from flows.config.model import config_for
     from flows.config.params import load_params
 
@@ -354,11 +365,14 @@ def horizon_study(
     base_ref = evaluation.base_reference(base.model, base.tok, base.name, base.base_hash, cfg_eval(cfg, settings),
                                          roots)
     results: dict[str, Any] = {"model": base.name, "base_weights_hash": base.base_hash, "source": str(source),
-                               "settings": dataclasses.asdict(settings), "runner": runner.record(),
+                               "settings": dataclasses.asdict(settings),
+                               "runner": {**runner.record(), "retention_shards": retention_shards},
                                "collapse": dataclasses.asdict(cfg.collapse), "methods": {},
                                "base_point": {"editing_score": None, "perplexity_ratio": 1.0, "norm_ratio_max": 1.0,
                                               **base_ref["metrics"]}}
-    units = {m: run_method.submit(m, ident, cfg, settings, stream, base_ref, roots, out, runner.threads)
+    if retention_shards < 1:
+        raise ValueError(f"retention_shards must be >= 1, got {retention_shards}")
+    units = {m: run_method.submit(m, ident, cfg, settings, stream, base_ref, roots, out, runner, retention_shards)
              for m in settings.methods}
     for label, unit in units.items():
         points = unit.result()

@@ -11,10 +11,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config.model import ModelConfig
+from flows.config.runner import RunnerSettings
 from flows.engine.caches import ensure_stats
+from flows.engine.workers import BaseIdent, driver_base, unit_base, unit_threads
 from flows.paths import Roots
 from flows.studies.bench import SweepRow, counterfact_cases, sweep_layers, sweep_one
-from flows.studies.runner import BaseIdent, RunnerSettings, driver_base, task_runner, unit_base, unit_threads
+from flows.studies.runner import task_runner
 from nas_core.requests import EditRequest
 
 

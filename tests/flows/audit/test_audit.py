@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -18,6 +19,7 @@ from flows import io as fio
 from flows.audit import machine as machine_facts
 from flows.audit import outputs, record, verdict
 from flows.config.params import load_params
+from flows.config.runner import RunnerSettings, ScoringParams
 from flows.engine import checkpoints
 from flows.ledger import lineage
 from flows.ledger.records import Ledger
@@ -511,6 +513,11 @@ def test_replay_rebuilds_the_flows_champion_bit_for_bit(prefect, tmp_path, tok, 
     out = evaluate(load_params(params_file, tmp_path), tmp_path / outputs.CHAMPION_DIR, tmp_path / outputs.REPLAY_DIR)
     flow_metrics = {k.removeprefix("retention."): v for k, v in champ["metrics"].items() if k.startswith("retention.")}
     assert flow_metrics and {k: out[k] for k in flow_metrics} == flow_metrics  # the flow's numbers, exactly
+    # The same evaluation with the scoring in three shards on a two-worker Dask cluster: the same numbers.
+    sharded = dataclasses.replace(load_params(params_file, tmp_path),
+                                  scoring=ScoringParams(3, RunnerSettings("dask", workers=2)))
+    out_sharded = evaluate(sharded, tmp_path / outputs.CHAMPION_DIR, tmp_path / "replay-sharded")
+    assert {k: out_sharded[k] for k in flow_metrics} == flow_metrics
     norms = (tmp_path / outputs.NORMS_CSV).read_text().splitlines()
     assert norms[0] == "version,edits_so_far,layer,norm_ratio,source" and any(",replay" in r for r in norms)
     assert len((tmp_path / outputs.RETENTION_CSV).read_text().splitlines()) == 1 + 3 + 1

@@ -14,12 +14,14 @@ import torch
 import yaml
 from test_horizon_flow import REPO, easyedit_stream
 
-from flows.studies.runner import BaseIdent, RunnerSettings, run_study, task_runner, unit_base, unit_threads
+from flows.config.runner import RunnerSettings
+from flows.engine.workers import BaseIdent, unit_base, unit_threads
+from flows.studies.runner import run_study, task_runner
 
 
 def test_runner_settings_refuse_what_does_not_go_together():
     assert RunnerSettings().record() == {"kind": "sequential", "address": None, "workers": None, "threads": None}
-    for bad, match in (({"kind": "ray"}, "sequential, dask"), ({"workers": 2}, "need --runner dask"),
+    for bad, match in (({"kind": "ray"}, "sequential, dask"), ({"workers": 2}, "need the dask runner"),
                        ({"kind": "dask", "address": "tcp://h:8786", "workers": 2}, "mutually exclusive"),
                        ({"kind": "dask", "workers": 0}, ">= 1"), ({"threads": 0}, ">= 1")):
         with pytest.raises(ValueError, match=match):
@@ -28,7 +30,7 @@ def test_runner_settings_refuse_what_does_not_go_together():
 
 @pytest.mark.parametrize("command", [["bench", "horizon"], ["bench", "layer-sweep"]])
 @pytest.mark.parametrize(("flags", "says"), [
-    (["--workers", "2"], "need --runner dask"), (["--runner", "ray"], "sequential, dask"),
+    (["--workers", "2"], "need the dask runner"), (["--runner", "ray"], "sequential, dask"),
     (["--runner", "dask", "--address", "tcp://h:8786", "--workers", "2"], "mutually exclusive"),
     (["--threads", "0"], ">= 1")])
 def test_runner_flags_are_usage_errors_before_any_flow(command, flags, says):
@@ -55,8 +57,8 @@ def test_task_runners_by_kind():
 def test_a_process_loads_its_base_once_and_reloads_an_edited_one(monkeypatch, tmp_path):
     from tiny import tiny_model, tiny_tokenizer
 
+    from flows.engine import workers as runner
     from flows.engine.loading import BaseModel
-    from flows.studies import runner
     from nas_core.deltas import weights_hash
 
     loads = []
@@ -112,7 +114,8 @@ def _checkpoints(res: dict) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_the_dask_horizon_computes_what_the_sequential_one_does(prefect, tiny_folder, tmp_path, monkeypatch):
+def test_the_dask_horizon_with_sharded_retention_computes_what_the_sequential_one_does(prefect, tiny_folder, tmp_path,
+                                                                                     monkeypatch):
     from flows.studies.horizon import HorizonSettings, horizon_study
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -123,12 +126,13 @@ def test_the_dask_horizon_computes_what_the_sequential_one_does(prefect, tiny_fo
                                retention_sample=4, stop_after_collapse=100)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runs = {}
-    for kind, runner in (("sequential", RunnerSettings(threads=1)),
-                         ("dask", RunnerSettings("dask", workers=2, threads=1))):
+    # The Dask run also scores each point's retention in three shards on the same cluster.
+    for kind, runner, shards in (("sequential", RunnerSettings(threads=1), 1),
+                                 ("dask", RunnerSettings("dask", workers=2, threads=1), 3)):
         runs[kind] = run_study(horizon_study, runner, str(tiny_folder / "tiny.yaml"), settings, source,
-                               tmp_path / kind, uri, tmp_path)
+                               tmp_path / kind, uri, tmp_path, retention_shards=shards)
     seq, dask = runs["sequential"], runs["dask"]
-    assert dask["runner"] == {"kind": "dask", "address": None, "workers": 2, "threads": 1}
+    assert dask["runner"] == {"kind": "dask", "address": None, "workers": 2, "threads": 1, "retention_shards": 3}
     assert _checkpoints(seq) == _checkpoints(dask)
     for m in settings.methods:
         assert [p["edits"] for p in seq["methods"][m]["points"]] == [3, 6]
