@@ -43,7 +43,8 @@ def main() -> None:
             values = dataclasses.replace(s.values, tail_group_slack=slack)
             t0, out = time.perf_counter(), []
             for start in range(0, n, size):
-                out.append(optimise_values(model, tok, spec, pilots[start : start + size], layer, values).v_star.norm(dim=1))
+                chunk = pilots[start : start + size]
+                out.append(optimise_values(model, tok, spec, chunk, layer, values).v_star.norm(dim=1))
             total[(size, slack)] += time.perf_counter() - t0
             norms[(size, slack)] = torch.cat(out)
         print(f"round {rnd}: " + ", ".join(f"{k[0]}:{k[1]} {v / (rnd + 1) / n:.3f}" for k, v in total.items()),
