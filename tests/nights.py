@@ -33,6 +33,24 @@ def write_batch(path: Path, records: list[dict], extra_lines: list[str] = ()) ->
     return path
 
 
+def record(case_id: str, subject: str, /, **fields) -> dict:
+    """A valid fact record; ``fields`` override or (with value None) remove keys."""
+    out = {
+        "case_id": case_id,
+        "prompt": "The {} is located in the city of",
+        "subject": subject,
+        "target_new": "Rome",
+        "target_true": "Paris",
+        "relation_id": "P131",
+    }
+    for key, value in fields.items():
+        if value is None:
+            out.pop(key)
+        else:
+            out[key] = value
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, tok):
     from tiny import CORPUS, tiny_model

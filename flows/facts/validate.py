@@ -11,8 +11,9 @@ once:
    not is reported as ``not_utf8`` with its byte offset.
 2. **Schema**: :func:`nas_core.formats.parse_fact_jsonl` owns every record-level schema rule
    (``malformed_json``, ``missing_field``, ``template_placeholder_count``, ...).
-3. **Great Expectations** (:mod:`flows.facts.gx_suite`): what the parser cannot check, the
-   number of records and the night's length bounds (``gx:row_count``, ``gx:prompt_length``, ...).
+3. **Great Expectations** (:mod:`flows.facts.gx_suite`, run in a child process by
+   :mod:`flows.facts.gx_process`): what the parser cannot check, the number of records and the
+   night's length bounds (``gx:row_count``, ``gx:prompt_length``, ...).
 4. **Tokenizer** (:mod:`flows.facts.tokenizer_checks`) and **ledger**
    (:mod:`flows.facts.ledger_checks`) checks, on the records the parser accepted.
 
@@ -30,6 +31,7 @@ from typing import Any
 
 from flows.config.validation import ValidationSettings
 from flows.facts.batch import BatchNameError, BatchValidation, batch_id_for, fallback_batch_id
+from flows.facts.gx_process import GXProcess, shared_suite
 from flows.facts.gx_suite import ExpectationOutcome, FactBatchSuite
 from flows.facts.inbox import BatchSnapshot, take_snapshot
 from flows.facts.ledger_checks import ledger_problems
@@ -95,13 +97,14 @@ def validate_batch(
     tokenizer: Any,
     ledger: Sequence[LedgerFact] = (),
     settings: ValidationSettings = ValidationSettings(),
-    suite: FactBatchSuite | None = None,
+    suite: FactBatchSuite | GXProcess | None = None,
 ) -> BatchValidation:
     """Validate one batch; all-or-nothing (see the module docstring for the checks).
 
     ``source`` is the night's :class:`~flows.facts.inbox.BatchSnapshot` (the bytes that will be
-    edited and stored) or a path, which is read once here. ``suite`` runs the GX suite; pass
-    one to validate many batches on one GX context (default: a new one for this batch).
+    edited and stored) or a path, which is read once here. ``suite`` runs the GX suite
+    (default: the process's GX child, :func:`~flows.facts.gx_process.shared_suite`; a
+    :class:`FactBatchSuite` runs it in this process).
     Problems with the content or name never raise: they are reported. Only I/O errors propagate.
     """
     snap = source if isinstance(source, BatchSnapshot) else take_snapshot(Path(source), settings.max_file_bytes)
@@ -126,7 +129,7 @@ def validate_batch(
     refused = {p.position for p in report.problems}
     placed = list(zip([p for p in lines if p not in refused], report.requests, strict=True))
     records = sorted([*lines, *(p.position for p in decode_problems)])
-    outcomes, gx_problems = (suite or FactBatchSuite()).run(records, dict(placed), settings)
+    outcomes, gx_problems = (suite or shared_suite()).run(records, dict(placed), settings)
     problems += gx_problems
     problems += _record_problems(tokenizer, placed, settings)
     found, superseded = ledger_problems(placed, ledger, settings)

@@ -29,6 +29,7 @@ from flows.engine.memory import return_freed_memory
 from flows.engine.shards import scorer_for
 from flows.engine.workers import ident_for
 from flows.facts.batch import BatchValidation, problems_line
+from flows.facts.gx_process import shared_suite
 from flows.facts.inbox import BatchSnapshot, InboxScan, release, scan_inbox, store
 from flows.facts.pull import Pulled, pull_source
 from flows.facts.quarantine import quarantine
@@ -236,8 +237,12 @@ def load_champion(params: Params, ledger: Ledger) -> Champion:
 
 @task(cache_policy=NO_CACHE)
 def validate(snap: BatchSnapshot, tok, facts: list[LedgerFact], params: Params, report_dir: Path) -> BatchValidation:
-    """The batch's checks (GX suite, tokenizer, ledger) and its HTML/JSON report."""
-    result = check_batch(snap, tok, facts, params)
+    """The batch's checks (GX suite, tokenizer, ledger) and its HTML/JSON report. The GX child
+    is stopped after it, so its memory is returned before the edit."""
+    try:
+        result = check_batch(snap, tok, facts, params)
+    finally:
+        shared_suite().close()
     write_report(result, report_dir)
     return result
 

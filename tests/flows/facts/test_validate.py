@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from nights import record
 from tokenizers import Tokenizer, normalizers
 from transformers import PreTrainedTokenizerFast
 
@@ -32,24 +33,6 @@ from nas_core.prompts import target_ids
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = "<script>alert(1)</script>"
-
-
-def record(case_id: str, subject: str, /, **fields) -> dict:
-    """A valid fact record; ``fields`` override or (with value None) remove keys."""
-    out = {
-        "case_id": case_id,
-        "prompt": "The {} is located in the city of",
-        "subject": subject,
-        "target_new": "Rome",
-        "target_true": "Paris",
-        "relation_id": "P131",
-    }
-    for key, value in fields.items():
-        if value is None:
-            out.pop(key)
-        else:
-            out[key] = value
-    return out
 
 
 def jsonl(*lines: dict | str) -> bytes:

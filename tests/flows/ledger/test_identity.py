@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from nights import record
 
 from flows.config.validation import ValidationSettings
 from flows.facts.validate import validate_batch
@@ -18,14 +19,7 @@ LEDGER = (LedgerFact("Colosseum", "P131", "Milan", "old-7", "2025-01-01", "The {
 
 
 def rec(case_id: str, subject: str = "Colosseum", **fields) -> dict:
-    out = {"case_id": case_id, "prompt": "The {} is located in the city of", "subject": subject,
-           "target_new": "Athens", "target_true": "Rome", "relation_id": "P131"}
-    for key, value in fields.items():
-        if value is None:
-            out.pop(key)
-        else:
-            out[key] = value
-    return out
+    return record(case_id, subject, **({"target_new": "Athens", "target_true": "Rome"} | fields))
 
 
 def rules(tmp_path, tok, *records, ledger=LEDGER, **settings) -> list[tuple[int, str]]:

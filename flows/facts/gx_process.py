@@ -1,0 +1,93 @@
+"""The ``fact_batch`` GX suite in a child process, so the night's process never imports GX.
+
+Great Expectations and what it pulls in hold about 140 MB of a process's resident memory
+from the first validation on (measured in docs/integrity.md), and a night validates before it
+loads the edit's working set: in-process, that memory would sit under the night's peak. Here
+one spawned child imports GX and keeps its context for every batch it is given; the results
+(outcomes and problems) come back as the same dataclasses :class:`FactBatchSuite` returns.
+
+:func:`shared_suite` is the process's one child (``nas validate`` and tests reuse it across
+files); the night calls :meth:`GXProcess.close` after each batch's validation so the child's
+memory is returned before the edit, and the next validation starts a new child. A child that
+died is replaced once; a second failure propagates.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from flows.config.validation import ValidationSettings
+from flows.facts.gx_suite import ExpectationOutcome, FactBatchSuite
+from nas_core.formats import RecordProblem
+from nas_core.requests import EditRequest
+
+_CHILD_SUITE: FactBatchSuite | None = None  # in the child only: its GX context, built once
+
+
+def _run_in_child(
+    positions: Sequence[int], accepted: Mapping[int, EditRequest], settings: ValidationSettings
+) -> tuple[tuple[ExpectationOutcome, ...], list[RecordProblem]]:
+    """The child's side: the in-process suite on its own GX context."""
+    global _CHILD_SUITE
+    if _CHILD_SUITE is None:
+        _CHILD_SUITE = FactBatchSuite()
+    return _CHILD_SUITE.run(positions, accepted, settings)
+
+
+class GXProcess:
+    """The ``fact_batch`` suite run by one spawned child, started on first use.
+
+    Same :meth:`run` as :class:`FactBatchSuite`. ``spawn`` (not ``fork``) so the child holds
+    none of the parent's model or threads. Calls are serialised: one child, one validation.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def run(
+        self, positions: Sequence[int], accepted: Mapping[int, EditRequest], settings: ValidationSettings
+    ) -> tuple[tuple[ExpectationOutcome, ...], list[RecordProblem]]:
+        """Run the suite in the child (see :meth:`FactBatchSuite.run`)."""
+        args = (list(positions), dict(accepted), settings)
+        with self._lock:
+            try:
+                return self._started().submit(_run_in_child, *args).result()
+            except BrokenProcessPool:  # the child died (killed, out of memory): one new child
+                self._stop()
+                return self._started().submit(_run_in_child, *args).result()
+
+    def close(self) -> None:
+        """Stop the child and wait for it (its memory is returned); the next :meth:`run` starts one."""
+        with self._lock:
+            self._stop()
+
+    @property
+    def running(self) -> bool:
+        """Whether a child is started."""
+        return self._pool is not None
+
+    def _started(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def _stop(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_SHARED = GXProcess()
+
+
+def shared_suite() -> GXProcess:
+    """The process's GX child (started on first use, restarted after :meth:`GXProcess.close`)."""
+    return _SHARED
+
+
+__all__ = ["GXProcess", "shared_suite"]
