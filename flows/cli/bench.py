@@ -23,10 +23,10 @@ from flows.cli.common import (
     ThreadsOpt,
     WorkersOpt,
     base_session,
-    claim_prefect_night,
     fetch_and_load,
     model_config,
     out,
+    prefect_night,
     progress_bar,
     roots,
     runner_settings,
@@ -219,9 +219,10 @@ def bench_layer_sweep(
     except ValueError:
         raise typer.BadParameter(f"--layers must be comma-separated integers, got {layers!r}") from None
     units = runner_settings(runner, address, workers, threads)
-    claim_prefect_night()  # stops the temporary Prefect servers of killed runs; records this one
     results = {}
-    for row in run_study(layer_sweep_study, units, model, ls, cases):
+    with prefect_night():
+        rows = run_study(layer_sweep_study, units, model, ls, cases)
+    for row in rows:
         results[row.layer] = row.record
         ns = "-" if row.neighbourhood_kept_pct is None else f"{row.neighbourhood_kept_pct:.0f}%"
         out.print(f"layer {row.layer:2d}: efficacy {row.efficacy}/{cases}  paraphrase {row.paraphrase}/{cases}"

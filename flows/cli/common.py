@@ -6,10 +6,12 @@ read the project's config and load a model with its cached statistics and anchor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -58,15 +60,19 @@ def runner_settings(runner: str, address: str | None, workers: int | None, threa
         raise typer.BadParameter(str(err)) from None
 
 
-def claim_prefect_night() -> None:
-    """Stop the temporary Prefect servers of killed nights, record this process as a night and put
-    its token in the environment, so the server Prefect starts for this run carries it
-    (:mod:`flows.refresh.prefect_runtime`). Call before running a flow."""
+@contextlib.contextmanager
+def prefect_night() -> Iterator[None]:
+    """The Prefect side of a flow-running command: stop the temporary Prefect servers of killed
+    nights, record this process as a night with its token in the environment, and start this
+    run's temporary server (when no PREFECT_API_URL is set), stopped when the block ends
+    (:mod:`flows.refresh.prefect_runtime`)."""
     from flows.refresh import prefect_runtime
 
     claim = prefect_runtime.claim_night()
     if claim is not None:
         os.environ[prefect_runtime.TOKEN_ENV] = claim.token
+    with prefect_runtime.temporary_server():
+        yield
 
 
 def use_runtime(device: str | None, dtype: str | None) -> tuple[str, str]:

@@ -20,8 +20,8 @@ from flows.cli.common import (
     RunnerOpt,
     ThreadsOpt,
     WorkersOpt,
-    claim_prefect_night,
     out,
+    prefect_night,
     runner_settings,
     use_runtime,
 )
@@ -40,8 +40,8 @@ def stream_speed(model: str, label: str, n: int, batch_size: int, pilots: int | 
         settings = study.stream_settings(label, n, batch_size, pilots, compute_dtype)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    claim_prefect_night()
-    res = horizon_study(model, settings, None, study.OUT_ROOT, None)
+    with prefect_night():
+        res = horizon_study(model, settings, None, study.OUT_ROOT, None)
     points = res["methods"][label]["points"]
     table = Table("edits", "s/edit editing", "with measurements", *study.PHASES, "measure",
                   title=f"{label} on {res['model']}: a stream of {n} at batch {batch_size} (cumulative seconds)")
@@ -103,10 +103,10 @@ def bench_horizon(
         "general_items": general_items, "canary_tokens": canary_tokens, "pilots": pilots,
         "eval_every_dense": eval_every_dense, "dense_until": dense_until,
         "retention_sample": retention_sample, "compute_dtype": compute_dtype})
-    claim_prefect_night()  # stops the temporary Prefect servers of killed runs; records this one
     t0 = time.perf_counter()
-    res = run_study(horizon_study, units, model, settings, source, out_root, tracking_uri,
-                    retention_shards=retention_shards)
+    with prefect_night():
+        res = run_study(horizon_study, units, model, settings, source, out_root, tracking_uri,
+                        retention_shards=retention_shards)
     out.print(_results_table(res, settings, stream_length))
     out.print(precision.describe_machine(), highlight=False)
     out.print(f"wrote {res['results_path']} and {res['plot_path']} in {time.perf_counter() - t0:.0f} s "

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from flows.cli.common import DeviceOpt, DtypeOpt, claim_prefect_night, console, out, use_runtime
+from flows.cli.common import DeviceOpt, DtypeOpt, console, out, prefect_night, use_runtime
 from flows.config.model import ConfigError
 
 commands = typer.Typer()
@@ -70,10 +70,10 @@ def refresh(
         if not nights:
             out.print("every demo night is already in the ledger: nothing to do (see `nas status`)")
             return
-    claim_prefect_night()  # stops the temporary Prefect servers of killed nights; records this one
     try:
-        outcomes = operations.refresh_nights(params, params_file, nights, on_staged=lambda night, staged: console.print(
-            f"[bold]demo night {night.stem}[/]: {staged}"))
+        with prefect_night():
+            outcomes = operations.refresh_nights(params, params_file, nights, on_staged=lambda night, staged:
+                                                 console.print(f"[bold]demo night {night.stem}[/]: {staged}"))
     except RefreshLocked as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(3) from None

@@ -1,10 +1,16 @@
-"""Clean up the temporary Prefect server that a killed night leaves running.
+"""The temporary Prefect server of a night run without ``PREFECT_API_URL``: its start, and the
+cleanup of one a killed night leaves running.
 
 With no ``PREFECT_API_URL`` set, Prefect 3 starts a temporary API server the first time a flow
 talks to its API (``SubprocessASGIServer`` in prefect/server/api/server.py: ``python -m uvicorn
-... prefect.server.api.server:create_app``) and stops it from an ``atexit`` hook. A night that
-is SIGKILLed (or dies of SIGTERM, which skips ``atexit`` too) never runs that hook: the server,
-reparented to init, runs forever, one more per killed night.
+... prefect.server.api.server:create_app``). Importing that module brings Prefect's whole server
+(FastAPI, its ORM, docket, redis and asyncpg clients: about 74 MB of resident memory, measured in
+docs/integrity.md) into the night's process, where it stays under the edit's peak although
+only the child runs it. :func:`temporary_server` starts the same command with the same
+environment without that import, and names the server in the settings for the run.
+
+A night that is SIGKILLed (or dies of SIGTERM, which skips ``atexit`` and ``finally`` too) never
+stops its server: the server, reparented to init, runs forever, one more per killed night.
 
 Two halves, both called through :func:`claim_night` before the CLI runs a flow:
 
@@ -28,7 +34,12 @@ import atexit
 import contextlib
 import json
 import logging
+import os
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +56,9 @@ RECORDS_DIR = "nas-nights"
 SERVER_APP = "prefect.server.api.server:create_app"
 """The uvicorn app factory Prefect's temporary server runs (``python -m uvicorn --factory SERVER_APP``)."""
 _SAME_START_S = 0.5  # two start times closer than this are the same process (psutil: 10 ms ticks)
+_PORT_TAKEN = 3  # uvicorn's exit code when the port it was given is in use
+_SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+"""What Prefect's ``SubprocessASGIServer`` adds to a temporary server's environment (no UI)."""
 
 
 def records_dir(home: Path | None = None) -> Path:
@@ -65,6 +79,99 @@ def looks_like_prefect_server(cmdline: list[str]) -> bool:
     if "uvicorn" in names and SERVER_APP in cmdline:
         return True
     return any(name == "prefect" and cmdline[i + 1:i + 3] == ["server", "start"] for i, name in enumerate(names))
+
+
+@contextlib.contextmanager
+def temporary_server() -> Iterator[str | None]:
+    """Start a temporary Prefect API server for the block when none is configured, and stop it after.
+
+    Yields its API URL, set as ``PREFECT_API_URL`` in the settings while the block runs (so the
+    flow's client, and Dask workers that get the settings, all report to it); yields None and
+    starts nothing when ``PREFECT_API_URL`` is set or temporary servers are disabled. Same
+    command line as Prefect's own (so :func:`reap_orphans` knows it) and the same environment,
+    this process's included (so it carries the night's token).
+
+    Raises:
+        RuntimeError: the server exited or did not answer its health check in time.
+    """
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        yield None
+        return
+    env = {**os.environ, **_SERVER_ENV, **get_current_settings().to_environment_variables(exclude_unset=True)}
+    server, url = _start_server(env, float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            try:
+                yield url
+            finally:
+                _drain_prefect_workers()
+    finally:
+        _stop_child(server)
+
+
+def _start_server(env: dict[str, str], timeout: float) -> tuple[subprocess.Popen, str]:
+    """A running server and its API URL: a free port, then ``/health`` polled until it answers 200."""
+    import httpx
+    import prefect
+
+    while True:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/api"
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+             SERVER_APP, "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+            env=env)
+        log.info("starting a temporary Prefect server on %s", url)
+        deadline = time.monotonic() + timeout
+        while server.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                    return server, url
+            time.sleep(0.1)
+        if server.poll() == _PORT_TAKEN:
+            continue  # another process took the port between the probe and the bind
+        code = server.poll()
+        _stop_child(server)
+        raise RuntimeError(f"the temporary Prefect server at {url} "
+                           + (f"exited with code {code}" if code is not None else f"did not answer in {timeout:.0f} s"))
+
+
+def _drain_prefect_workers() -> None:
+    """Send the logs and events Prefect still queues for the server, before it stops: otherwise
+    its workers retry a server that is gone at exit (a minute, then "Error logging to API")."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=10)
+        except Exception as err:  # never let a log flush fail the night that already ran
+            log.warning("could not send Prefect's queued %s to the temporary server: %s", worker.__name__, err)
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS's choice)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop_child(server: subprocess.Popen) -> None:
+    """SIGTERM the server, SIGKILL it after 5 s, and reap it."""
+    server.terminate()
+    try:
+        server.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 @dataclass(frozen=True)

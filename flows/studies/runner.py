@@ -16,6 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config.runner import RunnerSettings
 from flows.engine.workers import DEFAULT_MALLOC
+from flows.refresh.prefect_runtime import temporary_server
 
 
 def task_runner(runner: RunnerSettings):
@@ -41,17 +42,11 @@ def run_study(study_flow, runner: RunnerSettings, *args, **kwargs):
 
 @contextlib.contextmanager
 def _workers_report_here(runner: RunnerSettings) -> Iterator[None]:
-    """Without PREFECT_API_URL, start Prefect's temporary server now and name it in the settings the
+    """Without PREFECT_API_URL, start the temporary server now and name it in the settings the
     Dask workers receive: each worker would otherwise start a server of its own and record its
     task runs there. (Workers at ``--address`` need a PREFECT_API_URL they can reach.)"""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
-
-    if runner.kind != "dask" or PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    if runner.kind != "dask":
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the one Prefect's own client would start (stopped at exit)
-    server.start()
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+    with temporary_server():
         yield

@@ -28,24 +28,27 @@ from flows.refresh.prefect_runtime import TOKEN_ENV, reap_orphans, records_dir
 
 REPO = Path(__file__).resolve().parents[3]
 
+# A night in a subprocess: claims itself as the CLI does, runs a trivial flow with its temporary
+# server started by ``temporary_server`` (argv[2] "night", what ``nas refresh`` does) or by
+# Prefect's own client (argv[2] "prefect", a flow run from Python), writes the server's pid, sleeps.
 CHILD = """
-import sys, time
+import contextlib, os, sys, time
 from pathlib import Path
+import psutil
 from prefect import flow
-from prefect.server.api.server import SubprocessASGIServer
-from flows.refresh.prefect_runtime import claim_night
+from flows.refresh.prefect_runtime import TOKEN_ENV, claim_night, looks_like_prefect_server, temporary_server
 
 @flow
 def trivial():
     return 1
 
-import os
-from flows.refresh.prefect_runtime import TOKEN_ENV
 os.environ[TOKEN_ENV] = claim_night().token  # as the CLI does
-trivial()
-server = SubprocessASGIServer().server_process  # Prefect's own handle on the server it started
-Path(sys.argv[1]).write_text(str(server.pid))
-time.sleep(600)
+with temporary_server() if sys.argv[2] == "night" else contextlib.nullcontext():
+    trivial()
+    server, = [p for p in psutil.Process().children() if looks_like_prefect_server(p.cmdline())]
+    print("prefect.server.api.server imported:", "prefect.server.api.server" in sys.modules, flush=True)
+    Path(sys.argv[1]).write_text(str(server.pid))
+    time.sleep(600)
 """
 
 # A stand-in for the temporary server: sleeps, and its command line reads like Prefect's.
@@ -108,22 +111,31 @@ def wait_for_file(path: Path, child: subprocess.Popen, log: Path, timeout: float
     return time.monotonic() - t0
 
 
-@pytest.mark.slow
-def test_the_next_night_stops_the_server_a_killed_night_left(tmp_path, caplog):
-    home = tmp_path / "prefect-home"
+def night_env(home: Path) -> dict[str, str]:
+    """A night's environment without any Prefect server configured (so a temporary one starts)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != TOKEN_ENV}
     env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO), PREFECT_SERVER_EPHEMERAL_ENABLED="true",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("started_by", ["night", "prefect"])
+def test_the_next_night_stops_the_server_a_killed_night_left(tmp_path, caplog, started_by):
+    home = tmp_path / "prefect-home"
     marker, log = tmp_path / "server.pid", tmp_path / "child.log"
     with log.open("wb") as out:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(marker)], cwd=REPO, env=env, stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(marker), started_by], cwd=REPO,
+                                 env=night_env(home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = None
     try:
         waited = wait_for_file(marker, child, log, timeout=240)
         server = int(marker.read_text())
         print(f"the temporary server (pid {server}) was up {waited:.1f} s after the night started")
         assert looks_like_server(server), psutil.Process(server).cmdline()
+        # The night's own server keeps Prefect's server code (74 MB) out of the night's process.
+        imported = "night" if started_by == "prefect" else "prefect"
+        assert f"prefect.server.api.server imported: {imported == 'night'}" in log.read_text()
         os.kill(child.pid, signal.SIGKILL)  # the night only, as the OOM killer or a scheduler would
         assert child.wait(timeout=30) == -signal.SIGKILL
         # The defect: the killed night's server runs on, and the night's record says who left it.
@@ -144,6 +156,47 @@ def test_the_next_night_stops_the_server_a_killed_night_left(tmp_path, caplog):
         child.wait()
         if server is not None and alive(server) and looks_like_server(server):
             psutil.Process(server).kill()
+
+
+@pytest.mark.slow
+def test_the_nights_server_answers_for_the_block_and_is_stopped_after(tmp_path):
+    """``temporary_server`` names its server in the settings while the block runs (the flow's runs
+    are recorded there), and the server is gone when the block ends."""
+    code = """
+import json, sys
+import httpx, psutil
+from prefect import flow
+from prefect.settings import PREFECT_API_URL
+from flows.refresh.prefect_runtime import temporary_server
+
+@flow
+def trivial():
+    return 1
+
+with temporary_server() as url:
+    assert PREFECT_API_URL.value() == url
+    trivial()
+    runs = httpx.post(f"{url}/flow_runs/filter", json={}).json()
+    server = psutil.Process().children()[0].pid
+print(json.dumps({"url": url, "runs": len(runs), "server": server, "after": PREFECT_API_URL.value(),
+                  "imported": "prefect.server.api.server" in sys.modules}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=night_env(tmp_path / "home"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["url"].startswith("http://127.0.0.1:") and got["url"].endswith("/api")
+    assert got["runs"] == 1 and got["after"] is None and got["imported"] is False
+    assert not alive(got["server"])
+
+
+def test_no_server_is_started_when_one_is_configured(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setattr(prefect_runtime, "_start_server", lambda *a: pytest.fail("started a server"))
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        with prefect_runtime.temporary_server() as url:
+            assert url is None and PREFECT_API_URL.value() == "http://127.0.0.1:4200/api"
 
 
 def looks_like_server(pid: int) -> bool:

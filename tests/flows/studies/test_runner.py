@@ -172,23 +172,18 @@ def test_the_dask_layer_sweep_matches_the_sequential_one(prefect, tiny_folder, t
 
 
 def test_dask_workers_are_told_the_drivers_temporary_prefect_server(monkeypatch):
-    from prefect.server.api import server as prefect_server
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from flows.refresh import prefect_runtime
     from flows.studies.runner import _workers_report_here
 
-    started = []
-
-    class Server:
-        api_url = "http://127.0.0.1:4321/api"
-
-        def start(self):
-            started.append(self.api_url)
-
-    monkeypatch.setattr(prefect_server, "SubprocessASGIServer", Server)
+    url = "http://127.0.0.1:4321/api"
+    started, stopped = [], []
+    monkeypatch.setattr(prefect_runtime, "_start_server", lambda env, timeout: (started.append(url) or "srv", url))
+    monkeypatch.setattr(prefect_runtime, "_stop_child", stopped.append)
     with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no API: Prefect would start a temporary server
         with _workers_report_here(RunnerSettings()):
             assert PREFECT_API_URL.value() is None and not started  # sequential: Prefect's own way
         with _workers_report_here(RunnerSettings("dask", workers=2)):
-            assert PREFECT_API_URL.value() == Server.api_url and started == [Server.api_url]
-        assert PREFECT_API_URL.value() is None
+            assert PREFECT_API_URL.value() == url and started == [url] and not stopped
+        assert PREFECT_API_URL.value() is None and stopped == ["srv"]
