@@ -5,14 +5,14 @@ With no ``PREFECT_API_URL`` set, Prefect 3 starts a temporary API server the fir
 talks to its API (``SubprocessASGIServer`` in prefect/server/api/server.py: ``python -m uvicorn
 ... prefect.server.api.server:create_app``). Importing that module brings Prefect's whole server
 (FastAPI, its ORM, docket, redis and asyncpg clients: about 74 MB of resident memory, measured in
-docs/integrity.md) into the night's process, where it stays under the edit's peak although
+docs/integrity.md) into the night's process, where it stays under the night's peak although
 only the child runs it. :func:`temporary_server` starts the same command with the same
 environment without that import, and names the server in the settings for the run.
 
 A night that is SIGKILLed (or dies of SIGTERM, which skips ``atexit`` and ``finally`` too) never
 stops its server: the server, reparented to init, runs forever, one more per killed night.
 
-Two halves, both called through :func:`claim_night` before the CLI runs a flow:
+The cleanup has two halves, both called through :func:`claim_night` before the CLI runs a flow:
 
 * the night writes a record of itself (pid and process start time) under the Prefect home, and
   the CLI puts the token naming it into its environment. Every process it starts inherits the token, the
@@ -57,6 +57,7 @@ SERVER_APP = "prefect.server.api.server:create_app"
 """The uvicorn app factory Prefect's temporary server runs (``python -m uvicorn --factory SERVER_APP``)."""
 _SAME_START_S = 0.5  # two start times closer than this are the same process (psutil: 10 ms ticks)
 _PORT_TAKEN = 3  # uvicorn's exit code when the port it was given is in use
+_PORT_TRIES = 3  # ports tried when another process takes the free one before the server binds it
 _SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 """What Prefect's ``SubprocessASGIServer`` adds to a temporary server's environment (no UI)."""
 
@@ -122,7 +123,7 @@ def _start_server(env: dict[str, str], timeout: float) -> tuple[subprocess.Popen
     import httpx
     import prefect
 
-    while True:
+    for _ in range(_PORT_TRIES):
         port = _free_port()
         url = f"http://127.0.0.1:{port}/api"
         server = subprocess.Popen(
@@ -142,6 +143,7 @@ def _start_server(env: dict[str, str], timeout: float) -> tuple[subprocess.Popen
         _stop_child(server)
         raise RuntimeError(f"the temporary Prefect server at {url} "
                            + (f"exited with code {code}" if code is not None else f"did not answer in {timeout:.0f} s"))
+    raise RuntimeError(f"the temporary Prefect server found its port taken {_PORT_TRIES} times")
 
 
 def _drain_prefect_workers() -> None:
@@ -165,13 +167,10 @@ def _free_port() -> int:
 
 
 def _stop_child(server: subprocess.Popen) -> None:
-    """SIGTERM the server, SIGKILL it after 5 s, and reap it."""
-    server.terminate()
-    try:
-        server.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+    """Stop the server this process started (as :func:`_stop` does) and reap it."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        _stop([psutil.Process(server.pid)], timeout=5.0)
+    server.wait()
 
 
 @dataclass(frozen=True)
