@@ -8,18 +8,14 @@ one spawned child imports GX and keeps its context for every batch it is given; 
 
 :func:`shared_suite` is the process's one child (``nas validate`` and tests reuse it across
 files); the night calls :meth:`GXProcess.close` after each batch's validation so the child's
-memory is returned before the edit, and the next validation starts a new child. A child that
-died is replaced once; a second failure propagates.
+memory is returned before the edit, and the next validation starts a new child.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
+from flows.child import SpawnedChild
 from flows.config.validation import ValidationSettings
 from flows.facts.gx_suite import ExpectationOutcome, FactBatchSuite
 from nas_core.formats import RecordProblem
@@ -39,47 +35,26 @@ def _run_in_child(
 
 
 class GXProcess:
-    """The ``fact_batch`` suite run by one spawned child, started on first use.
-
-    Same :meth:`run` as :class:`FactBatchSuite`. ``spawn`` (not ``fork``) so the child holds
-    none of the parent's model or threads. Calls are serialised: one child, one validation.
-    """
+    """The ``fact_batch`` suite run by one spawned child (:class:`flows.child.SpawnedChild`),
+    started on first use. Same :meth:`run` as :class:`FactBatchSuite`."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool: ProcessPoolExecutor | None = None
+        self._child = SpawnedChild()
 
     def run(
         self, positions: Sequence[int], accepted: Mapping[int, EditRequest], settings: ValidationSettings
     ) -> tuple[tuple[ExpectationOutcome, ...], list[RecordProblem]]:
         """Run the suite in the child (see :meth:`FactBatchSuite.run`)."""
-        args = (list(positions), dict(accepted), settings)
-        with self._lock:
-            try:
-                return self._started().submit(_run_in_child, *args).result()
-            except BrokenProcessPool:  # the child died (killed, out of memory): one new child
-                self._stop()
-                return self._started().submit(_run_in_child, *args).result()
+        return self._child.call(_run_in_child, list(positions), dict(accepted), settings)
 
     def close(self) -> None:
         """Stop the child and wait for it (its memory is returned); the next :meth:`run` starts one."""
-        with self._lock:
-            self._stop()
+        self._child.close()
 
     @property
     def running(self) -> bool:
         """Whether a child is started."""
-        return self._pool is not None
-
-    def _started(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        return self._pool
-
-    def _stop(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.shutdown(wait=True, cancel_futures=True)
+        return self._child.running
 
 
 _SHARED = GXProcess()
