@@ -7,6 +7,7 @@ params for the calling test (its own inbox, ledger and checkpoints; shared cache
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,10 @@ def night(prefect, tiny_folder, tracking_uri, tmp_path, monkeypatch):
         return nightly_refresh(str(params_file)), load_params(params_file)
 
     return run
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -46,10 +46,10 @@ from flows.refresh.versions import ROLLBACK_PREFIX, tidy_checkpoints
 from flows.tracking import review
 from flows.tracking.names import registered_model_name
 from flows.tracking.rebuild import PromotedCheckpoint
-from flows.tracking.tracker import Tracker
+from flows.tracking.tracker_process import AnyTracker
 
 
-def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, champion: Champion) -> BatchOutcome:
+def process_batch(path: Path, params: Params, ledger: Ledger, tracker: AnyTracker, champion: Champion) -> BatchOutcome:
     """One batch through validate -> edit -> evaluate -> gate -> promote | reject (| quarantine)."""
     logger = get_run_logger()
     session = champion.session
@@ -77,7 +77,7 @@ def process_batch(path: Path, params: Params, ledger: Ledger, tracker: Tracker, 
 
 
 def _edit_and_decide(nb: NightBatch, validation, saved, retained: list, version: str | None, params: Params,
-                     ledger: Ledger, tracker: Tracker, champion: Champion) -> BatchOutcome:
+                     ledger: Ledger, tracker: AnyTracker, champion: Champion) -> BatchOutcome:
     """Edit a valid batch, evaluate it, gate it, then promote it or roll the session back to ``saved``."""
     session = champion.session
     requests = list(validation.requests)
@@ -114,7 +114,7 @@ def _already_applied(snap, params: Params, ledger: Ledger) -> BatchOutcome | Non
     return BatchOutcome(snap.name, "already_applied")
 
 
-def _start(snap, params: Params, tracker: Tracker, champion: Champion, version: str | None) -> NightBatch:
+def _start(snap, params: Params, tracker: AnyTracker, champion: Champion, version: str | None) -> NightBatch:
     """The batch's id (``invalid-name-HASH`` for a bad file name), report folder and MLflow run."""
     try:
         batch_id = batch_id_for(snap.path)
@@ -129,7 +129,7 @@ def _start(snap, params: Params, tracker: Tracker, champion: Champion, version: 
     return NightBatch(snap, batch_id, report_dir, run_id)
 
 
-def rebuild_registry(ledger: Ledger, tracker: Tracker, model: str, project: Path, checkpoints: Path) -> None:
+def rebuild_registry(ledger: Ledger, tracker: AnyTracker, model: str, project: Path, checkpoints: Path) -> None:
     """Re-register the ledger's promoted versions the MLflow registry lacks (a deleted or new
     ``mlflow.db``) from their checkpoint folders, and point the alias at the champion."""
     logger = get_run_logger()
@@ -150,7 +150,7 @@ def rebuild_registry(ledger: Ledger, tracker: Tracker, model: str, project: Path
                        list(rebuild.missing), list(rebuild.mismatched))
 
 
-def sync_champion_alias(ledger: Ledger, tracker: Tracker, model_name: str) -> None:
+def sync_champion_alias(ledger: Ledger, tracker: AnyTracker, model_name: str) -> None:
     """Point MLflow's ``champion`` alias at the ledger's champion (the ledger wins after a crash)."""
     champ = ledger.champion()
     if champ is None:
@@ -160,6 +160,29 @@ def sync_champion_alias(ledger: Ledger, tracker: Tracker, model_name: str) -> No
     if mv is not None and (current is None or current.version != mv):
         tracker.set_champion(model_name, mv)
         get_run_logger().warning("MLflow champion alias re-synced to the ledger's %s (v%s)", champ["version"], mv)
+
+
+def _batches_on_champion(batches: list[Path], params: Params, ledger: Ledger,
+                         tracker: AnyTracker) -> list[BatchOutcome]:
+    """Load the champion once, bring MLflow in line with the ledger, then every batch in order."""
+    logger = get_run_logger()
+    roots = params.roots
+    # Under the lock no other night is writing: a RUNNING run is a killed night's leftover.
+    for run_id in tracker.close_orphaned_runs("its night's process died before the run was closed"):
+        logger.warning("MLflow run %s was left RUNNING by a killed night: marked KILLED", run_id)
+    champion = steps.load_champion(params, ledger)
+    rebuild_registry(ledger, tracker, champion.name, roots.project, roots.checkpoints)
+    sync_champion_alias(ledger, tracker, registered_model_name(champion.name))
+    results = []
+    for path in batches:
+        try:
+            results.append(process_batch(path, params, ledger, tracker, champion))
+        except (FileNotFoundError, IsADirectoryError, NotARegularFile) as err:
+            # The entry vanished or changed kind since the scan (a link whose target went,
+            # an upload renamed away): nothing was read or edited; the rest of the night goes on.
+            logger.warning("inbox entry %r could not be read as a batch (%s): left alone", path.name, err)
+            results.append(BatchOutcome(path.name, "unreadable"))
+    return results
 
 
 @flow(name="nightly-refresh")
@@ -188,22 +211,8 @@ def nightly_refresh(params_file: str | None = None, project: str | None = None) 
         if orphans:
             logger.warning("checkpoints the ledger never promoted (a crash after the write; left in place, "
                            "numbers not reused): %s", ", ".join(orphans))
-        tracker = steps.connect_tracking(params)
-        # Under the lock no other night is writing: a RUNNING run is a killed night's leftover.
-        for run_id in tracker.close_orphaned_runs("its night's process died before the run was closed"):
-            logger.warning("MLflow run %s was left RUNNING by a killed night: marked KILLED", run_id)
-        champion = steps.load_champion(params, ledger)
-        rebuild_registry(ledger, tracker, champion.name, roots.project, roots.checkpoints)
-        sync_champion_alias(ledger, tracker, registered_model_name(champion.name))
-        results = []
-        for path in batches:
-            try:
-                results.append(process_batch(path, params, ledger, tracker, champion))
-            except (FileNotFoundError, IsADirectoryError, NotARegularFile) as err:
-                # The entry vanished or changed kind since the scan (a link whose target went,
-                # an upload renamed away): nothing was read or edited; the rest of the night goes on.
-                logger.warning("inbox entry %r could not be read as a batch (%s): left alone", path.name, err)
-                results.append(BatchOutcome(path.name, "unreadable"))
+        with steps.connect_tracking(params) as tracker:
+            results = _batches_on_champion(batches, params, ledger, tracker)
         if any(r.outcome in ("promoted", "rejected", "quarantined") for r in results):
             record_audit(params)
         return results

@@ -16,6 +16,7 @@ from flows.io import sha256_file
 from flows.ledger.records import CHAMPION_EVENTS, Ledger, LedgerDamaged
 from flows.refresh.lock import refresh_lock
 from flows.tracking.tracker import Tracker
+from flows.tracking.tracker_process import AnyTracker, TrackerProcess
 from flows.tracking.uris import resolve_tracking_uri
 from nas_core.collapse import norm_growth_per_edit
 
@@ -148,10 +149,12 @@ def move_champion(params: Params, version: str, event: str, reason: str, tracker
     return entry
 
 
-def open_tracker(params: Params) -> Tracker:
+def open_tracker(params: Params, in_child: bool = False) -> AnyTracker:
     """The project's MLflow tracker (params.yaml ``tracking``); raises TrackingError when the store is
-    unreachable. The night's ``connect_tracking`` retries this; the operator commands do not."""
-    return Tracker(resolve_tracking_uri(params.tracking.uri or None, params.root), params.tracking.experiment)
+    unreachable. The night's ``connect_tracking`` retries this and runs it ``in_child``
+    (:class:`TrackerProcess`: MLflow stays out of the night's memory); the operator commands do not."""
+    kind = TrackerProcess if in_child else Tracker
+    return kind(resolve_tracking_uri(params.tracking.uri or None, params.root), params.tracking.experiment)
 
 
 def demo_nights(params: Params) -> list[Path]:

@@ -45,8 +45,7 @@ from flows.refresh.operations import open_tracker
 from flows.refresh.versions import next_version
 from flows.tracking import review
 from flows.tracking.names import registered_model_name
-from flows.tracking.plots import norm_plot
-from flows.tracking.tracker import Tracker
+from flows.tracking.tracker_process import AnyTracker
 from nas_core.collapse import Check, norm_ratios
 from nas_core.deltas import frobenius_norms, weights_hash
 from nas_core.evaluate.counterfact import FactScore, edit_metrics_and_facts
@@ -177,10 +176,15 @@ def check_files(paths: list[Path], params: Params, tok=None) -> list[BatchValida
 # --- steps -----------------------------------------------------------------------------------
 
 @task(retries=3, retry_delay_seconds=2)
-def connect_tracking(params: Params) -> Tracker:
-    """Open the MLflow store (retried: a store that is briefly down should not fail the night)."""
-    tracker = open_tracker(params)
-    tracker.healthcheck()
+def connect_tracking(params: Params) -> AnyTracker:
+    """Open the MLflow store in a child process (retried: a store that is briefly down should not
+    fail the night). The caller closes it."""
+    tracker = open_tracker(params, in_child=True)
+    try:
+        tracker.healthcheck()
+    except BaseException:
+        tracker.close()
+        raise
     return tracker
 
 
@@ -285,7 +289,7 @@ def evaluate(session: EditSession, new: list[EditRequest], retained: list[EditRe
 
 @task(name="gate", cache_policy=NO_CACHE)
 def judge(nb: NightBatch, candidate: Candidate, diagnostics: list[dict[str, Any]], edits: int, ledger: Ledger,
-          champion: str | None, params: Params, tracker: Tracker) -> GateResult:
+          champion: str | None, params: Params, tracker: AnyTracker) -> GateResult:
     """The gate's verdict, its metrics and the norm forecast, logged to MLflow and metrics.json."""
     logger = get_run_logger()
     skipped_fraction = sum(d["skipped"] for d in diagnostics) / len(diagnostics) if diagnostics else 0.0
@@ -294,9 +298,8 @@ def judge(nb: NightBatch, candidate: Candidate, diagnostics: list[dict[str, Any]
     tracker.log_metrics(nb.run_id, flat, step=edits)
     tracker.log_metrics(nb.run_id, {f"norm_ratio.{n}": r for n, r in candidate.norm_ratios.items()}, step=edits)
     history = norm_history(ledger, champion, candidate.norm_ratios, edits)
-    png = norm_plot(history, nb.report_dir / "norms.png", f"{nb.batch_id}: edited weight norms",
-                    "||W_t||_F / ||W_0||_F")
-    tracker.log_artifact(nb.run_id, png, "plots")
+    tracker.log_norm_plot(nb.run_id, history, nb.report_dir / "norms.png", f"{nb.batch_id}: edited weight norms",
+                          "||W_t||_F / ||W_0||_F")
     outlook = lineage_forecast(ledger, champion, params.model_config().collapse.max_norm_ratio,
                                candidate.norm_ratios, edits)
     tracker.log_metrics(nb.run_id, {f"forecast.{k}": v for k, v in outlook.items() if v is not None}, step=edits)
@@ -318,7 +321,7 @@ def judge(nb: NightBatch, candidate: Candidate, diagnostics: list[dict[str, Any]
     return GateResult(checks, flat, outlook, record)
 
 
-def _warn_forecast(nb: NightBatch, outlook: dict[str, float | None], params: Params, tracker: Tracker) -> None:
+def _warn_forecast(nb: NightBatch, outlook: dict[str, float | None], params: Params, tracker: AnyTracker) -> None:
     nights = outlook["nights_left"]
     if nights is not None and nights < params.promotion.forecast_warn_nights:
         get_run_logger().warning(
@@ -330,7 +333,7 @@ def _warn_forecast(nb: NightBatch, outlook: dict[str, float | None], params: Par
 
 @task(name="quarantine", cache_policy=NO_CACHE)
 def quarantine_invalid(nb: NightBatch, validation: BatchValidation, ledger: Ledger, params: Params,
-                       tracker: Tracker) -> BatchOutcome:
+                       tracker: AnyTracker) -> BatchOutcome:
     """A batch that failed validation: stored untouched in quarantine with its report; nothing edited."""
     get_run_logger().warning("%r failed validation: %s", nb.snap.name, validation.summary())
     problems = validation.problems_by_rule()
@@ -345,7 +348,7 @@ def quarantine_invalid(nb: NightBatch, validation: BatchValidation, ledger: Ledg
 
 @task(name="reject", cache_policy=NO_CACHE)
 def reject(nb: NightBatch, validation: BatchValidation, result: GateResult, session: EditSession,
-           saved: SessionSnapshot, ledger: Ledger, params: Params, tracker: Tracker) -> BatchOutcome:
+           saved: SessionSnapshot, ledger: Ledger, params: Params, tracker: AnyTracker) -> BatchOutcome:
     """A batch the gate refused: the champion's weights restored in memory, the batch quarantined."""
     session.restore(saved)
     failed = result.failed
@@ -361,7 +364,7 @@ def reject(nb: NightBatch, validation: BatchValidation, result: GateResult, sess
 
 @task(cache_policy=NO_CACHE)
 def promote(nb: NightBatch, result: GateResult, champion: Champion, parent: str | None, ledger: Ledger,
-            params: Params, tracker: Tracker) -> BatchOutcome:
+            params: Params, tracker: AnyTracker) -> BatchOutcome:
     """Write checkpoint ``vNNNN``, register it in MLflow, append the ledger, store the batch, move the alias."""
     logger, roots, session = get_run_logger(), params.roots, champion.session
     version = next_version(roots.checkpoints)
@@ -392,7 +395,7 @@ def promote(nb: NightBatch, result: GateResult, champion: Champion, parent: str 
     return BatchOutcome(nb.batch_id, "promoted", version=version, weights_hash=manifest["weights_hash"])
 
 
-def _close_rejected(tracker: Tracker, run_id: str, reasons: list[str], verdict: str = "rejected") -> None:
+def _close_rejected(tracker: AnyTracker, run_id: str, reasons: list[str], verdict: str = "rejected") -> None:
     """Tag the run with what failed and its verdict (``rejected`` by the gate, ``quarantined`` at
     validation), then close it."""
     tracker.mark_rejected(run_id, reasons)
@@ -401,7 +404,7 @@ def _close_rejected(tracker: Tracker, run_id: str, reasons: list[str], verdict: 
     tracker.finish_run(run_id)
 
 
-def _register(tracker: Tracker, model_name: str, nb: NightBatch, ckpt: Path, version: str, whash: str) -> str:
+def _register(tracker: AnyTracker, model_name: str, nb: NightBatch, ckpt: Path, version: str, whash: str) -> str:
     """The checkpoint in MLflow's registry: its edits (increment, deltas when a snapshot, manifest);
     the editor state stays on disk."""
     with tempfile.TemporaryDirectory() as staging:

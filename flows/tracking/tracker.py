@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from flows.tracking import names, rebuild
 from flows.tracking.names import as_float, chunks, flatten_params, sanitize_key, sanitized, truncate
+from flows.tracking.plots import norm_plot
 from flows.tracking.store import TrackingError, check_tracking_store, error_code, store_errors
 from flows.tracking.uris import artifact_location
 
@@ -230,6 +231,11 @@ class Tracker:
                 self.client.log_artifacts(run_id, str(path), artifact_path)
             else:
                 self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_norm_plot(self, run_id: str, history: Mapping[str, Sequence[tuple[int, float]]], out_png: Path,
+                      title: str, ylabel: str) -> None:
+        """Draw ``history`` (:func:`flows.tracking.plots.norm_plot`) to ``out_png`` and store it under ``plots/``."""
+        self.log_artifact(run_id, norm_plot(history, out_png, title, ylabel), "plots")
 
     def log_dict(self, run_id: str, data: Mapping[str, Any], artifact_file: str) -> None:
         """Store ``data`` as a JSON (or YAML, by extension) artifact; non-JSON values are stringified."""

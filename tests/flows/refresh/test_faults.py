@@ -18,14 +18,13 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from nights import write_batch
+from nights import closed_port, write_batch
 from tiny import FACTS, fact
 
 from flows.ledger.records import Ledger
@@ -172,7 +171,7 @@ class SimulatedCrash(Exception):
 
 
 def test_crash_after_the_checkpoint_rename_and_a_killed_temp_folder_are_survived(night, tmp_path, monkeypatch):
-    from flows.tracking.tracker import Tracker
+    from flows.tracking.tracker_process import TrackerProcess
 
     champ, before = first_night(night, tmp_path)
     batch, data = second_batch(tmp_path)
@@ -181,7 +180,7 @@ def test_crash_after_the_checkpoint_rename_and_a_killed_temp_folder_are_survived
         raise SimulatedCrash("killed after write_checkpoint renamed v0002 into place, before the ledger append")
 
     with monkeypatch.context() as m:
-        m.setattr(Tracker, "register_checkpoint", crash)
+        m.setattr(TrackerProcess, "register_checkpoint", crash, raising=False)  # the night's side of the MLflow child
         with pytest.raises(SimulatedCrash):
             night()
     # An orphan: a complete v0002 folder the ledger never heard of; the batch is still in the inbox.
@@ -256,12 +255,6 @@ def test_a_crash_at_the_end_of_a_promotion_never_loses_the_batch(night, tmp_path
 
 # --- MLflow unreachable ---------------------------------------------------------------------------
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_mlflow_fails_the_night_loudly_without_promoting(night, tmp_path, monkeypatch):
     import flows.refresh.operations as operations
     from flows.tracking.store import TrackingError
@@ -271,12 +264,12 @@ def test_unreachable_mlflow_fails_the_night_loudly_without_promoting(night, tmp_
     data = batch.read_bytes()
     attempts = []
 
-    class CountingTracker(operations.Tracker):
+    class CountingTracker(operations.TrackerProcess):
         def __init__(self, *args, **kwargs):
             attempts.append(time.monotonic())
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(operations, "Tracker", CountingTracker)  # open_tracker, which connect_tracking retries
+    monkeypatch.setattr(operations, "TrackerProcess", CountingTracker)  # open_tracker, which connect_tracking retries
     t0 = time.monotonic()
     with pytest.raises(TrackingError, match=f"{uri}.* is unreachable"):
         night(tracking={"uri": uri})

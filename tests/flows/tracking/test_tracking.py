@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from nights import closed_port
 from safetensors.torch import save_file
 
 from flows.tracking import names as tracking
@@ -46,12 +46,6 @@ def fake_checkpoint(folder: Path, model: str = "smollm2-135m", edits: int = 1) -
     save_file({"edit_count": torch.tensor([edits])}, folder / "state.safetensors")
     (folder / "manifest.json").write_text(json.dumps({"format": "nas-checkpoint/1", "model": model}), encoding="utf-8")
     return folder
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- pure helpers
