@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +62,18 @@ def _in_child(key: _Key, level: int, method: str | None, args: tuple, kwargs: di
 
 
 def _picklable(exc: Exception) -> Exception:
-    """``exc`` itself when it survives a pickle round trip, else a TrackingError naming it."""
-    try:
-        pickle.loads(pickle.dumps(exc))
+    """``exc`` itself when its class is Python's or this project's, else a TrackingError naming it.
+
+    Unpickling an error of another library's class (MlflowException, SQLAlchemy's) would import
+    that library into the night's process, which is what the child exists to avoid; such an
+    error, or one whose arguments would not pickle, comes back as its type name and message."""
+    module = type(exc).__module__
+    rebuilt_from_args = module == "builtins" or (
+        (module == "flows" or module.startswith("flows.")) and "__init__" not in vars(type(exc)))
+    plain_args = all(isinstance(a, str | int | float | bool | None) for a in exc.args)
+    if rebuilt_from_args and plain_args:
         return exc
-    except Exception:  # noqa: BLE001 - an exception type that does not pickle
-        return TrackingError(f"{type(exc).__name__}: {exc}")
+    return TrackingError(f"{type(exc).__name__}: {exc}")
 
 
 class TrackerProcess:

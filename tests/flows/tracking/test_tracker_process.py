@@ -14,7 +14,7 @@ from nights import closed_port
 
 from flows.tracking.store import TrackingError
 from flows.tracking.tracker import Tracker
-from flows.tracking.tracker_process import TrackerProcess
+from flows.tracking.tracker_process import TrackerProcess, _picklable
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -84,16 +84,38 @@ def test_an_unreachable_store_fails_at_open_and_leaves_no_child():
 def test_the_caller_never_imports_mlflow(store, tmp_path):
     code = (
         "import sys\n"
+        "from flows.tracking.store import TrackingError\n"
         "from flows.tracking.tracker_process import TrackerProcess\n"
         f"with TrackerProcess({store!r}, 'fresh') as t:\n"
         "    run = t.start_batch_run('night-09', {'a': 1})\n"
         "    t.log_norm_plot(run, {'layer 3': [(0, 1.0), (8, 1.1)]}, sys.argv[1], 'norms', 'ratio')\n"
         "    t.finish_run(run)\n"
+        "    try:\n"
+        "        t.tag_run('0' * 32, {'verdict': 'x'})\n"
+        "    except TrackingError as exc:\n"
+        "        print('refused:', exc)\n"
         "print(sorted(m for m in ('mlflow', 'sqlalchemy', 'pandas', 'matplotlib') if m in sys.modules))\n"
     )
     png = tmp_path / "norms.png"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code, str(png)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "[]"
+    assert lines[-2].startswith("refused: ") and "not found" in lines[-2]
     assert png.stat().st_size > 0
+
+
+def test_only_python_and_project_errors_cross_as_themselves():
+    class Foreign(Exception):
+        __module__ = "mlflow.exceptions"
+
+    class Rich(ValueError):
+        def __init__(self, path: Path):
+            super().__init__(path)
+
+    assert isinstance(_picklable(KeyError("k")), KeyError)
+    assert isinstance(_picklable(TrackingError("t")), TrackingError)
+    for exc in (Foreign("no such run"), Rich(Path("x")), ValueError(object())):
+        crossed = _picklable(exc)
+        assert type(crossed) is TrackingError and type(exc).__name__ in str(crossed)
