@@ -116,7 +116,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class RuntimeParams:
-    """Where the model lives and in which dtype its weights are loaded.
+    """Where the model lives, in which dtype its weights are loaded, how its memory is kept.
 
     Attributes:
         device: ``auto`` (cuda when a GPU is present, else cpu), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -124,14 +124,22 @@ class RuntimeParams:
             ``float16``. Statistics, keys and solves stay float32/float64 whatever the weights
             are; the update is cast to the weight's dtype where it is written. A checkpoint is
             bound to the base weights it was made from, so a lineage keeps one dtype.
+        heap_trim_every_s: during a batch's edit and evaluation, freed heap pages go back to
+            the OS this often (glibc's ``malloc_trim``, :mod:`flows.engine.memory`); the solves
+            and forwards free and reallocate blocks of many sizes, and the heap otherwise grows
+            around the ones no longer used (about 50 MB of a night's peak, docs/integrity.md).
+            0: only at the phases' ends. Elsewhere than glibc it does nothing.
 
     ``$NAS_DEVICE`` and ``$NAS_DTYPE`` (what the CLI's ``--device``/``--dtype`` set) win.
     """
 
     device: str = "auto"
     dtype: str = "auto"
+    heap_trim_every_s: float = 0.5
 
     def __post_init__(self) -> None:
+        if not self.heap_trim_every_s >= 0:
+            raise ValueError(f"runtime.heap_trim_every_s must be >= 0, not {self.heap_trim_every_s}")
         if self.device.split(":")[0] not in DEVICES or (":" in self.device and not self.device.startswith("cuda:")):
             raise ValueError(f"runtime.device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.dtype not in DTYPES:
@@ -294,8 +302,8 @@ def load_params(path: Path | None = None, project: Path | None = None) -> Params
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
         params = build(Params, raw, path.name)
-        runtime = RuntimeParams(os.environ.get(ENV_DEVICE) or params.runtime.device,
-                                os.environ.get(ENV_DTYPE) or params.runtime.dtype)
+        runtime = dataclasses.replace(params.runtime, device=os.environ.get(ENV_DEVICE) or params.runtime.device,
+                                      dtype=os.environ.get(ENV_DTYPE) or params.runtime.dtype)
         return dataclasses.replace(params, root=root, runtime=runtime)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

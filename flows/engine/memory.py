@@ -9,10 +9,13 @@ C library, macOS, Windows) this is a no-op. docs/integrity.md has the measuremen
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import logging
+import threading
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -35,3 +38,33 @@ def return_freed_memory() -> bool:
     """Give the heaps' free pages back to the OS; True if the C library released any."""
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+@contextlib.contextmanager
+def returning_freed_memory(every_s: float) -> Iterator[None]:
+    """While the block runs, give freed heap pages back every ``every_s`` seconds, and once at
+    its end; 0 only at the end.
+
+    A phase that frees and reallocates tensors of many sizes (the solves, the evaluation's
+    forwards) grows glibc's heaps around blocks it no longer uses; trimming on a clock keeps
+    them near what is live. The trim runs on a daemon thread (glibc locks each arena while it
+    trims it), a few milliseconds each time."""
+    if every_s < 0:
+        raise ValueError(f"every_s must be >= 0, not {every_s}")
+    stop = threading.Event()
+    worker = None
+    if every_s > 0 and _malloc_trim() is not None:
+        worker = threading.Thread(target=_trim_until, args=(stop, every_s), name="heap-trim", daemon=True)
+        worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if worker is not None:
+            worker.join()
+        return_freed_memory()
+
+
+def _trim_until(stop: threading.Event, every_s: float) -> None:
+    while not stop.wait(every_s):
+        return_freed_memory()

@@ -34,6 +34,7 @@ from prefect.utilities.annotations import quote
 
 from flows.audit.record import record_promotion
 from flows.config.params import Params, load_params
+from flows.engine.memory import returning_freed_memory
 from flows.facts.batch import batch_id_for
 from flows.facts.inbox import NotARegularFile, store, take_snapshot
 from flows.io import code_version, free_target, sha256_file
@@ -84,9 +85,10 @@ def _edit_and_decide(nb: NightBatch, validation, saved, retained: list, version:
     get_run_logger().info("%s: %d valid requests; editing %s with %s%s", nb.batch_id, len(requests),
                           version or "the base model", params.edit.method, "+NAS" if params.edit.nas else "")
     before = steps.answers(quote(session), requests, params)
-    diagnostics = steps.edit(quote(session), requests, params.edit.batch_size)
-    retention = retention_set(retained, requests, params.validation.fold_confusables)
-    candidate = steps.evaluate(quote(session), requests, retention, champion.base_ref, params, before)
+    with returning_freed_memory(params.runtime.heap_trim_every_s):  # the night's peak is in these two
+        diagnostics = steps.edit(quote(session), requests, params.edit.batch_size)
+        retention = retention_set(retained, requests, params.validation.fold_confusables)
+        candidate = steps.evaluate(quote(session), requests, retention, champion.base_ref, params, before)
     result = steps.judge(quote(nb), candidate, diagnostics, session.state.edit_count, ledger, version, params,
                          tracker)
     if result.failed:

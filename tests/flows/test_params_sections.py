@@ -57,3 +57,10 @@ def test_the_norm_bound_is_the_methods_own_where_the_study_measured_one(tmp_path
                                           encoding="utf-8")
     with pytest.raises(Exception, match="'alphaedt\\+nas' is not a method label"):
         load_params(project=tmp_path)
+
+
+def test_the_heap_trim_interval_is_read_and_a_negative_one_refused(tmp_path):
+    (tmp_path / "params.yaml").write_text("runtime:\n  heap_trim_every_s: 2\n", encoding="utf-8")
+    assert load_params(project=tmp_path).runtime.heap_trim_every_s == 2
+    with pytest.raises(ValueError, match="heap_trim_every_s"):
+        RuntimeParams(heap_trim_every_s=-0.5)
