@@ -141,8 +141,9 @@ def _start_server(env: dict[str, str], timeout: float) -> tuple[subprocess.Popen
             continue  # another process took the port between the probe and the bind
         code = server.poll()
         _stop_child(server)
-        raise RuntimeError(f"the temporary Prefect server at {url} "
-                           + (f"exited with code {code}" if code is not None else f"did not answer in {timeout:.0f} s"))
+        why = f"exited with code {code}" if code is not None else \
+            f"did not answer in {timeout:.0f} s (busy machine? raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
+        raise RuntimeError(f"the temporary Prefect server at {url} {why}")
     raise RuntimeError(f"the temporary Prefect server found its port taken {_PORT_TRIES} times")
 
 
