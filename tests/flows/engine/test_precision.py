@@ -40,6 +40,19 @@ def test_compute_in_runs_in_the_dtype_and_restores_the_very_tensors():
         assert now.data_ptr() == tensor.data_ptr() and torch.equal(now, copy) and now.dtype == copy.dtype
 
 
+def test_the_copies_are_views_of_one_buffer_with_the_values_of_a_plain_cast():
+    model = tiny_model("llama", layers=3)
+    blocks = [get_module(model, spec_for(model).layer_name(i)) for i in (1, 2)]
+    expected = {id(p): p.data.to(torch.bfloat16) for b in blocks for p in b.parameters()}
+    with compute_in([*blocks, blocks[1]], torch.bfloat16):  # a module listed twice is cast once
+        params = [p for b in blocks for p in b.parameters()]
+        bases = {p.untyped_storage().data_ptr() for p in params}
+        assert len(bases) == 1
+        for p in params:
+            assert p.dtype == torch.bfloat16 and p.is_contiguous() and torch.equal(p.data, expected[id(p)])
+            assert (p.data_ptr() - min(bases)) % 128 == 0  # each copy on a 128-byte step of the buffer
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_bf16_values_match_float32_within_tolerance(tok, arch):
     model = tiny_model(arch, layers=3)
