@@ -23,6 +23,7 @@ from nas_core.values import logits_at
 #: Bumped when a health metric's arithmetic changes, so cached base-model scores are redone
 #: (2: perplexity from contiguous per-window logits, 15x closer to a float64 reference).
 SCORING_VERSION = 2
+_HEAD_ROWS = 64  # positions per LM-head product in perplexity: 12 MB of logits for SmolLM2
 
 
 @torch.no_grad()
@@ -31,9 +32,9 @@ def perplexity(model: nn.Module, token_ids: Sequence[int], window: int = 256, ba
 
     Every window is scored on its own (the first token of each window is context only),
     so the number depends only on the ids and the window, not on the batch size. The
-    blocks run ``batch_size`` windows at a time, the head one window at a time: the
-    vocabulary-wide logits of a whole batch (8 x 256 x 49152 float32 for SmolLM2, 400 MB,
-    twice over with the shifted copy the loss takes) were the largest allocation of a night.
+    blocks run ``batch_size`` windows at a time, the head ``_HEAD_ROWS`` positions at a time:
+    vocabulary-wide logits are the largest tensors of a night (one 256-token window's are
+    50 MB for SmolLM2, twice over with the log-softmax the loss takes; a batch's, 400 MB).
 
     Args:
         token_ids: the canary text's ids (a fixed list, so runs are comparable).
@@ -56,8 +57,10 @@ def perplexity(model: nn.Module, token_ids: Sequence[int], window: int = 256, ba
             mask[row, : len(c)] = 1
         hidden = model.base_model(input_ids=batch, attention_mask=mask, use_cache=False).last_hidden_state
         for row, c in enumerate(group):
-            logits = logits_at(model, hidden[row, : len(c) - 1])  # (T-1, V) float32
-            total += float(F.cross_entropy(logits, c[1:], reduction="none").double().sum())
+            for at in range(0, len(c) - 1, _HEAD_ROWS):  # (<= _HEAD_ROWS, V) float32 logits at a time
+                end = min(at + _HEAD_ROWS, len(c) - 1)
+                logits = logits_at(model, hidden[row, at:end])
+                total += float(F.cross_entropy(logits, c[at + 1 : end + 1], reduction="none").double().sum())
             count += len(c) - 1
     return math.exp(total / count)
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from nas_core.collapse import CollapseSettings, HealthSnapshot, norm_growth_per_edit, norm_ratios, verdict
+from nas_core.evaluate import health
 from nas_core.evaluate.counterfact import edit_metrics, edit_metrics_and_facts, harmonic_mean
 from nas_core.evaluate.fluency import fluency, greedy_generations, ngram_entropy
 from nas_core.evaluate.health import OptionItem, option_accuracy, option_items, perplexity
@@ -200,6 +201,18 @@ def test_perplexity_of_a_flat_model_is_the_vocabulary_size(wtok, bigram):
     assert got == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError):
         perplexity(bigram, ids[:1])
+
+
+@pytest.mark.parametrize("head_rows", [1, 2, 3])
+def test_perplexity_is_the_same_whatever_the_head_chunk(wtok, bigram, monkeypatch, head_rows):
+    ids = encode(wtok, "The Eiffel Tower is located in Paris. The capital of France is Paris.")
+    bigram.set(ids[4], ids[5], 6.0)  # a transition inside a window, past the first chunks
+    bigram.set(ids[-2], ids[-1], 3.0)
+    monkeypatch.setattr(health, "_HEAD_ROWS", 10**6)
+    whole = perplexity(bigram, ids, window=len(ids), batch_size=1)
+    assert whole < len(wtok) * 0.9  # the boosts count
+    monkeypatch.setattr(health, "_HEAD_ROWS", head_rows)
+    assert perplexity(bigram, ids, window=len(ids), batch_size=1) == pytest.approx(whole, rel=1e-6)
 
 
 def test_option_accuracy_by_likelihood(wtok, bigram):
