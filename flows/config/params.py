@@ -127,7 +127,7 @@ class RuntimeParams:
         heap_trim_every_s: during a batch's edit and evaluation, freed heap pages go back to
             the OS this often (glibc's ``malloc_trim``, :mod:`flows.engine.memory`); the solves
             and forwards free and reallocate blocks of many sizes, and the heap otherwise grows
-            around the ones no longer used (about 50 MB of a night's peak, docs/integrity.md).
+            around the ones no longer used (about 100 MB of a night's peak, docs/integrity.md).
             0: only at the phases' ends. Elsewhere than glibc it does nothing.
 
     ``$NAS_DEVICE`` and ``$NAS_DTYPE`` (what the CLI's ``--device``/``--dtype`` set) win.
