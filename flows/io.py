@@ -8,13 +8,16 @@ a reader sees the old file or the new one, never half of one.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
 import os
+import socket
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -118,3 +121,35 @@ def free_target(path: Path, folder: Path) -> Path:
     while target.exists():
         target, n = folder / f"{path.stem}-{n}{path.suffix}", n + 1
     return target
+
+
+class LockHeld(RuntimeError):
+    """Another process holds an :func:`exclusive_lock`; ``holder`` is what it wrote in the file."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is locked by {holder}")
+        self.path, self.holder = path, holder
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """An exclusive, non-blocking ``flock`` on ``path`` for the block. The file names the holder
+    (pid, host, since when); the OS releases the lock when the holder dies, so a crash never
+    leaves a stale one.
+
+    Raises:
+        LockHeld: another process (or another open of the file) holds it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockHeld(path, path.read_text(encoding="utf-8").strip() or "an unknown process") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now()}".encode())
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor of the open file releases the lock

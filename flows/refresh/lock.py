@@ -3,12 +3,11 @@ night per model across every worker of the Prefect server (a global concurrency 
 
 from __future__ import annotations
 
-import fcntl
-import os
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+from flows.io import LockHeld, exclusive_lock
 
 
 class RefreshLocked(RuntimeError):
@@ -18,19 +17,12 @@ class RefreshLocked(RuntimeError):
 @contextmanager
 def refresh_lock(path: Path) -> Iterator[None]:
     """An exclusive, non-blocking lock on ``path`` for the whole night (released by the OS on a crash)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    with ExitStack() as held:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = path.read_text(encoding="utf-8").strip() or "unknown"
-            raise RefreshLocked(f"another refresh is running (lock {path} held by {holder}); not editing") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode())
+            held.enter_context(exclusive_lock(path))
+        except LockHeld as err:
+            raise RefreshLocked(f"another refresh is running (lock {path} held by {err.holder}); not editing") from None
         yield
-    finally:
-        os.close(fd)
 
 
 def slot_name(model: str) -> str:

@@ -37,6 +37,7 @@ from flows.engine.shards import ShardedScorer
 from flows.engine.workers import BaseIdent, driver_base, unit_base, unit_threads
 from flows.io import atomic_write_text, code_version, digest, now
 from flows.paths import Roots
+from flows.studies import stopping
 from flows.studies.horizon_points import amortised_line, collapse_point, past_collapse, plot, verdict_point
 from flows.studies.runner import task_runner
 from nas_core.collapse import norm_ratios
@@ -177,12 +178,14 @@ def retention_sample(done: int, last_batch: int, size: int, seed: int) -> list[i
 @task(cache_policy=NO_CACHE)
 def run_method(label: str, ident: BaseIdent, cfg: ModelConfig, settings: HorizonSettings, stream: list[EditRequest],
                base_ref: dict[str, Any], roots: Roots, out: Path, runner: RunnerSettings = RunnerSettings(),
-               retention_shards: int = 1) -> list[dict[str, Any]]:
+               retention_shards: int = 1, stop: Path | None = None) -> list[dict[str, Any]]:
     """Edit ``stream`` with one method from the base model (loaded by this process, :func:`unit_base`)
     with ``runner.threads`` torch threads, each point's retention scored in ``retention_shards``
-    shards on ``runner`` (on a Dask worker: the same cluster); returns its measured points."""
+    shards on ``runner`` (on a Dask worker: the same cluster); returns its measured points, early
+    when the run's ``stop`` flag is raised (:mod:`flows.studies.stopping`). The method's folder is
+    locked while it edits."""
     logger = get_run_logger()
-    with unit_threads(runner.threads):
+    with stopping.method_lock(out / label), unit_threads(runner.threads):
         base = unit_base(ident, logger)
         model, tok = base.model, base.tok
         cov, _, _ = ensure_stats(model, tok, base.name, cfg.all_layers(), cfg.stats, ident.base_hash, roots)
@@ -190,15 +193,16 @@ def run_method(label: str, ident: BaseIdent, cfg: ModelConfig, settings: Horizon
         base_weights = edited_weights(model, names)
         scorer = ShardedScorer(retention_shards, runner, ident, tuple(names)) if retention_shards > 1 else score_here
         try:
-            return _edit_stream(label, base, cfg, settings, stream, cov, base_ref, roots, out, logger, scorer)
+            return _edit_stream(label, base, cfg, settings, stream, cov, base_ref, roots, out, logger, scorer, stop)
         finally:
             materialise(model, base_weights, {})  # the process's model is the base again for its next unit
 
 
 def _edit_stream(label: str, base: BaseModel, cfg: ModelConfig, settings: HorizonSettings, stream: list[EditRequest],
                  cov: dict, base_ref: dict[str, Any], roots: Roots, out: Path, logger,
-                 scorer: Scorer = score_here) -> list[dict[str, Any]]:
-    """The method's stream from its last checkpoint (or the base model) to the end or past collapse."""
+                 scorer: Scorer = score_here, stop: Path | None = None) -> list[dict[str, Any]]:
+    """The method's stream from its last checkpoint (or the base model) to the end, past collapse,
+    or until the run's ``stop`` flag is raised (checked before every batch)."""
     session, points = _method_session(label, base.model, base.tok, base.name, cfg, settings, cov, base.base_hash,
                                       roots, out / label / "checkpoint")
     done = points[-1]["edits"] if points else 0
@@ -208,6 +212,10 @@ def _edit_stream(label: str, base: BaseModel, cfg: ModelConfig, settings: Horizo
     next_eval = next_measurement(done, settings)
     log_mark = len(session.request_log)
     while done < len(stream) and not past_collapse(points, settings):
+        if stopping.flag_raised(stop):
+            logger.warning("%s: stopped on request after %d edits; its checkpoint holds %d", label, done,
+                           points[-1]["edits"] if points else 0)
+            break
         batch = stream[done : done + settings.batch_size]
         clock.edited(session, batch)
         done += len(batch)
@@ -372,15 +380,22 @@ def horizon_study(
                                               **base_ref["metrics"]}}
     if retention_shards < 1:
         raise ValueError(f"retention_shards must be >= 1, got {retention_shards}")
-    units = {m: run_method.submit(m, ident, cfg, settings, stream, base_ref, roots, out, runner, retention_shards)
-             for m in settings.methods}
-    for label, unit in units.items():
-        points = unit.result()
-        results["methods"][label] = {"points": points, "collapse_point": collapse_point(points),
-                                     "verdict_point": verdict_point(points),
-                                     "final": points[-1] if points else {"metrics": {}}}
-        results["methods"] = {**_other_methods(out), **results["methods"]}  # a second process's methods stay
-        atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=True))
+    stop = stopping.new_flag(out)
+    units = {m: run_method.submit(m, ident, cfg, settings, stream, base_ref, roots, out, runner, retention_shards,
+                                  stop) for m in settings.methods}
+    try:
+        for label, unit in units.items():
+            points = stopping.result_of(unit)
+            results["methods"][label] = {"points": points, "collapse_point": collapse_point(points),
+                                         "verdict_point": verdict_point(points),
+                                         "final": points[-1] if points else {"metrics": {}}}
+            results["methods"] = {**_other_methods(out), **results["methods"]}  # a second process's methods stay
+            atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=True))
+    except BaseException as exc:  # SIGTERM (Prefect's TerminationSignal), Ctrl-C, a unit's failure
+        stopping.stop_units(units, stop, f"horizon study interrupted ({type(exc).__name__})", logger)
+        raise
+    finally:
+        stopping.drop_flag(stop)
     png = plot(results, out / "horizon.png")
     log_to_mlflow(results, out / "results.json", png, tracking_uri, roots.project)
     _log_summary(results, settings, len(stream))

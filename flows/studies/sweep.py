@@ -15,6 +15,7 @@ from flows.config.runner import RunnerSettings
 from flows.engine.caches import ensure_stats
 from flows.engine.workers import BaseIdent, driver_base, unit_base, unit_threads
 from flows.paths import Roots
+from flows.studies import stopping
 from flows.studies.bench import SweepRow, counterfact_cases, sweep_layers, sweep_one
 from flows.studies.runner import task_runner
 from nas_core.requests import EditRequest
@@ -51,4 +52,4 @@ def layer_sweep_study(model_name: str, layers: Sequence[int], cases: int, runner
     reqs = counterfact_cases(params.roots, cases)
     units = [sweep_layer.submit(layer, ident, cfg, cov_layers, reqs, params.roots, runner.threads)
              for layer in layers]
-    return [u.result() for u in units]
+    return [stopping.result_of(u) for u in units]  # a SIGTERM or Ctrl-C ends the sweep at once

@@ -24,17 +24,24 @@ def easyedit_stream(path: Path, n: int) -> Path:
     return path
 
 
+def study_params(tiny_folder: Path, project: Path) -> Path:
+    """``project``/params.yaml for a study of the tiny model: the tiny folder's caches, no shared data."""
+    cache = tiny_folder / "cache"
+    path = project / "params.yaml"
+    path.write_text(yaml.safe_dump({"paths": {
+        "models": str(cache / "models"), "stats": str(cache / "stats"), "anchors": str(cache / "anchors"),
+        "eval_cache": str(project / "eval"), "demo": str(REPO / "data" / "demo"),
+        "shared_data": str(project / "no-shared-data")}}), encoding="utf-8")
+    return path
+
+
 @pytest.mark.slow
 def test_a_study_measures_resumes_and_logs(prefect, tiny_folder, tmp_path, monkeypatch):
     from flows.studies.horizon import HorizonSettings, horizon_study
     from flows.tracking.tracker import Tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cache = tiny_folder / "cache"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"paths": {
-        "models": str(cache / "models"), "stats": str(cache / "stats"), "anchors": str(cache / "anchors"),
-        "eval_cache": str(tmp_path / "eval"), "demo": str(REPO / "data" / "demo"),
-        "shared_data": str(tmp_path / "no-shared-data")}}), encoding="utf-8")
+    study_params(tiny_folder, tmp_path)
     source = easyedit_stream(tmp_path / "stream.json", 12)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
