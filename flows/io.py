@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -110,8 +111,18 @@ def code_version(repo: Path | None = None) -> str:
         return "unknown"
 
 
-__all__ = ["CHUNK", "atomic_write_bytes", "atomic_write_chunks", "atomic_write_text",
-           "code_version", "digest", "now", "read_json", "sha256_file", "write_csv", "write_json"]
+@functools.cache
+def loaded_code_version() -> str:
+    """:func:`code_version` asked once per process, at the first call: the code a long run loaded.
+
+    A study calls it when it starts, so that a commit made while it runs (the working tree is
+    the same folder) does not relabel the points it measures afterwards with code it never ran."""
+    return code_version()
+
+
+__all__ = ["CHUNK", "LockHeld", "atomic_write_bytes", "atomic_write_chunks", "atomic_write_text",
+           "code_version", "digest", "exclusive_lock", "loaded_code_version", "now", "read_json", "sha256_file",
+           "write_csv", "write_json"]
 
 
 def free_target(path: Path, folder: Path) -> Path:

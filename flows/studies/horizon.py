@@ -35,7 +35,7 @@ from flows.engine.checkpoints import write_checkpoint
 from flows.engine.loading import BaseModel
 from flows.engine.shards import ShardedScorer
 from flows.engine.workers import BaseIdent, driver_base, unit_base, unit_threads
-from flows.io import atomic_write_text, code_version, digest, now
+from flows.io import atomic_write_text, digest, loaded_code_version, now
 from flows.paths import Roots
 from flows.studies import stopping
 from flows.studies.horizon_points import amortised_line, collapse_point, past_collapse, plot, verdict_point
@@ -185,6 +185,7 @@ def run_method(label: str, ident: BaseIdent, cfg: ModelConfig, settings: Horizon
     when the run's ``stop`` flag is raised (:mod:`flows.studies.stopping`). The method's folder is
     locked while it edits."""
     logger = get_run_logger()
+    loaded_code_version()  # this process's code, before anything can commit beside it
     with stopping.method_lock(out / label), unit_threads(runner.threads):
         base = unit_base(ident, logger)
         model, tok = base.model, base.tok
@@ -283,7 +284,7 @@ def _measure(session: editing.EditSession, stream: list[EditRequest], done: int,
                                  "indices": sample}, "v_norm_before_mean": _v_norm_mean(session, log_mark),
             "threads": torch.get_num_threads(), "process": f"{socket.gethostname()}:{os.getpid()}",
             "machine": precision.cpu_facts()["cpu"],
-            "code_version": code_version(), "measured_at": now()}
+            "code_version": loaded_code_version(), "measured_at": now()}
 
 
 def _method_session(label: str, model, tok, model_name: str, cfg: ModelConfig, settings: HorizonSettings,
@@ -355,6 +356,7 @@ def horizon_study(
     from flows.config.params import load_params
 
     logger = get_run_logger()
+    loaded_code_version()  # the code this process loaded, for every point it measures
     params = load_params(project=project)
     roots = params.roots
     source = Path(source) if source is not None else roots.horizon_stream

@@ -168,3 +168,16 @@ def test_sigterm_stops_a_running_study_and_the_same_command_resumes(prefect, tin
     assert not list(study.parent.glob(f"{stopping.STOP_DIR}/*"))  # the run's flag went with it
     with stopping.method_lock(study):  # and so did the unit's lock
         pass
+
+
+def test_a_study_labels_its_points_with_the_code_it_loaded(monkeypatch):
+    from flows import io
+
+    heads = iter(["aaa", "bbb"])
+    monkeypatch.setattr(io, "code_version", lambda: next(heads))
+    io.loaded_code_version.cache_clear()
+    try:
+        assert io.loaded_code_version() == "aaa"
+        assert io.loaded_code_version() == "aaa"  # a commit made since does not relabel the run
+    finally:
+        io.loaded_code_version.cache_clear()
