@@ -1,9 +1,9 @@
 """Stopping a study when it is interrupted, and one process per method folder.
 
 A study's methods run as tasks on the flow's task runner: in a worker thread of the flow's
-process (sequential runner) or on Dask workers. SIGTERM and Ctrl-C reach only the flow's main
-thread, so without help the units go on editing for hours after the flow has given up, and a
-second run started to resume the study writes the same checkpoints as the first. Two guards:
+process (sequential runner) or on Dask workers. Python handles SIGTERM and Ctrl-C in the main
+thread only, so without help the units go on editing for hours after the flow has given up, and
+a second run started to resume the study writes the same checkpoints as the first. Three guards:
 
 * the flow waits for its units in short sleeps (:func:`result_of`): the kernel may hand SIGTERM
   to any thread, and Python runs the handler only when the main thread next runs bytecode, so a
