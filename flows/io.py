@@ -122,7 +122,7 @@ def loaded_code_version() -> str:
 
 __all__ = ["CHUNK", "LockHeld", "atomic_write_bytes", "atomic_write_chunks", "atomic_write_text",
            "code_version", "digest", "exclusive_lock", "loaded_code_version", "now", "read_json", "sha256_file",
-           "write_csv", "write_json"]
+           "this_process", "write_csv", "write_json"]
 
 
 def free_target(path: Path, folder: Path) -> Path:
@@ -132,6 +132,11 @@ def free_target(path: Path, folder: Path) -> Path:
     while target.exists():
         target, n = folder / f"{path.stem}-{n}{path.suffix}", n + 1
     return target
+
+
+def this_process() -> str:
+    """``pid N on HOST``: how a lock or a request names the process that made it."""
+    return f"pid {os.getpid()} on {socket.gethostname()}"
 
 
 class LockHeld(RuntimeError):
@@ -160,7 +165,7 @@ def exclusive_lock(path: Path) -> Iterator[None]:
         except BlockingIOError:
             raise LockHeld(path, path.read_text(encoding="utf-8").strip() or "an unknown process") from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now()}".encode())
+        os.write(fd, f"{this_process()} since {now()}".encode())
         yield
     finally:
         os.close(fd)  # closing the last descriptor of the open file releases the lock

@@ -19,15 +19,13 @@ a second run started to resume the study writes the same checkpoints as the firs
 from __future__ import annotations
 
 import json
-import os
-import socket
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from flows.io import LockHeld, atomic_write_text, exclusive_lock, now
+from flows.io import LockHeld, atomic_write_text, exclusive_lock, now, this_process
 
 LOCK_NAME = ".lock"
 STOP_DIR = "stop-requests"
@@ -47,7 +45,7 @@ def new_flag(out: Path) -> Path:
 
 def raise_flag(flag: Path, reason: str) -> None:
     """Ask every unit of the run to stop before its next batch."""
-    atomic_write_text(flag, json.dumps({"reason": reason, "requested_at": now(), "by": _holder()}))
+    atomic_write_text(flag, json.dumps({"reason": reason, "requested_at": now(), "by": this_process()}))
 
 
 def flag_raised(flag: Path | None) -> bool:
@@ -64,11 +62,16 @@ def drop_flag(flag: Path) -> None:
 POLL_S = 0.5
 
 
-def result_of(unit: Any, poll_s: float = POLL_S) -> Any:
-    """``unit.result()`` of a Prefect future, waiting in ``poll_s`` sleeps so that the main
+def wait_for(unit: Any, poll_s: float = POLL_S) -> None:
+    """Wait until the Prefect future ``unit`` is done, in ``poll_s`` sleeps, so that the main
     thread takes a SIGTERM or Ctrl-C within ``poll_s`` wherever the kernel delivered it."""
     while not unit.wrapped_future.done():
         unit.wait(timeout=poll_s)
+
+
+def result_of(unit: Any, poll_s: float = POLL_S) -> Any:
+    """``unit.result()``, waited for by :func:`wait_for`."""
+    wait_for(unit, poll_s)
     return unit.result()
 
 
@@ -80,8 +83,7 @@ def stop_units(units: Mapping[str, Any], flag: Path, reason: str, logger, poll_s
     logger.warning("%s: the study's units stop before their next batch; the same command resumes from "
                    "each method's last measurement", reason)
     for unit in units.values():
-        while not unit.wrapped_future.done():
-            unit.wait(timeout=poll_s)
+        wait_for(unit, poll_s)
 
 
 @contextmanager
@@ -98,7 +100,3 @@ def method_lock(folder: Path) -> Iterator[None]:
             raise StudyBusyError(f"{folder} is being edited by another process ({err.holder}): wait for it or "
                                  "stop it, then run the same command to resume") from None
         yield
-
-
-def _holder() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
