@@ -32,7 +32,7 @@ from flows.config.runner import RunnerSettings
 from flows.engine import editing, evaluation, precision
 from flows.engine.caches import ensure_anchor, ensure_stats
 from flows.engine.checkpoints import write_checkpoint
-from flows.engine.loading import BaseModel
+from flows.engine.loading import BaseModel, logged_progress
 from flows.engine.shards import ShardedScorer
 from flows.engine.workers import BaseIdent, driver_base, unit_base, unit_threads
 from flows.io import atomic_write_text, digest, loaded_code_version, now
@@ -205,7 +205,7 @@ def _edit_stream(label: str, base: BaseModel, cfg: ModelConfig, settings: Horizo
     """The method's stream from its last checkpoint (or the base model) to the end, past collapse,
     or until the run's ``stop`` flag is raised (checked before every batch)."""
     session, points = _method_session(label, base.model, base.tok, base.name, cfg, settings, cov, base.base_hash,
-                                      roots, out / label / "checkpoint")
+                                      roots, out / label / "checkpoint", logger)
     done = points[-1]["edits"] if points else 0
     if points:
         logger.info("%s: resuming after %d edits (%d points)", label, done, len(points))
@@ -289,10 +289,11 @@ def _measure(session: editing.EditSession, stream: list[EditRequest], done: int,
 
 def _method_session(label: str, model, tok, model_name: str, cfg: ModelConfig, settings: HorizonSettings,
                     cov: dict, base_hash: str, roots: Roots,
-                    ckpt_dir: Path) -> tuple[editing.EditSession, list[dict[str, Any]]]:
+                    ckpt_dir: Path, logger) -> tuple[editing.EditSession, list[dict[str, Any]]]:
     """The method's session on the base model, or resumed from its checkpoint, and its points so far.
 
-    A resumed method keeps the precision path its points were measured on."""
+    A resumed method keeps the precision path its points were measured on. A +nas method's anchor is
+    calibrated here the first time (minutes to tens of minutes): its pilots are logged every tenth."""
     method, nas = label.removesuffix("+nas"), label.endswith("+nas")
     s = cfg.method(method, nas)
     s = dataclasses.replace(s, nas=dataclasses.replace(s.nas, pilots=settings.pilots))
@@ -300,8 +301,11 @@ def _method_session(label: str, model, tok, model_name: str, cfg: ModelConfig, s
         s = precision.with_path(s, settings.compute_dtype)
     anchor = None
     if nas:
-        rec, _, _ = ensure_anchor(model, tok, model_name, method, s, base_hash, roots)
+        rec, path, cached = ensure_anchor(model, tok, model_name, method, s, base_hash, roots,
+                                          progress=logged_progress(logger, f"{label}: NAS anchor pilots"))
         anchor = float(rec["reference_norm"])
+        logger.info("%s: NAS reference norm a = %.4f from %d pilots%s (%s)", label, anchor, rec["pilots"],
+                    " (cached)" if cached else "", path)
     resume = ckpt_dir if (ckpt_dir / "manifest.json").is_file() else None
     man = json.loads((resume / "manifest.json").read_text(encoding="utf-8")) if resume is not None else None
     if man is not None:
