@@ -21,8 +21,9 @@ from nas_core.prompts import target_ids
 from nas_core.values import logits_at
 
 #: Bumped when a health metric's arithmetic changes, so cached base-model scores are redone
-#: (2: perplexity from contiguous per-window logits, 15x closer to a float64 reference).
-SCORING_VERSION = 2
+#: (2: perplexity from contiguous per-window logits, 15x closer to a float64 reference; 3: general
+#: tasks in padding-minimising batches, so base and candidate are scored in the same batches).
+SCORING_VERSION = 3
 _HEAD_ROWS = 64  # positions per LM-head product in perplexity: 12 MB of logits for SmolLM2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -119,6 +120,39 @@ def test_length_batches_bound_rows_and_tokens():
         assert len(b) <= 3
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 20  # a too-long row goes alone
     assert [5] in batches and [1] in batches
+
+
+def _batch_cost(batches, lengths, overhead):
+    return sum(len(b) * max(lengths[i] for i in b) + overhead for b in batches)
+
+
+def _best_cost(lengths, max_rows, max_tokens, overhead):
+    """The least cost of any split of the sorted rows into runs, by trying every set of cuts."""
+    ordered = sorted(lengths)
+    n, best = len(ordered), None
+    for mask in range(2 ** max(n - 1, 0)):
+        cuts = [0] + [k + 1 for k in range(n - 1) if mask >> k & 1] + [n]
+        runs = [ordered[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+        if all(len(r) == 1 or (len(r) <= max_rows and len(r) * r[-1] <= max_tokens) for r in runs):
+            cost = sum(len(r) * r[-1] + overhead for r in runs)
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_length_batches_find_the_least_padding_plus_overhead():
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.choice([rng.randint(2, 20), rng.randint(50, 400)]) for _ in range(rng.randint(1, 10))]
+        rows, tokens, overhead = rng.randint(1, 6), rng.choice([64, 512, 4096]), rng.choice([0, 16, 64])
+        batches = length_batches(lengths, rows, tokens, overhead)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert _batch_cost(batches, lengths, overhead) == _best_cost(lengths, rows, tokens, overhead)
+
+
+def test_length_batches_do_not_pad_short_rows_to_a_long_one():
+    lengths = [10] * 8 + [400]
+    batches = length_batches(lengths, max_rows=32, max_tokens=4096, overhead_tokens=64)
+    assert batches == [list(range(8)), [8]]  # the greedy fill padded all nine rows to 400 tokens
 
 
 def test_target_scores_do_not_depend_on_batching(wtok, bigram):
