@@ -368,6 +368,8 @@ def deploy(
     cron: Annotated[str, typer.Option(help="when to run, a 5-field cron expression")] = "0 2 * * *",
     timezone: Annotated[str, typer.Option(help="IANA timezone of the cron schedule")] = "UTC",
     create_pool: Annotated[bool, typer.Option(help="create the pool (type process) when it is missing")] = True,
+    retries: Annotated[int, typer.Option(help="flow-run retries after a failure (on the worker)")] = 2,
+    retry_delay: Annotated[int, typer.Option(help="seconds between retries")] = 600,
     params_file: ParamsOpt = None,
 ) -> None:
     """Register the nightly refresh as a scheduled deployment in a Prefect work pool, for workers on any machine.
@@ -380,7 +382,8 @@ def deploy(
     from flows.refresh.serve import ServeError, deployment_name
 
     try:
-        deployment_id = deploy_flow(params_file, pool, name, cron=cron, timezone=timezone, create_pool=create_pool)
+        deployment_id = deploy_flow(params_file, pool, name, cron=cron, timezone=timezone, create_pool=create_pool,
+                                    retries=retries, retry_delay_seconds=retry_delay)
     except ServeError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None

@@ -18,7 +18,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.refresh.serve import ServeError, check_name, check_server, checked_deployment, nightly_schedule
+from flows.refresh.serve import (
+    ServeError,
+    check_name,
+    check_retries,
+    check_server,
+    checked_deployment,
+    nightly_schedule,
+)
 
 ENTRYPOINT = "flows/refresh/flow.py:nightly_refresh"
 
@@ -30,43 +37,68 @@ CODE_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_POOL_TYPE = "process"
 
 
-def ensure_pool(pool: str, create: bool) -> str:
-    """The type of work pool ``pool``, created as a process pool when missing and ``create``."""
+def retry_env(retries: int, retry_delay_seconds: int) -> dict[str, str]:
+    """The environment that gives a worker's flow-run process the night's flow-level retries.
+
+    A worker loads the flow from its entrypoint, so options set on this process's flow object
+    (``with_options``, as :func:`flows.refresh.serve.serve` does) never reach it; Prefect's flow
+    defaults are read when the entrypoint is imported there, and the engine copies them into the
+    run's retry policy. Every standard work pool type passes a deployment's ``env`` job variable
+    to the run's process. Only the nightly flow runs in that process, so only it retries.
+
+    Raises:
+        ServeError: a negative count or delay.
+    """
+    check_retries(retries, retry_delay_seconds)
+    return {"PREFECT_FLOWS_DEFAULT_RETRIES": str(retries),
+            "PREFECT_FLOWS_DEFAULT_RETRY_DELAY_SECONDS": str(retry_delay_seconds)}
+
+
+def ensure_pool(pool: str, create: bool) -> dict[str, str]:
+    """The default ``env`` of work pool ``pool``'s job template, the pool created as a process
+    pool (no env) when missing and ``create``."""
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            return client.read_work_pool(pool).type
+            found = client.read_work_pool(pool)
         except ObjectNotFound:
             if not create:
                 raise ServeError(f"no work pool {pool!r} on the Prefect server: create it with `prefect work-pool "
                                  f"create {pool} --type process` or pass --create-pool") from None
-            return client.create_work_pool(WorkPoolCreate(name=pool, type=DEFAULT_POOL_TYPE)).type
+            found = client.create_work_pool(WorkPoolCreate(name=pool, type=DEFAULT_POOL_TYPE))
+    env = found.base_job_template.get("variables", {}).get("properties", {}).get("env", {}).get("default") or {}
+    return {str(k): str(v) for k, v in env.items()}
 
 
 def deploy(params_file: Path | None, pool: str, name: str, cron: str = "0 2 * * *", timezone: str = "UTC",
-           create_pool: bool = True, project: Path | None = None) -> str:
+           create_pool: bool = True, project: Path | None = None, retries: int = 2,
+           retry_delay_seconds: int = 600) -> str:
     """Register ``nightly-refresh/NAME`` in work pool ``pool`` with its schedule; returns its id.
 
     ``project`` (default: :func:`flows.paths.project_root`) is the model's project: its params
     file and data (ledger, DVC repository) are what the nights use; the code is :data:`CODE_DIR`.
+    A failed night is retried ``retries`` times, ``retry_delay_seconds`` apart, on its worker
+    (:func:`retry_env`; as ``nas serve``: batches already promoted are never applied twice).
 
     Raises:
         ScheduleError: bad cron expression or timezone.
         ServeError: no reachable Prefect server, missing or invalid params file, bad name,
-            no such pool (and ``create_pool`` False).
+            no such pool (and ``create_pool`` False), negative retries.
     """
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
     from flows.refresh.flow import nightly_refresh
 
     schedule = nightly_schedule(cron, timezone)
+    env = retry_env(retries, retry_delay_seconds)
     project, params_path, params = checked_deployment(params_file, name, project)
     check_name("work pool", pool)
     check_server()
-    ensure_pool(pool, create_pool)
+    # A deployment's env replaces the pool's default env as a whole: keep the pool's variables.
+    env = {**ensure_pool(pool, create_pool), **env}
     model = params.model
     source = nightly_refresh.from_source(source=str(CODE_DIR), entrypoint=ENTRYPOINT)
     deployment_id = source.deploy(
@@ -75,6 +107,7 @@ def deploy(params_file: Path | None, pool: str, name: str, cron: str = "0 2 * * 
         schedule=schedule,
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
         parameters={"params_file": str(params_path), "project": str(project)},
+        job_variables={"env": env},
         description=f"The nightly knowledge-editing refresh of {model} with {params_path}",
         tags=["nas", "nightly", f"model:{Path(model).stem}"],
         build=False,

@@ -161,6 +161,12 @@ def checked_deployment(params_file: Path | None, name: str, project: Path | None
     return project, params_path, params
 
 
+def check_retries(retries: int, retry_delay_seconds: int) -> None:
+    """Refuse a negative flow-retry count or delay (:class:`ServeError`)."""
+    if retries < 0 or retry_delay_seconds < 0:
+        raise ServeError(f"retries ({retries}) and retry_delay_seconds ({retry_delay_seconds}) must be >= 0")
+
+
 def serve(params_file: Path | None, cron: str = "0 2 * * *", timezone: str = "UTC", name: str = DEFAULT_DEPLOYMENT,
           retries: int = 2, retry_delay_seconds: int = 600) -> None:
     """Register the nightly refresh as deployment ``nightly-refresh/NAME`` and serve it (blocks).
@@ -180,8 +186,7 @@ def serve(params_file: Path | None, cron: str = "0 2 * * *", timezone: str = "UT
             bad deployment name or negative retries.
     """
     schedule = nightly_schedule(cron, timezone)
-    if retries < 0 or retry_delay_seconds < 0:
-        raise ServeError(f"retries ({retries}) and retry_delay_seconds ({retry_delay_seconds}) must be >= 0")
+    check_retries(retries, retry_delay_seconds)
     project, params_path, _ = checked_deployment(params_file, name)
     check_server()
 

@@ -137,6 +137,15 @@ def wait_final(client, run_id, timeout: float = RUN_TIMEOUT_S):
     raise AssertionError(f"flow run {run_id} not finished within {timeout} s (state {run.state})")
 
 
+def pool_template(env: dict[str, str]) -> dict:
+    """The process pool's default job template with ``env`` as its default environment."""
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["env"]["default"] = env
+    return template
+
+
 def wait_running(client, run_id, timeout: float = RUN_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -149,6 +158,7 @@ def wait_running(client, run_id, timeout: float = RUN_TIMEOUT_S) -> None:
 
 def test_two_models_on_two_workers_with_postgres_s3_and_http_mlflow(topology, tiny_folder, tmp_path):
     import boto3
+    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -173,6 +183,9 @@ def test_two_models_on_two_workers_with_postgres_s3_and_http_mlflow(topology, ti
     with temporary_settings(updates={PREFECT_API_URL: topology["PREFECT_API_URL"]}):
         from prefect import get_client
 
+        with get_client(sync_client=True) as client:  # an operator's pool, with an env of its own
+            client.create_work_pool(WorkPoolCreate(name="nas-pool", type="process",
+                                                   base_job_template=pool_template({"NAS_POOL_MARK": "kept"})))
         deploy(params_a, "nas-pool", "model-a", cron="0 2 * * *", project=params_a.parents[1])
         deploy(params_b, "nas-pool", "model-b", cron="30 2 * * *", timezone="Europe/Berlin",
                project=params_b.parents[1])
@@ -197,6 +210,10 @@ def test_two_models_on_two_workers_with_postgres_s3_and_http_mlflow(topology, ti
     for run in (done_a, done_b):
         assert str(run.id) in logs  # picked up by one of the two workers
     assert deployments["model-b"].schedules[0].schedule.timezone == "Europe/Berlin"
+    # nas deploy's flow retries reached the run on the worker (the engine copies them from the flow it loaded).
+    retry = {"PREFECT_FLOWS_DEFAULT_RETRIES": "2", "PREFECT_FLOWS_DEFAULT_RETRY_DELAY_SECONDS": "600"}
+    assert deployments["model-a"].job_variables["env"] == {"NAS_POOL_MARK": "kept", **retry}  # the pool's env kept
+    assert (done_a.empirical_policy.retries, done_a.empirical_policy.retry_delay) == (2, 600)
 
     # MLflow over HTTP: both champions registered, their artifacts in the S3 store (via the proxy).
     for params, folder in ((params_a, "tiny-llama"), (params_b, "tiny-llama-b")):

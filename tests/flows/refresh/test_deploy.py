@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from test_serve import api_url_setting, free_port, write_params
 
-from flows.refresh.deploy import CODE_DIR, ENTRYPOINT, deploy
+from flows.refresh.deploy import CODE_DIR, ENTRYPOINT, deploy, retry_env
 from flows.refresh.serve import ScheduleError, ServeError
 
 
@@ -21,10 +25,29 @@ def test_bad_pool_names_are_refused(tmp_path, pool) -> None:
 
 
 def test_bad_schedule_and_params_fail_before_the_server(tmp_path) -> None:
+    params = write_params(tmp_path)
     with pytest.raises(ScheduleError, match="invalid cron"):
-        deploy(write_params(tmp_path), "pool", "tiny", cron="every night", project=tmp_path)
+        deploy(params, "pool", "tiny", cron="every night", project=tmp_path)
     with pytest.raises(ServeError, match="does not exist"):
         deploy(tmp_path / "nope.yaml", "pool", "tiny", project=tmp_path)
+    with pytest.raises(ServeError, match=r"retries \(-1\) and retry_delay_seconds \(600\) must be >= 0"):
+        deploy(params, "pool", "tiny", project=tmp_path, retries=-1)
+
+
+@pytest.mark.slow
+def test_a_flow_run_process_with_the_deployment_env_retries_the_night() -> None:
+    """What a worker's run process does: import the entrypoint with the deployment's env."""
+    path, _, name = ENTRYPOINT.partition(":")
+    module = path.removesuffix(".py").replace("/", ".")
+    code = f"from {module} import {name} as f; print(f.retries, f.retry_delay_seconds)"
+    env = {**os.environ, **retry_env(3, 120)}
+    got = subprocess.run([sys.executable, "-c", code], env=env, cwd=CODE_DIR, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert got.stdout.split() == ["3", "120"]
+    plain = subprocess.run([sys.executable, "-c", code], env={k: v for k, v in os.environ.items()
+                                                            if not k.startswith("PREFECT_FLOWS_DEFAULT_RETR")},
+                           cwd=CODE_DIR, capture_output=True, text=True, check=True, timeout=120)
+    assert plain.stdout.split() == ["0", "0"]  # `nas night` and tests: no retries
 
 
 def test_no_server_is_a_serve_error_naming_the_url(tmp_path) -> None:
