@@ -513,9 +513,10 @@ def test_replay_rebuilds_the_flows_champion_bit_for_bit(prefect, tmp_path, tok, 
     out = evaluate(load_params(params_file, tmp_path), tmp_path / outputs.CHAMPION_DIR, tmp_path / outputs.REPLAY_DIR)
     flow_metrics = {k.removeprefix("retention."): v for k, v in champ["metrics"].items() if k.startswith("retention.")}
     assert flow_metrics and {k: out[k] for k in flow_metrics} == flow_metrics  # the flow's numbers, exactly
-    # The same evaluation with the scoring in three shards on a two-worker Dask cluster: the same numbers.
-    sharded = dataclasses.replace(load_params(params_file, tmp_path),
-                                  scoring=ScoringParams(3, RunnerSettings("dask", workers=2)))
+    # The same evaluation with the scoring in three shards on a two-worker Dask cluster, at the flow's
+    # torch threads (a worker's default is 1; equal threads give equal bits): the same numbers.
+    sharded = dataclasses.replace(load_params(params_file, tmp_path), scoring=ScoringParams(
+        3, RunnerSettings("dask", workers=2, threads=torch.get_num_threads())))
     out_sharded = evaluate(sharded, tmp_path / outputs.CHAMPION_DIR, tmp_path / "replay-sharded")
     assert {k: out_sharded[k] for k in flow_metrics} == flow_metrics
     norms = (tmp_path / outputs.NORMS_CSV).read_text().splitlines()
