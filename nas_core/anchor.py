@@ -89,6 +89,19 @@ def reference_norm_from(norms: torch.Tensor, drop_top_fraction: float) -> Calibr
     )
 
 
+def pilot_batches(pilots: Sequence[EditRequest], batch_size: int) -> list[Sequence[EditRequest]]:
+    """``pilots`` cut into consecutive batches of ``batch_size`` (the last one shorter): the unit
+    of calibration. A batch's v* depend only on the batch and the torch threads, so any runner
+    that optimises these batches gives the same norms."""
+    return [pilots[start : start + batch_size] for start in range(0, len(pilots), batch_size)]
+
+
+def batch_norms(model: nn.Module, tok, spec: ModelSpec, batch: Sequence[EditRequest], layer: int,
+                values: ValueSettings) -> torch.Tensor:
+    """(len(batch),) ||v*|| of one pilot batch, optimised together on ``model`` (NAS off)."""
+    return optimise_values(model, tok, spec, batch, layer, values).v_star.norm(dim=1)
+
+
 def calibrate(
     model: nn.Module,
     tok,
@@ -105,12 +118,12 @@ def calibrate(
     called after each batch.
     """
     norms: list[torch.Tensor] = []
-    for start in range(0, len(pilots), nas.pilot_batch_size):
-        chunk = pilots[start : start + nas.pilot_batch_size]
-        result = optimise_values(model, tok, spec, chunk, layer, values)
-        norms.append(result.v_star.norm(dim=1))
+    done = 0
+    for batch in pilot_batches(pilots, nas.pilot_batch_size):
+        norms.append(batch_norms(model, tok, spec, batch, layer, values))
+        done += len(batch)
         if progress is not None:
-            progress(min(start + len(chunk), len(pilots)), len(pilots))
+            progress(done, len(pilots))
     cal = reference_norm_from(torch.cat(norms), nas.drop_top_fraction)
     log.info("NAS reference norm %.3f from %d pilots (%d dropped)", cal.reference_norm, cal.pilots,
              cal.dropped)

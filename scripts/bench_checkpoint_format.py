@@ -27,8 +27,9 @@ NIGHTS = ("night-01", "night-02", "night-04")
 def worker(project: Path, params_file: Path, out: Path, nights: int) -> dict:
     from flows.config.params import load_params
     from flows.engine import editing
+    from flows.engine.base import load_base
     from flows.engine.checkpoints import write_checkpoint
-    from flows.engine.loading import base_anchor, base_stats, load_base
+    from flows.engine.loading import base_anchor, base_stats
     from nas_core.deltas import materialise, weights_hash
     from nas_core.formats.facts import parse_fact_jsonl
 

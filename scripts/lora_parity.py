@@ -28,8 +28,8 @@ def main() -> None:
     from peft import PeftModel
 
     from flows.config.params import load_params
+    from flows.engine.base import fetch_base
     from flows.engine.checkpoints import rebuild_verified
-    from flows.engine.loading import fetch_base
     from flows.engine.precision import describe_machine
 
     roots = load_params().roots

@@ -12,8 +12,9 @@ import time
 
 from flows.config.params import load_params
 from flows.engine import precision
+from flows.engine.base import load_base
 from flows.engine.editing import apply_in_batches, open_session
-from flows.engine.loading import base_anchor, base_stats, load_base
+from flows.engine.loading import base_anchor, base_stats
 from flows.studies import bench
 
 

@@ -197,15 +197,25 @@ def covariance_stats(m, tok, name, cfg: ModelConfig, base_hash: str, layers,
     return cov
 
 
-def reference_norm(m, tok, name, method, settings, base_hash) -> float | None:
-    """The cached NAS reference norm a (calibrated now if absent); None when NAS is off."""
+def reference_norm(m, tok, name, method, settings, base_hash, source: str, runner=None) -> float | None:
+    """The cached NAS reference norm a (calibrated now if absent); None when NAS is off.
+
+    The pilots run on ``runner`` (None: params.yaml ``anchor.runner``); a dask runner's workers load
+    ``source`` (the command's ``--model``) themselves."""
+    from flows.config.params import load_params
+    from flows.engine.workers import BaseIdent
+
     if not settings.nas.enabled:
         return None
+    if runner is None:
+        runner = load_params().anchor.runner
+    device, dtype = use_runtime(None, None)
+    ident = BaseIdent(source, roots().models, device, dtype, base_hash)
     with progress_bar() as bar:
         task = bar.add_task("NAS pilots", total=settings.nas.pilots, rate="")
         rec, path, cached = ensure_anchor(
             m, tok, name, method, settings, base_hash, roots(),
-            progress=lambda d, t: bar.update(task, completed=d, total=t, rate=""))
+            progress=lambda d, t: bar.update(task, completed=d, total=t, rate=""), runner=runner, ident=ident)
     console.print(f"NAS reference norm a = {rec['reference_norm']:.3f} "
                   f"({rec['pilots']} pilots, {rec['dropped']} dropped){' (cached)' if cached else ''}: {path}")
     return float(rec["reference_norm"])
@@ -219,5 +229,5 @@ def base_session(model, method, nas, config=None, pilots=None, settings_fn=None)
         s = settings_fn(s)
     m, tok, name, h = fetch_and_load(model)
     cov = covariance_stats(m, tok, name, cfg, h, cfg.all_layers())
-    a = reference_norm(m, tok, name, method, s, h)
+    a = reference_norm(m, tok, name, method, s, h, model)
     return editing.open_session(m, tok, name, method, s, cov, h, a)

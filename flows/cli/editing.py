@@ -78,7 +78,7 @@ def edit(
         raise typer.BadParameter(f"{requests}: no usable requests")
     m, tok, name, h = fetch_and_load(model)
     cov = covariance_stats(m, tok, name, cfg, h, cfg.all_layers())
-    a = reference_norm(m, tok, name, method, s, h)
+    a = reference_norm(m, tok, name, method, s, h, model)
     session = editing.open_session(m, tok, name, method, s, cov, h, a, from_dir)
     t0 = time.perf_counter()
     with progress_bar() as bar:
@@ -207,7 +207,7 @@ def demo(
     s = method_settings(cfg, study.METHOD, True, pilots)
     m, tok, name, h = fetch_and_load(model)
     cov = covariance_stats(m, tok, name, cfg, h, cfg.all_layers())
-    a = reference_norm(m, tok, name, study.METHOD, s, h)
+    a = reference_norm(m, tok, name, study.METHOD, s, h, model)
     res = study.run_demo(editing.open_session(m, tok, name, study.METHOD, s, cov, h, a))
     req = res.request
     table = Table(title=f"AlphaEdit+NAS on {name}: '{req.subject}' -> '{req.target_new}' ({res.seconds:.1f} s)")

@@ -11,10 +11,13 @@ from typing import Annotated
 import typer
 
 from flows.cli.common import (
+    AddressOpt,
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
     ModelOpt,
+    ThreadsOpt,
+    WorkersOpt,
     covariance_stats,
     fetch_and_load,
     method_settings,
@@ -22,6 +25,7 @@ from flows.cli.common import (
     out,
     reference_norm,
     roots,
+    runner_settings,
     use_runtime,
 )
 
@@ -69,14 +73,24 @@ def anchor(
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    runner: Annotated[str | None, typer.Option(
+        "--runner", help="where the pilot batches run: sequential, or dask (each batch a task on a Dask "
+                         "cluster) [default: params.yaml anchor.runner]")] = None,
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Calibrate the NAS reference norm on the unedited model (cached, never on an edited one).
 
     Example: nas anchor --method alphaedit
+    Example: nas anchor --pilots 1000 --runner dask --workers 2 --threads 1
     """
     use_runtime(device, dtype)
     cfg = model_config(model, config)
     s = method_settings(cfg, method, True, pilots)
+    units = None
+    if runner is not None or address is not None or workers is not None or threads is not None:
+        units = runner_settings(runner or "sequential", address, workers, threads)
     m, tok, name, h = fetch_and_load(model)
-    reference_norm(m, tok, name, method, s, h)
+    reference_norm(m, tok, name, method, s, h, model, units)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.config.model import ConfigError, ModelConfig, build, config_for, read_yaml
-from flows.config.runner import ScoringParams
+from flows.config.runner import AnchorParams, ScoringParams
 from flows.config.validation import ValidationSettings
 from flows.paths import Paths, Roots, project_root
 from nas_core.collapse import CollapseSettings
@@ -265,6 +265,7 @@ class Params:
     sources: tuple[SourceParams, ...] = ()
     lock: LockParams = field(default_factory=LockParams)
     scoring: ScoringParams = field(default_factory=ScoringParams)
+    anchor: AnchorParams = field(default_factory=AnchorParams)
     #: The project directory the relative ``paths`` resolve against (not a params.yaml key).
     root: Path = field(default_factory=project_root, metadata={"yaml": False})
 

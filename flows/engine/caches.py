@@ -22,10 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flows.config.runner import RunnerSettings
 from flows.engine import precision
+from flows.engine.pilots import pilot_norms
+from flows.engine.workers import BaseIdent
 from flows.io import atomic_write_text, digest, now
 from flows.paths import Roots
-from nas_core.anchor import calibrate
+from nas_core.anchor import reference_norm_from
 from nas_core.deltas import weights_hash
 from nas_core.formats import from_counterfact_easyedit, parse_fact_jsonl
 from nas_core.requests import EditRequest
@@ -203,11 +206,15 @@ def ensure_anchor(
     base_hash: str,
     roots: Roots,
     progress: Callable[[int, int], None] | None = None,
+    runner: RunnerSettings = RunnerSettings(),
+    ident: BaseIdent | None = None,
 ) -> tuple[dict[str, Any], Path, bool]:
     """The NAS reference norm for ``settings``' last layer, calibrated once on the base model.
 
     Cached under ``roots.anchors``. The caller must pass the *unedited* model: the hash of its
     weights is checked against ``base_hash`` so an anchor is never calibrated on an edited model.
+    The pilots run on ``runner`` (the dask runner: on workers' copies of ``ident``); the record
+    says which, and at which torch threads (the norms depend on them).
     """
     settings = precision.resolve(settings, next(model.parameters()).device)
     layer = settings.layers[-1]
@@ -228,7 +235,8 @@ def ensure_anchor(
         raise RuntimeError("refusing to calibrate NAS on an edited model: load the base model")
     pilots = pilot_requests(settings.nas.pilots, settings.nas.seed, roots)
     t0 = time.perf_counter()
-    cal = calibrate(model, tok, spec_for(model), pilots, layer, settings.values, settings.nas, progress)
+    norms = pilot_norms(model, tok, pilots, layer, settings.values, settings.nas, runner, ident, progress)
+    cal = reference_norm_from(norms.norms, settings.nas.drop_top_fraction)
     record = {
         "reference_norm": cal.reference_norm,
         "layer": layer,
@@ -240,6 +248,7 @@ def ensure_anchor(
         "base_weights_hash": base_hash,
         "method_hint": method,
         "seconds": round(time.perf_counter() - t0, 1),
+        "runner": {**runner.record(), "threads_used": list(norms.threads)},
         "created": now(),
         "pilot_norms": list(cal.norms),
     }

@@ -5,48 +5,16 @@ The nightly flow, the DVC stages and the replay all call these, so they load ali
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
+from flows.engine.base import BaseModel
 from flows.engine.caches import ensure_anchor, ensure_stats
-from nas_core.deltas import weights_hash
+from flows.engine.workers import ident_for
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class BaseModel:
-    """The unedited model a night (or its replay) starts from, and its weights hash."""
-
-    model: nn.Module
-    tok: Any
-    name: str
-    path: Path
-    base_hash: str
-
-
-def fetch_base(source: str, models_root: Path, device: str = "cpu", dtype: str = "float32") -> BaseModel:
-    """The model ``source`` names (a model config's ``model``) from ``models_root``, fetched first
-    when absent, loaded onto ``device`` in ``dtype`` (``auto``: :func:`flows.engine.precision.runtime`)."""
-    from flows.assets.fetch import fetch_model
-    from flows.assets.load import load_model
-    from flows.engine.precision import runtime
-
-    device, dtype = runtime(device, dtype)
-    fetched = fetch_model(source, models_root, show_progress=False)
-    model, tok = load_model(fetched.path, dtype=dtype, device=device)
-    return BaseModel(model, tok, fetched.path.name, fetched.path, weights_hash(model))
-
-
-def load_base(params) -> BaseModel:
-    """params.yaml's model from the project's model cache (fetched first when absent), on
-    params.yaml's ``runtime`` device and dtype."""
-    return fetch_base(params.model_config().model, params.roots.models, params.runtime.device, params.runtime.dtype)
 
 
 def night_inputs(cov: dict[int, torch.Tensor], anchor: float | None) -> dict[str, Any]:
@@ -90,7 +58,9 @@ def base_anchor(base: BaseModel, params, settings, logger: logging.Logger | logg
     if not settings.nas.enabled:
         return None
     rec, path, cached = ensure_anchor(base.model, base.tok, base.name, params.edit.method, settings, base.base_hash,
-                                      params.roots, progress=logged_progress(logger, "NAS anchor pilots"))
+                                      params.roots, progress=logged_progress(logger, "NAS anchor pilots"),
+                                      runner=params.anchor.runner,
+                                      ident=ident_for(params.model_config().model, params, base.base_hash))
     if require_cached and not cached:
         raise RuntimeError(f"NAS anchor {path} was not made by the anchor stage (dvc repro anchor)")
     logger.info("NAS reference norm a = %.4f from %d pilots%s (%s)", rec["reference_norm"], rec["pilots"],

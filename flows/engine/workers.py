@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from flows.config.runner import RunnerSettings
-from flows.engine.loading import BaseModel, fetch_base
+from flows.engine.base import BaseModel, fetch_base
 from flows.engine.precision import runtime
 from nas_core.deltas import weights_hash
 

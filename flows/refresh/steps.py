@@ -22,9 +22,10 @@ from prefect.cache_policies import NO_CACHE
 from flows.audit.machine import machine_info
 from flows.config.params import Params
 from flows.engine import evaluation
+from flows.engine.base import load_base
 from flows.engine.checkpoints import file_hashes, registry_files, write_checkpoint
 from flows.engine.editing import EditSession, SessionSnapshot, apply_in_batches, open_session
-from flows.engine.loading import base_anchor, base_stats, load_base, night_inputs
+from flows.engine.loading import base_anchor, base_stats, night_inputs
 from flows.engine.memory import return_freed_memory
 from flows.engine.shards import scorer_for
 from flows.engine.workers import ident_for

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from flows.engine.loading import base_anchor, load_base
+from flows.engine.base import load_base
+from flows.engine.loading import base_anchor
 from flows.stages.common import log, parser, recorded_settings, setup_logging, stage_params
 
 

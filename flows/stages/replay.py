@@ -31,8 +31,9 @@ from typing import Any
 from flows.audit.machine import machine_info
 from flows.audit.outputs import CHAMPION_DIR, REPLAY_JSON
 from flows.engine import precision
+from flows.engine.base import load_base
 from flows.engine.checkpoints import write_checkpoint
-from flows.engine.loading import base_anchor, base_stats, load_base, night_inputs
+from flows.engine.loading import base_anchor, base_stats, night_inputs
 from flows.io import write_json
 from flows.ledger.lineage import champion_of, lineage_batches
 from flows.stages.common import log, parser, recorded_settings, setup_logging, stage_params

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from flows.engine.loading import base_stats, load_base
+from flows.engine.base import load_base
+from flows.engine.loading import base_stats
 from flows.stages.common import log, parser, setup_logging, stage_params
 
 

@@ -30,9 +30,10 @@ from prefect.cache_policies import NO_CACHE
 from flows.config.model import ModelConfig
 from flows.config.runner import RunnerSettings
 from flows.engine import editing, evaluation, precision
+from flows.engine.base import BaseModel
 from flows.engine.caches import ensure_anchor, ensure_stats
 from flows.engine.checkpoints import write_checkpoint
-from flows.engine.loading import BaseModel, logged_progress
+from flows.engine.loading import logged_progress
 from flows.engine.shards import ShardedScorer
 from flows.engine.workers import BaseIdent, driver_base, unit_base, unit_threads
 from flows.io import atomic_write_text, digest, loaded_code_version, now

@@ -138,3 +138,10 @@ def test_every_example_parses_with_its_command_s_own_options():
             if not (type(err).__name__ == "BadParameter" and "does not exist" in str(err)):  # an example's file
                 wrong.append(f"{' '.join(path)}: {type(err).__name__}: {err}")
     assert not wrong, wrong
+
+
+def test_anchor_refuses_a_bad_runner_before_loading_a_model():
+    result = runner.invoke(app, ["anchor", "--workers", "2"])
+    assert result.exit_code == 2 and "need the dask runner" in result.output
+    result = runner.invoke(app, ["anchor", "--runner", "ray"])
+    assert result.exit_code == 2 and "runner must be one of sequential, dask" in result.output

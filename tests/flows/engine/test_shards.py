@@ -7,7 +7,7 @@ import torch
 from tiny import FACTS
 
 from flows.config.runner import RunnerSettings, ScoringParams
-from flows.engine.loading import fetch_base
+from flows.engine.base import fetch_base
 from flows.engine.shards import ShardedScorer, scorer_for
 from flows.engine.workers import BaseIdent, unit_threads
 from nas_core.evaluate.counterfact import edit_metrics, score_here

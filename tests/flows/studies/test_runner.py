@@ -58,7 +58,7 @@ def test_a_process_loads_its_base_once_and_reloads_an_edited_one(monkeypatch, tm
     from tiny import tiny_model, tiny_tokenizer
 
     from flows.engine import workers as runner
-    from flows.engine.loading import BaseModel
+    from flows.engine.base import BaseModel
     from nas_core.deltas import weights_hash
 
     loads = []
