@@ -72,6 +72,8 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False, pr
                         handlers=[RichHandler(console=console, show_path=False)])
     for noisy in ("httpx", "urllib3", "filelock", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:  # Dask sets its loggers' levels from its config when imported, workers too
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from flows.config.params import Params, load_params
@@ -27,6 +28,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # read when Dask is imported, by workers too
 
 
 def stage_params(args: argparse.Namespace) -> Params:
