@@ -3,7 +3,7 @@
 Usage: python scripts/bench_pilot_runner.py [PILOTS] [ROUNDS] [WORKERS] — the anchor's own seeded
 pilot sample, optimised ROUNDS times on each runner in alternating order so host drift hits both
 alike: sequential at the process's threads, and dask on WORKERS one-thread workers (the cluster
-started once, its start and the workers' model loads timed apart). Prints the machine, the
+started once, its start and every worker's model load timed apart). Prints the machine, the
 seconds per pilot of each runner and how far the norms and the anchor a differ (the last bits
 depend on the torch threads).
 """
@@ -25,6 +25,12 @@ from flows.engine.workers import dask_client, ident_for
 from nas_core.anchor import reference_norm_from
 
 
+def _load_base(ident) -> str:
+    from flows.engine.workers import unit_base
+
+    return unit_base(ident).base_hash
+
+
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 1
@@ -39,8 +45,8 @@ def main() -> None:
     t0 = time.perf_counter()
     with dask_client(RunnerSettings("dask", workers=workers, threads=1)) as client:
         runner = RunnerSettings("dask", address=client.scheduler.address, threads=1)
-        pilot_norms(base.model, base.tok, pilots[:workers], s.layers[-1], s.values, s.nas, runner, ident)
-        print(f"cluster start and model loads: {time.perf_counter() - t0:.1f} s", flush=True)
+        loaded = client.run(_load_base, ident)  # every worker loads its copy before the timed rounds
+        print(f"cluster start and {len(loaded)} workers' model loads: {time.perf_counter() - t0:.1f} s", flush=True)
         runs = {"sequential": RunnerSettings(), "dask": runner}
         total, norms = dict.fromkeys(runs, 0.0), {}
         for rnd in range(rounds):

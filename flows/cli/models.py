@@ -88,9 +88,22 @@ def anchor(
     use_runtime(device, dtype)
     cfg = model_config(model, config)
     s = method_settings(cfg, method, True, pilots)
-    units = None
-    if runner is not None or address is not None or workers is not None or threads is not None:
-        units = runner_settings(runner or "sequential", address, workers, threads)
+    units = anchor_runner(runner, address, workers, threads)
     m, tok, name, h = fetch_and_load(model)
     reference_norm(m, tok, name, method, s, h, model, units)
+
+
+def anchor_runner(runner: str | None, address: str | None, workers: int | None, threads: int | None):
+    """``nas anchor``'s runner: params.yaml ``anchor.runner`` with the options given put over it
+    (``--address`` and ``--workers`` each replace the other; neither carries to another kind);
+    a bad mix is a usage error."""
+    from flows.config.params import load_params
+
+    configured = load_params().anchor.runner
+    kind = runner or configured.kind
+    inherit = kind == configured.kind == "dask"  # the cluster's address or size carries only to a dask runner
+    return runner_settings(kind,
+                           address if address is not None or not inherit or workers is not None else configured.address,
+                           workers if workers is not None or not inherit or address is not None else configured.workers,
+                           threads if threads is not None else configured.threads)
 

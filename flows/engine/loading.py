@@ -1,4 +1,5 @@
-"""Loading what a night starts from: the base model, its statistics and its NAS anchor.
+"""Loading what a night starts from besides the base model (:mod:`flows.engine.base`): its
+statistics and its NAS anchor.
 
 The nightly flow, the DVC stages and the replay all call these, so they load alike.
 """

@@ -6,12 +6,13 @@ torch threads, so the norms are the sequential run's at the same ``runner.thread
 
 On a Dask worker a batch runs on the worker's own copy of the base model
 (:func:`flows.engine.workers.unit_base`: loaded once per process, its weights hash checked before
-every batch), so pilots never run on an edited model.
+every batch), so pilots never run on an edited model, one batch at a time per process.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -87,10 +88,15 @@ def _on_dask(batches: list[Sequence[EditRequest]], layer: int, values: ValueSett
                       tuple(sorted({t for _, t in results.values()})))
 
 
+#: One pilot batch at a time per process: v* hooks the process's one copy of the model, and the
+#: torch thread count is the whole process's (a cluster at an address may run several tasks at once).
+_LOCK = threading.Lock()
+
+
 def batch_on_worker(ident: BaseIdent, batch: tuple[EditRequest, ...], layer: int, values: ValueSettings,
                     threads: int | None) -> tuple[torch.Tensor, int]:
     """One pilot batch's ||v*|| on this process's copy of the base model ``ident``, and the torch
     threads it ran at (a Dask task)."""
-    with unit_threads(threads) as used:
+    with _LOCK, unit_threads(threads) as used:
         base = unit_base(ident)
         return batch_norms(base.model, base.tok, spec_for(base.model), batch, layer, values), used

@@ -37,6 +37,11 @@ CODE_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_POOL_TYPE = "process"
 
 
+#: A worker's night never passes the ``nas`` command's logging setup: keep Dask's own INFO lines
+#: (a dask anchor or scoring runner) out of its log as the command does; the pool's env may say otherwise.
+QUIET_DASK = {"DASK_LOGGING__DISTRIBUTED": "warning"}
+
+
 def retry_env(retries: int, retry_delay_seconds: int) -> dict[str, str]:
     """The environment that gives a worker's flow-run process the night's flow-level retries.
 
@@ -98,7 +103,7 @@ def deploy(params_file: Path | None, pool: str, name: str, cron: str = "0 2 * * 
     check_name("work pool", pool)
     check_server()
     # A deployment's env replaces the pool's default env as a whole: keep the pool's variables.
-    env = {**ensure_pool(pool, create_pool), **env}
+    env = {**QUIET_DASK, **ensure_pool(pool, create_pool), **env}
     model = params.model
     source = nightly_refresh.from_source(source=str(CODE_DIR), entrypoint=ENTRYPOINT)
     deployment_id = source.deploy(

@@ -1,7 +1,7 @@
 """Stage ``anchor``: the NAS reference norm of the base model -> ``data/anchors/MODEL/``.
 
 ``python -m flows.stages.anchor [--params FILE]``. Calibrates with
-:func:`flows.engine.base_anchor` for params.yaml's method and pilot count, as the nightly
+:func:`flows.engine.loading.base_anchor` for params.yaml's method and pilot count, as the nightly
 flow does. With NAS off (``edit.nas: false``) there is no anchor; the stage writes
 ``NAS-OFF`` in the folder so the output exists.
 """

@@ -2,7 +2,7 @@
 
 ``python -m flows.stages.replay [--params FILE] [--out DIR] [--metrics FILE]``.
 
-The edits go through the nightly flow's own functions: :func:`flows.engine.load_base`, the
+The edits go through the nightly flow's own functions: :func:`flows.engine.base.load_base`, the
 statistics and anchor the ``stats`` and ``anchor`` stages made (``base_stats`` /
 ``base_anchor``, found cached under the keys the flow uses), ``open_session``, then for every
 promote entry of the champion's lineage, oldest first, :func:`flows.engine.editing.apply_in_batches`

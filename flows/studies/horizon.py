@@ -179,12 +179,14 @@ def retention_sample(done: int, last_batch: int, size: int, seed: int) -> list[i
 @task(cache_policy=NO_CACHE)
 def run_method(label: str, ident: BaseIdent, cfg: ModelConfig, settings: HorizonSettings, stream: list[EditRequest],
                base_ref: dict[str, Any], roots: Roots, out: Path, runner: RunnerSettings = RunnerSettings(),
-               retention_shards: int = 1, stop: Path | None = None) -> list[dict[str, Any]]:
+               retention_shards: int = 1, stop: Path | None = None,
+               anchor_runner: RunnerSettings = RunnerSettings()) -> list[dict[str, Any]]:
     """Edit ``stream`` with one method from the base model (loaded by this process, :func:`unit_base`)
     with ``runner.threads`` torch threads, each point's retention scored in ``retention_shards``
-    shards on ``runner`` (on a Dask worker: the same cluster); returns its measured points, early
-    when the run's ``stop`` flag is raised (:mod:`flows.studies.stopping`). The method's folder is
-    locked while it edits."""
+    shards on ``runner`` (on a Dask worker: the same cluster), a +nas method's first anchor
+    calibrated on ``anchor_runner`` (params.yaml ``anchor.runner``); returns its measured points,
+    early when the run's ``stop`` flag is raised (:mod:`flows.studies.stopping`). The method's
+    folder is locked while it edits."""
     logger = get_run_logger()
     loaded_code_version()  # this process's code, before anything can commit beside it
     with stopping.method_lock(out / label), unit_threads(runner.threads):
@@ -195,18 +197,21 @@ def run_method(label: str, ident: BaseIdent, cfg: ModelConfig, settings: Horizon
         base_weights = edited_weights(model, names)
         scorer = ShardedScorer(retention_shards, runner, ident, tuple(names)) if retention_shards > 1 else score_here
         try:
-            return _edit_stream(label, base, cfg, settings, stream, cov, base_ref, roots, out, logger, scorer, stop)
+            return _edit_stream(label, base, cfg, settings, stream, cov, base_ref, roots, out, logger, scorer, stop,
+                                (anchor_runner, ident))
         finally:
             materialise(model, base_weights, {})  # the process's model is the base again for its next unit
 
 
 def _edit_stream(label: str, base: BaseModel, cfg: ModelConfig, settings: HorizonSettings, stream: list[EditRequest],
                  cov: dict, base_ref: dict[str, Any], roots: Roots, out: Path, logger,
-                 scorer: Scorer = score_here, stop: Path | None = None) -> list[dict[str, Any]]:
+                 scorer: Scorer = score_here, stop: Path | None = None,
+                 pilots: tuple[RunnerSettings, BaseIdent | None] = (RunnerSettings(), None)) -> list[dict[str, Any]]:
     """The method's stream from its last checkpoint (or the base model) to the end, past collapse,
-    or until the run's ``stop`` flag is raised (checked before every batch)."""
+    or until the run's ``stop`` flag is raised (checked before every batch). ``pilots``: where a
+    first anchor's pilots run, and the base they run on there."""
     session, points = _method_session(label, base.model, base.tok, base.name, cfg, settings, cov, base.base_hash,
-                                      roots, out / label / "checkpoint", logger)
+                                      roots, out / label / "checkpoint", logger, pilots)
     done = points[-1]["edits"] if points else 0
     if points:
         logger.info("%s: resuming after %d edits (%d points)", label, done, len(points))
@@ -290,7 +295,8 @@ def _measure(session: editing.EditSession, stream: list[EditRequest], done: int,
 
 def _method_session(label: str, model, tok, model_name: str, cfg: ModelConfig, settings: HorizonSettings,
                     cov: dict, base_hash: str, roots: Roots,
-                    ckpt_dir: Path, logger) -> tuple[editing.EditSession, list[dict[str, Any]]]:
+                    ckpt_dir: Path, logger, pilots: tuple[RunnerSettings, BaseIdent | None] = (RunnerSettings(), None),
+                    ) -> tuple[editing.EditSession, list[dict[str, Any]]]:
     """The method's session on the base model, or resumed from its checkpoint, and its points so far.
 
     A resumed method keeps the precision path its points were measured on. A +nas method's anchor is
@@ -303,7 +309,8 @@ def _method_session(label: str, model, tok, model_name: str, cfg: ModelConfig, s
     anchor = None
     if nas:
         rec, path, cached = ensure_anchor(model, tok, model_name, method, s, base_hash, roots,
-                                          progress=logged_progress(logger, f"{label}: NAS anchor pilots"))
+                                          progress=logged_progress(logger, f"{label}: NAS anchor pilots"),
+                                          runner=pilots[0], ident=pilots[1])
         anchor = float(rec["reference_norm"])
         logger.info("%s: NAS reference norm a = %.4f from %d pilots%s (%s)", label, anchor, rec["pilots"],
                     " (cached)" if cached else "", path)
@@ -389,7 +396,7 @@ def horizon_study(
         raise ValueError(f"retention_shards must be >= 1, got {retention_shards}")
     stop = stopping.new_flag(out)
     units = {m: run_method.submit(m, ident, cfg, settings, stream, base_ref, roots, out, runner, retention_shards,
-                                  stop) for m in settings.methods}
+                                  stop, params.anchor.runner) for m in settings.methods}
     try:
         for label, unit in units.items():
             points = stopping.result_of(unit)

@@ -145,3 +145,16 @@ def test_anchor_refuses_a_bad_runner_before_loading_a_model():
     assert result.exit_code == 2 and "need the dask runner" in result.output
     result = runner.invoke(app, ["anchor", "--runner", "ray"])
     assert result.exit_code == 2 and "runner must be one of sequential, dask" in result.output
+
+
+def test_anchor_options_go_over_the_params_runner(tmp_path, monkeypatch):
+    from flows.cli.models import anchor_runner
+    from flows.config.runner import RunnerSettings
+
+    monkeypatch.setenv("NAS_PROJECT", str(tmp_path))
+    assert anchor_runner(None, None, None, None) == RunnerSettings()
+    (tmp_path / "params.yaml").write_text("anchor:\n  runner: {kind: dask, workers: 2, threads: 1}\n", encoding="utf-8")
+    assert anchor_runner(None, None, None, None) == RunnerSettings("dask", workers=2, threads=1)
+    assert anchor_runner(None, None, 4, None) == RunnerSettings("dask", workers=4, threads=1)
+    assert anchor_runner(None, "tcp://h:8786", None, 2) == RunnerSettings("dask", address="tcp://h:8786", threads=2)
+    assert anchor_runner("sequential", None, None, None) == RunnerSettings("sequential", threads=1)

@@ -38,8 +38,8 @@ def base(tiny_folder, tmp_path_factory):
     return loaded, BaseIdent(source, models, "cpu", "float32", loaded.base_hash)
 
 
-def _reference(loaded) -> torch.Tensor:
-    with unit_threads(1):
+def _reference(loaded, threads: int = 1) -> torch.Tensor:
+    with unit_threads(threads):
         return torch.tensor(calibrate(loaded.model, loaded.tok, spec_for(loaded.model), PILOTS, 0, VALUES, NAS).norms,
                             dtype=torch.float32)
 
@@ -74,14 +74,22 @@ def cluster():
 
 
 @pytest.mark.slow
-def test_pilots_on_two_dask_workers_give_the_sequential_anchor(base, cluster, tmp_path):
+def test_pilots_on_two_dask_workers_give_the_sequential_anchor(base, cluster, tmp_path, monkeypatch):
+    import distributed
+
     loaded, ident = base
     runner = RunnerSettings("dask", address=cluster.scheduler_address, threads=1)
     ticks = []
+    # The batches finish in the reverse of their order: the norms must still come in the pilots' order.
+    monkeypatch.setattr(distributed, "as_completed", lambda futures: reversed(list(futures)))
     got = pilot_norms(loaded.model, loaded.tok, PILOTS, 0, VALUES, NAS, runner, ident,
                       progress=lambda d, t: ticks.append((d, t)))
-    assert torch.equal(got.norms, _reference(loaded)) and got.threads == (1,)
-    assert sorted(ticks)[-1] == (7, 7) and len(ticks) == 3
+    assert len(got.norms) == 7 and torch.equal(got.norms, _reference(loaded)) and got.threads == (1,)
+    assert ticks == [(1, 7), (4, 7), (7, 7)]
+    monkeypatch.undo()
+    two = pilot_norms(loaded.model, loaded.tok, PILOTS, 0, VALUES, NAS,
+                      RunnerSettings("dask", address=cluster.scheduler_address, threads=2), ident)
+    assert two.threads == (2,) and torch.equal(two.norms, _reference(loaded, threads=2))
     s = MemitSettings(layers=(0,), values=VALUES, nas=NAS)
     here, _, _ = ensure_anchor(loaded.model, loaded.tok, "tiny", "memit", s, loaded.base_hash,
                                Paths(anchors=str(tmp_path / "here")).under(REPO), runner=RunnerSettings(threads=1))
@@ -99,7 +107,11 @@ def test_a_worker_whose_base_was_edited_reloads_it_before_its_pilots(base, clust
 
     loaded, ident = base
     runner = RunnerSettings("dask", address=cluster.scheduler_address, threads=1)
-    pilot_norms(loaded.model, loaded.tok, PILOTS, 0, VALUES, NAS, runner, ident)  # every worker holds its copy
+
+    def load_the_copy() -> str:
+        from flows.engine.workers import unit_base
+
+        return unit_base(ident).base_hash
 
     def edit_the_copy() -> int:
         from flows.engine import workers
@@ -110,6 +122,7 @@ def test_a_worker_whose_base_was_edited_reloads_it_before_its_pilots(base, clust
         return len(workers._BASES)
 
     with Client(cluster.scheduler_address) as client:
-        assert sum(client.run(edit_the_copy).values()) >= 1
+        assert set(client.run(load_the_copy).values()) == {ident.base_hash}  # every worker holds its copy
+        assert list(client.run(edit_the_copy).values()) == [1, 1]
     got = pilot_norms(loaded.model, loaded.tok, PILOTS, 0, VALUES, NAS, runner, ident)
     assert torch.equal(got.norms, _reference(loaded))

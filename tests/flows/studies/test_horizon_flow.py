@@ -24,14 +24,14 @@ def easyedit_stream(path: Path, n: int) -> Path:
     return path
 
 
-def study_params(tiny_folder: Path, project: Path) -> Path:
+def study_params(tiny_folder: Path, project: Path, **extra) -> Path:
     """``project``/params.yaml for a study of the tiny model: the tiny folder's caches, no shared data."""
     cache = tiny_folder / "cache"
     path = project / "params.yaml"
     path.write_text(yaml.safe_dump({"paths": {
         "models": str(cache / "models"), "stats": str(cache / "stats"), "anchors": str(cache / "anchors"),
         "eval_cache": str(project / "eval"), "demo": str(REPO / "data" / "demo"),
-        "shared_data": str(project / "no-shared-data")}}), encoding="utf-8")
+        "shared_data": str(project / "no-shared-data"), **extra.pop("paths", {})}, **extra}), encoding="utf-8")
     return path
 
 
@@ -41,7 +41,9 @@ def test_a_study_measures_resumes_and_logs(prefect, tiny_folder, tmp_path, monke
     from flows.tracking.tracker import Tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    study_params(tiny_folder, tmp_path)
+    # The +nas method's anchor is calibrated afresh, its pilots on params.yaml's dask anchor runner.
+    study_params(tiny_folder, tmp_path, paths={"anchors": str(tmp_path / "anchors")},
+                 anchor={"runner": {"kind": "dask", "workers": 2, "threads": 1}})
     source = easyedit_stream(tmp_path / "stream.json", 12)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
@@ -53,6 +55,8 @@ def test_a_study_measures_resumes_and_logs(prefect, tiny_folder, tmp_path, monke
         return horizon_study(str(tiny_folder / "tiny.yaml"), settings, source, tmp_path / "out", uri, tmp_path)
 
     first = study(1)  # stops one point past CP@60
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / "anchors").rglob("anchor-*.json")]
+    assert record["runner"]["kind"] == "dask" and record["runner"]["threads_used"] == [1]
     for label in ("memit", "memit+nas"):
         points = first["methods"][label]["points"]
         assert [p["edits"] for p in points] == [3, 6]
