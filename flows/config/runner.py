@@ -71,7 +71,7 @@ class AnchorParams:
             base model. A batch's v* depend only on the batch and the torch threads, so every
             runner gives the sequential anchor at the same ``runner.threads`` (another thread
             count moves single pilot norms by up to 0.3% on the bf16 path, a by about 3e-5). On
-            2 cores two one-thread workers optimise pilots 11-18% faster than one two-thread process.
+            2 cores two one-thread workers optimise pilots 13-18% faster than one two-thread process.
     """
 
     runner: RunnerSettings = field(default_factory=RunnerSettings)
