@@ -102,6 +102,21 @@ def batch_norms(model: nn.Module, tok, spec: ModelSpec, batch: Sequence[EditRequ
     return optimise_values(model, tok, spec, batch, layer, values).v_star.norm(dim=1)
 
 
+def pilot_norms_here(model: nn.Module, tok, spec: ModelSpec, pilots: Sequence[EditRequest], layer: int,
+                     values: ValueSettings, batch_size: int,
+                     progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """(len(pilots),) ||v*|| of the pilots, their batches optimised one after another on ``model``;
+    ``progress(done, total)`` is called after each batch."""
+    norms: list[torch.Tensor] = []
+    done = 0
+    for batch in pilot_batches(pilots, batch_size):
+        norms.append(batch_norms(model, tok, spec, batch, layer, values))
+        done += len(batch)
+        if progress is not None:
+            progress(done, len(pilots))
+    return torch.cat(norms)
+
+
 def calibrate(
     model: nn.Module,
     tok,
@@ -117,14 +132,8 @@ def calibrate(
     Pilots are optimised ``nas.pilot_batch_size`` at a time. ``progress(done, total)`` is
     called after each batch.
     """
-    norms: list[torch.Tensor] = []
-    done = 0
-    for batch in pilot_batches(pilots, nas.pilot_batch_size):
-        norms.append(batch_norms(model, tok, spec, batch, layer, values))
-        done += len(batch)
-        if progress is not None:
-            progress(done, len(pilots))
-    cal = reference_norm_from(torch.cat(norms), nas.drop_top_fraction)
+    norms = pilot_norms_here(model, tok, spec, pilots, layer, values, nas.pilot_batch_size, progress)
+    cal = reference_norm_from(norms, nas.drop_top_fraction)
     log.info("NAS reference norm %.3f from %d pilots (%d dropped)", cal.reference_norm, cal.pilots,
              cal.dropped)
     return cal

@@ -101,9 +101,7 @@ def anchor_runner(runner: str | None, address: str | None, workers: int | None, 
 
     configured = load_params().anchor.runner
     kind = runner or configured.kind
-    inherit = kind == configured.kind == "dask"  # the cluster's address or size carries only to a dask runner
-    return runner_settings(kind,
-                           address if address is not None or not inherit or workers is not None else configured.address,
-                           workers if workers is not None or not inherit or address is not None else configured.workers,
+    carry = kind == configured.kind == "dask" and address is None and workers is None  # the configured cluster
+    return runner_settings(kind, configured.address if carry else address, configured.workers if carry else workers,
                            threads if threads is not None else configured.threads)
 

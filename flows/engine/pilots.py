@@ -22,7 +22,7 @@ from torch import nn
 
 from flows.config.runner import RunnerSettings
 from flows.engine.workers import BaseIdent, dask_client, unit_base, unit_threads
-from nas_core.anchor import batch_norms, pilot_batches
+from nas_core.anchor import batch_norms, pilot_batches, pilot_norms_here
 from nas_core.requests import EditRequest
 from nas_core.settings import NASSettings, ValueSettings
 from nas_core.spec import spec_for
@@ -49,15 +49,10 @@ def pilot_norms(model: nn.Module, tok, pilots: Sequence[EditRequest], layer: int
     batches = pilot_batches(pilots, nas.pilot_batch_size)
     t0 = time.perf_counter()
     if runner.kind == "sequential":
-        norms, done = [], 0
         with unit_threads(runner.threads) as threads:
-            spec = spec_for(model)
-            for batch in batches:
-                norms.append(batch_norms(model, tok, spec, batch, layer, values))
-                done += len(batch)
-                if progress is not None:
-                    progress(done, len(pilots))
-        result = PilotNorms(torch.cat(norms), (threads,))
+            norms = pilot_norms_here(model, tok, spec_for(model), pilots, layer, values, nas.pilot_batch_size,
+                                     progress)
+        result = PilotNorms(norms, (threads,))
     else:
         if ident is None:
             raise ValueError("pilots on the dask runner need the base model's identity")

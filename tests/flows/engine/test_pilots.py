@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny import FACTS
 
+from flows.config.model import ConfigError
 from flows.config.params import load_params
 from flows.config.runner import AnchorParams, RunnerSettings
 from flows.engine.base import fetch_base
@@ -20,6 +21,7 @@ from nas_core.anchor import calibrate
 from nas_core.requests import EditRequest
 from nas_core.settings import MemitSettings, NASSettings, ValueSettings
 from nas_core.spec import spec_for
+from nas_core.values import optimise_values
 
 REPO = Path(__file__).resolve().parents[3]
 VALUES = ValueSettings(steps=6, kl_factor=0.0, clamp_norm_factor=50.0, weight_decay=0.0)
@@ -39,9 +41,21 @@ def base(tiny_folder, tmp_path_factory):
 
 
 def _reference(loaded, threads: int = 1) -> torch.Tensor:
+    """The norms of the three batches cut by hand, each optimised alone (no code of the runners)."""
     with unit_threads(threads):
-        return torch.tensor(calibrate(loaded.model, loaded.tok, spec_for(loaded.model), PILOTS, 0, VALUES, NAS).norms,
-                            dtype=torch.float32)
+        spec = spec_for(loaded.model)
+        return torch.cat([optimise_values(loaded.model, loaded.tok, spec, PILOTS[a:b], 0, VALUES).v_star.norm(dim=1)
+                          for a, b in ((0, 3), (3, 6), (6, 7))])
+
+
+def test_calibrate_averages_the_pilot_norms_less_the_top_fraction(base):
+    loaded, _ = base
+    with unit_threads(1):
+        cal = calibrate(loaded.model, loaded.tok, spec_for(loaded.model), PILOTS, 0, VALUES,
+                        NASSettings(pilots=7, pilot_batch_size=3, drop_top_fraction=0.3))
+    norms = _reference(loaded).double().sort().values
+    assert cal.norms == tuple(float(x) for x in _reference(loaded)) and cal.dropped == 2
+    assert cal.reference_norm == pytest.approx(float(norms[:5].mean()), rel=1e-12)
 
 
 def test_sequential_pilots_are_the_calibration_norms_with_progress(base):
@@ -61,7 +75,7 @@ def test_dask_pilots_need_the_base_and_params_name_the_runner(base, tmp_path):
     (tmp_path / "p.yaml").write_text("anchor:\n  runner: {kind: dask, workers: 2, threads: 1}\n", encoding="utf-8")
     assert load_params(tmp_path / "p.yaml").anchor.runner == RunnerSettings("dask", workers=2, threads=1)
     (tmp_path / "bad.yaml").write_text("anchor:\n  shards: 2\n", encoding="utf-8")
-    with pytest.raises(Exception, match="shards"):
+    with pytest.raises(ConfigError, match="shards"):
         load_params(tmp_path / "bad.yaml")
 
 
